@@ -1,0 +1,209 @@
+"""Every ``GPULOAD_*`` environment flag, parsed and validated in one place.
+
+No other module reads ``os.environ``. Each flag has a keyword twin on the
+Python API (``load_sharded(..., prefetch=False)``); a keyword wins over the
+environment. A bad value fails loudly, naming the flag and the value.
+
+=========================  =========================  ==================================
+flag                       values (default)           effect
+=========================  =========================  ==================================
+GPULOAD_PREFETCH           0 | 1 (1)                  read-ahead hints and speculative
+                                                      reads of the next ranges
+GPULOAD_PREFAULT           0 | 1 | auto (auto)        prefault CPU-resident tensors;
+                                                      auto: only if they fit 80% of RAM
+GPULOAD_BACKEND            auto | kvikio | posix      which reader fills the staging
+GPULOAD_PIN                0 | 1 (1)                  pin host staging / resident tensors
+GPULOAD_THREADS            int >= 1 (min(8, cpus))    reader threads
+GPULOAD_STAGING_BYTES      size (256MiB)              pinned host staging budget
+GPULOAD_CHUNK_BYTES        size (64MiB)               largest single read (the cap)
+GPULOAD_MIN_CHUNK_BYTES    size (4MiB)                smallest piece a large range is
+                                                      split into (the floor)
+GPULOAD_DEVICE_SCRATCH_BYTES size (512MiB)            device scratch budget (GPU path)
+GPULOAD_PROGRESS           0 | 1 | auto (auto)        tqdm bar for loads over a few secs
+=========================  =========================  ==================================
+
+Sizes accept a plain byte count or a suffix: ``K``/``KiB``, ``M``/``MiB``,
+``G``/``GiB`` (powers of 1024).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+MiB = 1 << 20
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+
+
+def parse_size(name: str, value: str | int) -> int:
+    """Parse a byte size such as ``"64MiB"`` or ``4194304``; fail naming ``name``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} has to be a size in bytes, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ValueError(f"{name} has to be a size like 67108864 or 64MiB, got {value!r}")
+        n = int(m.group(1)) << _SIZE_SHIFT[m.group(2).lower()]
+    if n <= 0:
+        raise ValueError(f"{name} has to be a positive size in bytes, got {value!r}")
+    return n
+
+
+def parse_bool(name: str, value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} has to be 0 or 1, got {value!r}")
+
+
+def parse_tristate(name: str, value: str | bool) -> bool | Literal["auto"]:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_bool(name, value)
+    except ValueError:
+        raise ValueError(f"{name} has to be 0, 1 or auto, got {value!r}") from None
+
+
+def parse_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    v = str(value).strip().lower()
+    if v not in choices:
+        raise ValueError(f"{name} has to be one of {'|'.join(choices)}, got {value!r}")
+    return v
+
+
+def parse_positive_int(name: str, value: str | int) -> int:
+    try:
+        n = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        n = 0
+    not_digits = isinstance(value, str) and not value.strip().isdigit()
+    if isinstance(value, bool) or n <= 0 or not_digits:
+        raise ValueError(f"{name} has to be a positive integer, got {value!r}")
+    return n
+
+
+def _default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Resolved settings for one load. Build with :func:`get` / :meth:`replace`."""
+
+    prefetch: bool = True
+    prefault: bool | Literal["auto"] = "auto"
+    backend: Literal["auto", "kvikio", "posix"] = "auto"
+    pin: bool = True
+    threads: int = dataclasses.field(default_factory=_default_threads)
+    staging_bytes: int = 256 * MiB
+    chunk_bytes: int = 64 * MiB
+    min_chunk_bytes: int = 4 * MiB
+    device_scratch_bytes: int = 512 * MiB
+    progress: bool | Literal["auto"] = "auto"
+
+    def __post_init__(self) -> None:
+        # Validate at construction (keywords arrive here unparsed), so a bad
+        # Config cannot exist.
+        set_ = object.__setattr__
+        set_(self, "prefetch", parse_bool("prefetch", self.prefetch))
+        set_(self, "prefault", parse_tristate("prefault", self.prefault))
+        set_(self, "backend", parse_choice("backend", self.backend, ("auto", "kvikio", "posix")))
+        set_(self, "pin", parse_bool("pin", self.pin))
+        set_(self, "threads", parse_positive_int("threads", self.threads))
+        for f in ("staging_bytes", "chunk_bytes", "min_chunk_bytes", "device_scratch_bytes"):
+            set_(self, f, parse_size(f, getattr(self, f)))
+        set_(self, "progress", parse_tristate("progress", self.progress))
+        if self.min_chunk_bytes > self.chunk_bytes:
+            raise ValueError(
+                f"min_chunk_bytes={self.min_chunk_bytes} is larger than "
+                f"chunk_bytes={self.chunk_bytes}"
+            )
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with keyword twins applied; ``None`` means "keep"."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown gpuload setting(s): {', '.join(sorted(unknown))}")
+        kept = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **kept) if kept else self
+
+
+# flag name -> Config field
+_FLAGS = {
+    "GPULOAD_PREFETCH": "prefetch",
+    "GPULOAD_PREFAULT": "prefault",
+    "GPULOAD_BACKEND": "backend",
+    "GPULOAD_PIN": "pin",
+    "GPULOAD_THREADS": "threads",
+    "GPULOAD_STAGING_BYTES": "staging_bytes",
+    "GPULOAD_CHUNK_BYTES": "chunk_bytes",
+    "GPULOAD_MIN_CHUNK_BYTES": "min_chunk_bytes",
+    "GPULOAD_DEVICE_SCRATCH_BYTES": "device_scratch_bytes",
+    "GPULOAD_PROGRESS": "progress",
+}
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Config:
+    """Parse every ``GPULOAD_*`` flag; an unknown ``GPULOAD_*`` name is an error
+    too, since a typo would otherwise be silently ignored."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for key, raw in env.items():
+        if not key.startswith("GPULOAD_"):
+            continue
+        if key not in _FLAGS:
+            raise ValueError(f"unknown environment flag {key}; known: {', '.join(_FLAGS)}")
+        try:
+            values[_FLAGS[key]] = raw
+            Config(**{_FLAGS[key]: raw})
+        except ValueError as e:
+            raise ValueError(f"{key}={raw!r}: {e}") from None
+    return Config(**values)
+
+
+_current: Config | None = None
+
+
+def get() -> Config:
+    """The process-wide defaults, parsed from the environment once."""
+    global _current
+    if _current is None:
+        _current = from_env()
+    return _current
+
+
+def reload() -> Config:
+    """Re-read the environment (after a test changed it)."""
+    global _current
+    _current = None
+    return get()
+
+
+@contextlib.contextmanager
+def override(**settings: Any) -> Iterator[Config]:
+    """Temporarily change the process defaults: ``with config.override(threads=2):``."""
+    global _current
+    old = get()
+    _current = old.replace(**settings)
+    try:
+        yield _current
+    finally:
+        _current = old
+
+
+def env_value(name: str) -> str | None:
+    """Read a non-gpuload variable that gpuload honours (e.g. CUDA_VISIBLE_DEVICES)."""
+    return os.environ.get(name)

@@ -1,0 +1,133 @@
+"""Readers: bytes from checkpoint files into caller-provided buffers.
+
+``PosixReader`` uses ``os.preadv`` (one syscall scatters a file range into
+several destination buffers), loops on short reads, and treats a short read
+at end of file as an error: a checkpoint never legitimately ends early.
+Readers never touch CUDA streams: the pipeline owns ordering.
+
+Each file is checked against the identity (device, inode, size, mtime) its
+header was parsed with, at open and again at close: a file replaced or
+rewritten during a load raises :class:`~gpuload.errors.ReadError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from collections.abc import Sequence
+
+from .checkpoint import FileHeader
+from .errors import ReadError
+
+IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class PosixReader:
+    """pread(v)-based reader over the files of one checkpoint.
+
+    Parameters
+    ----------
+    headers
+        The parsed files; their identities are checked at open and close.
+    prefetch
+        Issue ``posix_fadvise(WILLNEED)`` for ranges announced with
+        :meth:`advise` (``GPULOAD_PREFETCH=0`` turns it off).
+    """
+
+    name = "posix"
+
+    def __init__(self, headers: Sequence[FileHeader], *, prefetch: bool = True) -> None:
+        self._headers = {h.path: h for h in headers}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.prefetch = prefetch
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is not None:
+            return fd
+        with self._lock:  # open each file once, even when threads race here
+            fd = self._fds.get(file)
+            if fd is None:
+                try:
+                    fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as e:
+                    raise ReadError(f"{file}: cannot open: {e.strerror}") from e
+                self._check(file, os.fstat(fd), fd)
+                self._fds[file] = fd
+            return fd
+
+    def _check(self, file: str, st: os.stat_result, fd: int | None = None) -> None:
+        want = self._headers[file].identity
+        if want != (0, 0, 0, 0) and _identity(st) != want:
+            if fd is not None:
+                os.close(fd)
+            raise ReadError(
+                f"{file}: file changed since its header was read "
+                f"(size/inode/mtime {want[1:]} -> {_identity(st)[1:]})"
+            )
+
+    def advise(self, file: str, offset: int, length: int) -> None:
+        """Hint that ``[offset, offset+length)`` is read soon (best effort)."""
+        if self.prefetch and hasattr(os, "posix_fadvise"):
+            # A hint: some filesystems refuse it, and reads work regardless.
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd(file), offset, length, os.POSIX_FADV_WILLNEED)
+
+    def readinto(self, file: str, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill ``buffers`` in order from the file range starting at ``offset``."""
+        fd = self._fd(file)
+        bufs = [b for b in buffers if len(b)]
+        pos = offset
+        while bufs:
+            batch = bufs[:IOV_MAX]
+            want = sum(len(b) for b in batch)
+            try:
+                got = os.preadv(fd, batch, pos)
+            except OSError as e:
+                if e.errno == errno.EINTR:  # PEP 475 retries, but be explicit
+                    continue
+                raise ReadError(
+                    f"{file}: read of {want} bytes at {pos} failed: {e.strerror}"
+                ) from e
+            if got == 0:
+                raise ReadError(
+                    f"{file}: unexpected end of file at offset {pos} "
+                    f"({want} bytes still to read); was the file truncated?"
+                )
+            pos += got
+            # Drop the buffers that are full; trim the one a short read split.
+            while got and bufs:
+                if got >= len(bufs[0]):
+                    got -= len(bufs[0])
+                    bufs.pop(0)
+                else:
+                    bufs[0] = bufs[0][got:]
+                    got = 0
+
+    def close(self) -> None:
+        """Close every file; raise if one changed while it was being read."""
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        changed = None
+        for file, fd in fds.items():
+            try:
+                self._check(file, os.stat(file))
+            except (ReadError, OSError) as e:
+                changed = changed or e
+            finally:
+                os.close(fd)
+        if changed is not None:
+            raise changed if isinstance(changed, ReadError) else ReadError(str(changed))
+
+    def __enter__(self) -> PosixReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,318 @@
+"""``Loader`` and ``load_sharded``: checkpoint -> sharding -> plan -> pipeline.
+
+A ``Loader`` holds what is worth reusing across loads (reader threads'
+staging, later the CUDA streams and device scratch); ``load_sharded`` is a
+thin wrapper that makes one, loads, and closes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from . import config as _config
+from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .device import resolve_device
+from .errors import BackendUnavailable, PlanError
+from .io import PosixReader
+from .outputs import convert, resolve_framework
+from .pipeline import HostPipeline
+from .plan import Plan, PlanOptions, plan_reads
+from .report import LoadReport
+from .selection import Selection
+from .sharding import Sharder
+
+log = logging.getLogger("gpuload")
+
+PathLike = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+Filter = str | re.Pattern[str] | Callable[[str], bool] | Iterable[str] | None
+
+
+def name_filter(spec: Filter, what: str) -> Callable[[str], bool] | None:
+    """A tensor-name predicate from a regex (``re.search``), a callable, or names."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        spec = re.compile(spec)
+    if isinstance(spec, re.Pattern):
+        return lambda name: spec.search(name) is not None
+    if callable(spec):
+        return spec
+    try:
+        names = frozenset(spec)
+    except TypeError:
+        raise TypeError(f"{what} must be a regex, a callable or names, got {spec!r}") from None
+    return names.__contains__
+
+
+def check_rank(rank: int, world: int) -> None:
+    for name, v in (("rank", rank), ("world", world)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, got {v!r}")
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadPlan:
+    """Everything decided before the first byte is read."""
+
+    checkpoint: Checkpoint
+    plan: Plan
+    unknown: tuple[str, ...]  # replicated because no rule matched
+    skipped: tuple[str, ...]  # not owned by this rank (expert parallel)
+    excluded: int  # dropped by include=
+
+
+class Loader:
+    """Loads rank shards of safetensors checkpoints; reusable across loads.
+
+    Parameters
+    ----------
+    device
+        ``"cpu"``, ``"cuda"``/``"cuda:N"``, or None: the current CUDA device
+        when a GPU backend is usable, else ``"cpu"``.
+    framework
+        ``"numpy"`` (default on the CPU) or ``"torch"``.
+    **settings
+        Keyword twins of the ``GPULOAD_*`` flags (``prefetch``, ``prefault``,
+        ``backend``, ``pin``, ``threads``, ``staging_bytes``, ``chunk_bytes``,
+        ``min_chunk_bytes``, ``device_scratch_bytes``, ``progress``); a
+        keyword wins over the environment.
+    """
+
+    def __init__(
+        self, *, device: str | None = None, framework: str | None = None, **settings: Any
+    ) -> None:
+        self.config = _config.get().replace(**settings)
+        self.device = resolve_device(device)
+        self.framework = resolve_framework(framework, self.device)
+        if self.device != "cpu":
+            raise BackendUnavailable(f"device={self.device!r}: the GPU pipeline is not built yet")
+        if self.config.backend == "kvikio":
+            raise BackendUnavailable(
+                "backend='kvikio' reads into GPU memory; device='cpu' "
+                "uses the posix reader (backend='auto' or 'posix')"
+            )
+        self.backend, self.backend_reason = "posix", "device is cpu: posix preadv into host memory"
+        self._pipeline = HostPipeline(self.config.threads, self.config.staging_bytes)
+        self.last_report: LoadReport | None = None
+        self._closed = False
+
+    # -- planning ----------------------------------------------------------
+
+    def plan_options(self) -> PlanOptions:
+        # Two staging slots must fit the budget so reads overlap packing.
+        chunk = max(1, min(self.config.chunk_bytes, self.config.staging_bytes // 2))
+        return PlanOptions(
+            chunk_bytes=chunk, min_chunk_bytes=min(self.config.min_chunk_bytes, chunk)
+        )
+
+    def plan(
+        self,
+        path: PathLike,
+        rank: int,
+        world: int,
+        *,
+        rules: Any = None,
+        include: Filter = None,
+        **sharding: Any,
+    ) -> LoadPlan:
+        """Parse, shard and plan without reading any tensor data."""
+        check_rank(rank, world)
+        ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+        keep = name_filter(include, "include")
+        sharder = Sharder(ckpt.config, rules, **sharding)
+        items: list[tuple[TensorInfo, Selection]] = []
+        unknown, skipped, excluded = [], [], 0
+        for name, info in ckpt.tensors.items():
+            if keep is not None and not keep(name):
+                excluded += 1
+                continue
+            sel = sharder.select(name, info.shape, rank, world)
+            if sel is None:
+                skipped.append(name)
+                continue
+            if sel.rule is None:
+                unknown.append(name)
+            items.append((info, sel))
+        plan = plan_reads(items, self.plan_options())
+        if plan.max_staged_bytes > self.config.staging_bytes:
+            raise PlanError(
+                f"a staged read of {plan.max_staged_bytes} bytes does not fit "
+                f"staging_bytes={self.config.staging_bytes}"
+            )
+        return LoadPlan(ckpt, plan, tuple(unknown), tuple(skipped), excluded)
+
+    # -- loading -----------------------------------------------------------
+
+    def load(
+        self,
+        path: PathLike,
+        rank: int,
+        world: int,
+        *,
+        rules: Any = None,
+        include: Filter = None,
+        return_report: bool = False,
+        **sharding: Any,
+    ):
+        """Load this rank's shard of every tensor; see :func:`load_sharded`."""
+        if self._closed:
+            raise RuntimeError("this Loader is closed")
+        t0 = time.perf_counter()
+        ckpt = open_checkpoint(path) if not isinstance(path, Checkpoint) else path
+        t1 = time.perf_counter()
+        lp = self.plan(ckpt, rank, world, rules=rules, include=include, **sharding)
+        plan = lp.plan
+        t2 = time.perf_counter()
+        report = LoadReport(
+            path=str(ckpt.root or ckpt.files[0].path if ckpt.files else path),
+            rank=rank,
+            world=world,
+            device=self.device,
+            backend=self.backend,
+            backend_reason=self.backend_reason,
+            tensors=len(plan.tensors),
+            file_bytes=sum(i.nbytes for i in ckpt.tensors.values()),
+            header_s=t1 - t0,
+            plan_s=t2 - t1,
+            unknown=list(lp.unknown),
+            skipped=list(lp.skipped),
+            excluded=lp.excluded,
+        )
+        for t in plan.tensors:
+            report.strategies[t.strategy] = report.strategies.get(t.strategy, 0) + 1
+        out_bytes = sum(t.out_nbytes for t in plan.tensors)
+        _check_host_memory(out_bytes)
+        buffers = {t.name: np.empty(t.out_nbytes, np.uint8) for t in plan.tensors}
+        bar = self._progress(plan.bytes_read)
+        reader = PosixReader(ckpt.files, prefetch=self.config.prefetch)
+        try:
+            self._pipeline.run(
+                plan, buffers, reader, report, on_bytes=bar.update if bar is not None else None
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+            reader.close()  # raises if a file changed while we read it
+        result = convert(buffers, list(plan.tensors), self.framework)
+        report.seconds = time.perf_counter() - t0
+        self.last_report = report
+        log.info("%s", report.summary())
+        return (result, report) if return_report else result
+
+    def _progress(self, total: int):
+        mode = self.config.progress
+        if mode is False or total == 0:
+            return None
+        # auto: tqdm's delay shows the bar only for loads that run > 2 s.
+        return tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="gpuload",
+            delay=0 if mode is True else 2.0,
+            leave=False,
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        self._pipeline = None  # type: ignore[assignment]  # drops the staging slots
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_host_memory(need: int) -> None:
+    avail = _mem_available()
+    if avail is not None and need > avail:
+        raise PlanError(
+            f"results need {need:,} bytes of host memory but only {avail:,} "
+            "are available (MemAvailable); nothing was read"
+        )
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def load_sharded(
+    path: PathLike,
+    rank: int,
+    world: int,
+    *,
+    device: str | None = None,
+    rules: Any = None,
+    include: Filter = None,
+    framework: str | None = None,
+    return_report: bool = False,
+    **kwargs: Any,
+):
+    """Load one tensor-parallel rank's shard of a safetensors checkpoint.
+
+    Parameters
+    ----------
+    path
+        A ``.safetensors`` file, a list of them, or a model directory (with
+        ``model.safetensors.index.json``; ``config.json`` supplies head and
+        expert counts).
+    rank, world
+        This rank and the tensor-parallel world size, ``0 <= rank < world``.
+    device
+        ``"cpu"`` or a CUDA device; None picks the current CUDA device when
+        usable, else ``"cpu"``.
+    rules
+        Caller sharding rules, ``{regex: spec}`` or ``callable(name, shape)``,
+        consulted before the built-in tables (see :mod:`gpuload.sharding`).
+    include
+        Keep only matching tensors (regex, callable or names); the others are
+        never read.
+    framework
+        ``"numpy"`` (default on the CPU) or ``"torch"``.
+    return_report
+        Also return the :class:`~gpuload.report.LoadReport` (stage breakdown).
+    **kwargs
+        Sharding options (``num_heads``, ``num_kv_heads``, ``num_experts``,
+        ``qkv_sections``, ``expert_parallel``, ``allow_uneven``) and the
+        keyword twins of the ``GPULOAD_*`` flags (``threads``,
+        ``chunk_bytes``, ``prefetch``...).
+
+    Returns
+    -------
+    dict
+        Tensor name -> array owning its memory (numpy or torch), holding this
+        rank's shard. Tensors owned by other ranks (expert parallel) are
+        absent.
+
+    Notes
+    -----
+    Only the bytes this rank owns are read (plus gaps of covering reads,
+    reported as wasted bytes). bf16 and fp8 numpy arrays use ``ml_dtypes``;
+    packed sub-byte dtypes (F4, F6) come back as ``uint8`` bytes.
+    """
+    setting_names = {f.name for f in dataclasses.fields(_config.Config)}
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in setting_names}
+    with Loader(device=device, framework=framework, **settings) as loader:
+        return loader.load(
+            path, rank, world, rules=rules, include=include, return_report=return_report, **kwargs
+        )

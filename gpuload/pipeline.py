@@ -1,0 +1,141 @@
+"""The host pipeline: execute a read plan into owned numpy buffers.
+
+Reader threads take read ops in file order. A direct op scatters its file
+range straight into the destination buffers with one ``preadv`` (gaps land
+in a discard buffer). A staged op reads into one of a bounded set of staging
+slots and is gathered from there by ``gather_host`` (the numpy twin of the
+CUDA kernel), then the slot is returned. Staging never escapes: results are
+the caller's own buffers, allocated once per tensor.
+
+On the first error every queued op is cancelled, running ones finish, and
+the error is raised: a failed load returns nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .kernels import NCOLS, gather_host
+from .plan import Plan, ReadOp
+from .report import LoadReport
+
+_ZERO = np.zeros(0, np.uint8)
+
+
+def _piece_tables(op: ReadOp) -> dict[str, np.ndarray]:
+    """The op's pieces as per-destination piece tables, offsets relative to the op."""
+    by_tensor: dict[str, list[list[int]]] = {}
+    for p in op.pieces:
+        by_tensor.setdefault(p.tensor, []).append(
+            [p.src - op.offset, p.dst, p.rows, p.row_bytes, p.src_stride, p.dst_stride]
+        )
+    return {t: np.array(rows, np.int64).reshape(-1, NCOLS) for t, rows in by_tensor.items()}
+
+
+class HostPipeline:
+    """Runs plans on the CPU; staging slots are created once and reused."""
+
+    def __init__(self, threads: int, staging_bytes: int) -> None:
+        self.threads = threads
+        self.staging_bytes = staging_bytes
+        self._slots: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        self._slot_size = 0
+        self._slot_count = 0
+        self._discard = _ZERO
+        self._busy = threading.Lock()
+
+    def _ensure_staging(self, plan: Plan) -> None:
+        need = plan.max_staged_bytes
+        if need > self._slot_size:  # grow, never shrink (staging is reused)
+            count = max(1, min(self.threads, self.staging_bytes // need))
+            self._slots = queue.SimpleQueue()
+            for _ in range(count):
+                self._slots.put(np.empty(need, np.uint8))
+            self._slot_size, self._slot_count = need, count
+        if plan.max_gap_bytes > self._discard.size:
+            self._discard = np.empty(plan.max_gap_bytes, np.uint8)
+
+    def run(
+        self,
+        plan: Plan,
+        outputs: dict[str, np.ndarray],
+        reader,
+        report: LoadReport,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        """Fill ``outputs`` (name -> uint8 buffer) by executing ``plan``."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "this Loader is already loading in another thread; use one Loader per thread"
+            )
+        try:
+            self._ensure_staging(plan)
+            self._run(plan, outputs, reader, report, on_bytes)
+        finally:
+            self._busy.release()
+
+    def _run(self, plan, outputs, reader, report, on_bytes) -> None:
+        ops = plan.ops
+        stop = threading.Event()
+        discard = memoryview(self._discard)
+
+        def work(i: int) -> tuple[int, float, float, float]:
+            if stop.is_set():
+                return 0, 0.0, 0.0, 0.0
+            op = ops[i]
+            ahead = i + self.threads  # hint the range a thread will take next
+            if ahead < len(ops):
+                reader.advise(ops[ahead].file, ops[ahead].offset, ops[ahead].length)
+            if not op.staged:
+                bufs, pos = [], op.offset
+                for p in op.pieces:
+                    if p.src > pos:
+                        bufs.append(discard[: p.src - pos])
+                    bufs.append(memoryview(outputs[p.tensor])[p.dst : p.dst + p.row_bytes])
+                    pos = p.src_end
+                t0 = time.perf_counter()
+                reader.readinto(op.file, op.offset, bufs)
+                return op.length, time.perf_counter() - t0, 0.0, 0.0
+            t0 = time.perf_counter()
+            slot = self._slots.get()
+            t1 = time.perf_counter()
+            try:
+                block = slot[: op.length]
+                reader.readinto(op.file, op.offset, [memoryview(block)])
+                t2 = time.perf_counter()
+                for tensor, table in _piece_tables(op).items():
+                    gather_host(block, outputs[tensor], table)
+                t3 = time.perf_counter()
+            finally:
+                self._slots.put(slot)
+            return op.length, t2 - t1, t3 - t2, t1 - t0
+
+        pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="gpuload-read")
+        futures = [pool.submit(work, i) for i in range(len(ops))]
+        try:
+            for fut in cf.as_completed(futures):
+                nbytes, read_s, gather_s, wait_s = fut.result()
+                report.read_s += read_s
+                report.gather_s += gather_s
+                report.wait_s += wait_s
+                if on_bytes is not None:
+                    on_bytes(nbytes)
+        except BaseException:
+            # First error (or Ctrl-C): cancel what has not started, let the
+            # running ops finish so no thread writes after we return.
+            stop.set()
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        report.ops += len(ops)
+        report.staged_ops += sum(op.staged for op in ops)
+        report.bytes_read += plan.bytes_read
+        report.bytes_useful += plan.bytes_useful

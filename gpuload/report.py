@@ -1,0 +1,95 @@
+"""The stage breakdown of one load: what was read, what was wasted, where
+the time went. Logged at INFO and returned with ``return_report=True``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+GiB = float(1 << 30)
+
+
+@dataclasses.dataclass
+class LoadReport:
+    path: str
+    rank: int
+    world: int
+    device: str
+    backend: str
+    backend_reason: str = ""
+    tensors: int = 0
+    file_bytes: int = 0  # bytes of tensor data in the files this load touched
+    bytes_useful: int = 0  # bytes delivered into results
+    bytes_read: int = 0  # bytes read from files (useful + wasted)
+    ops: int = 0
+    staged_ops: int = 0
+    seconds: float = 0.0  # wall time of the whole load
+    header_s: float = 0.0
+    plan_s: float = 0.0
+    read_s: float = 0.0  # summed over reader threads
+    h2d_s: float = 0.0
+    gather_s: float = 0.0  # summed over threads
+    wait_s: float = 0.0  # threads waiting for a free staging slot
+    strategies: dict[str, int] = dataclasses.field(default_factory=dict)
+    unknown: list[str] = dataclasses.field(default_factory=list)  # replicated, no rule
+    skipped: list[str] = dataclasses.field(default_factory=list)  # other ranks' experts
+    excluded: int = 0  # tensors dropped by include=
+    cpu_resident: list[str] = dataclasses.field(default_factory=list)
+    prefault: Any = None
+
+    @property
+    def bytes_wasted(self) -> int:
+        return self.bytes_read - self.bytes_useful
+
+    @property
+    def gib_per_s(self) -> float:
+        """Delivered bytes per wall second."""
+        return self.bytes_useful / GiB / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def read_fraction(self) -> float:
+        """Bytes this rank read, as a fraction of the files' tensor bytes."""
+        return self.bytes_read / self.file_bytes if self.file_bytes else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"gpuload rank {self.rank}/{self.world} on {self.device} ({self.backend}): "
+            f"{self.tensors} tensors, {self.bytes_useful / GiB:.3f} GiB in {self.seconds:.3f} s "
+            f"= {self.gib_per_s:.2f} GiB/s; read {self.bytes_read / GiB:.3f} GiB "
+            f"({100 * self.read_fraction:.1f}% of the files, {self.bytes_wasted} bytes wasted) "
+            f"in {self.ops} reads; thread-seconds read {self.read_s:.3f}, h2d {self.h2d_s:.3f}, "
+            f"gather {self.gather_s:.3f}, wait {self.wait_s:.3f}"
+        )
+
+    def table(self) -> str:
+        """A human table of the stage breakdown."""
+        rows = [
+            ("tensors", f"{self.tensors}"),
+            ("bytes delivered", f"{self.bytes_useful:,}"),
+            ("bytes read", f"{self.bytes_read:,} ({100 * self.read_fraction:.1f}% of files)"),
+            ("bytes wasted", f"{self.bytes_wasted:,}"),
+            ("reads (staged)", f"{self.ops} ({self.staged_ops})"),
+            ("wall seconds", f"{self.seconds:.4f}"),
+            ("GiB/s", f"{self.gib_per_s:.2f}"),
+            ("header / plan s", f"{self.header_s:.4f} / {self.plan_s:.4f}"),
+            (
+                "read / h2d / gather / wait s",
+                f"{self.read_s:.4f} / {self.h2d_s:.4f} / {self.gather_s:.4f} / {self.wait_s:.4f}",
+            ),
+            ("strategies", ", ".join(f"{k}={v}" for k, v in sorted(self.strategies.items()))),
+            ("unknown (replicated)", f"{len(self.unknown)}"),
+            ("not owned (skipped)", f"{len(self.skipped)}"),
+        ]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(bytes_wasted=self.bytes_wasted, gib_per_s=self.gib_per_s)
+        if self.prefault is not None and dataclasses.is_dataclass(self.prefault):
+            d["prefault"] = dataclasses.asdict(self.prefault)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
