@@ -1,5 +1,12 @@
-"""gpuload: safetensors checkpoints straight into (GPU) memory, one rank's shard."""
+"""gpuload: safetensors checkpoints straight into memory, one tensor-parallel
+rank's shard at a time, reading only the bytes that rank owns.
 
+>>> import gpuload
+>>> tensors = gpuload.load_sharded("/models/tiny-llama", rank=1, world=4, device="cpu")
+"""
+
+from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .config import Config
 from .errors import (
     BackendUnavailable,
     GpuloadError,
@@ -9,16 +16,29 @@ from .errors import (
     ReadError,
     ShardingError,
 )
+from .loader import Loader, load_sharded
+from .report import LoadReport
+from .selection import Selection
+from .sharding import Sharder
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "Checkpoint",
+    "Config",
     "GpuloadError",
     "HeaderError",
     "IndexFileError",
+    "LoadReport",
+    "Loader",
     "PlanError",
     "ReadError",
+    "Selection",
+    "Sharder",
     "ShardingError",
+    "TensorInfo",
     "__version__",
+    "load_sharded",
+    "open_checkpoint",
 ]

@@ -126,11 +126,8 @@ class Config:
         for f in ("staging_bytes", "chunk_bytes", "min_chunk_bytes", "device_scratch_bytes"):
             set_(self, f, parse_size(f, getattr(self, f)))
         set_(self, "progress", parse_tristate("progress", self.progress))
-        if self.min_chunk_bytes > self.chunk_bytes:
-            raise ValueError(
-                f"min_chunk_bytes={self.min_chunk_bytes} is larger than "
-                f"chunk_bytes={self.chunk_bytes}"
-            )
+        # min_chunk_bytes above chunk_bytes is not an error: the planner clamps
+        # the floor to the cap, so setting only a small cap just works.
 
     def replace(self, **overrides: Any) -> Config:
         """A copy with keyword twins applied; ``None`` means "keep"."""

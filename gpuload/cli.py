@@ -1,0 +1,251 @@
+"""``gpuload`` command line: inspect, plan, demo.
+
+Human tables by default, ``--json`` for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import open_checkpoint
+from .errors import GpuloadError
+from .loader import Loader
+
+
+def _alignment(offset: int) -> int:
+    """Largest power of two (up to 4096) dividing an absolute file offset."""
+    a = 1
+    while a < 4096 and offset % (a * 2) == 0:
+        a *= 2
+    return a
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    ck = open_checkpoint(args.path)
+    files = [
+        {
+            "path": f.path,
+            "size": f.size,
+            "header_bytes": f.header_len,
+            "tensors": len(f.tensors),
+            "metadata": f.metadata,
+        }
+        for f in ck.files
+    ]
+    tensors = [
+        {
+            "name": t.name,
+            "dtype": t.dtype.name,
+            "shape": list(t.shape),
+            "bytes": t.nbytes,
+            "file": Path(t.file).name,
+            "offset": t.start,
+            "alignment": _alignment(t.start),
+        }
+        for t in ck.tensors.values()
+    ]
+    if args.json:
+        print(json.dumps({"files": files, "tensors": tensors, "config": ck.config}, indent=2))
+        return 0
+    for f in files:
+        print(
+            f"{f['path']}: {f['size']:,} bytes, header {f['header_bytes']:,} bytes, "
+            f"{f['tensors']} tensors, metadata {f['metadata']}"
+        )
+    rows = [
+        [
+            t["name"],
+            t["dtype"],
+            "x".join(map(str, t["shape"])) or "()",
+            f"{t['bytes']:,}",
+            t["file"],
+            t["offset"],
+            t["alignment"],
+        ]
+        for t in tensors
+    ]
+    print(_table(rows, ["tensor", "dtype", "shape", "bytes", "file", "offset", "align"]))
+    print(f"{len(tensors)} tensors, {sum(t['bytes'] for t in tensors):,} bytes of data")
+    return 0
+
+
+def _sharding_kwargs(args: argparse.Namespace) -> dict:
+    kw = {"expert_parallel": args.expert_parallel, "allow_uneven": args.allow_uneven}
+    if args.num_heads:
+        kw["num_heads"] = args.num_heads
+    if args.num_kv_heads:
+        kw["num_kv_heads"] = args.num_kv_heads
+    return kw
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    settings = {"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {}
+    loader = Loader(device="cpu", **settings)
+    lp = loader.plan(
+        args.path, args.rank, args.world, include=args.include, **_sharding_kwargs(args)
+    )
+    plan = lp.plan
+    per = {t.name: 0 for t in plan.tensors}
+    reads = {t.name: 0 for t in plan.tensors}
+    for op in plan.ops:
+        for p in op.pieces:
+            per[p.tensor] += p.nbytes
+        names = {p.tensor for p in op.pieces}
+        for n in names:  # a shared read is charged to each tensor in it once
+            reads[n] += 1
+    file_bytes = sum(i.nbytes for i in lp.checkpoint.tensors.values())
+    tensors = [
+        {
+            "name": t.name,
+            "split": t.selection.kind,
+            "dim": t.selection.dim,
+            "rule": t.selection.rule,
+            "strategy": t.strategy,
+            "shape": list(t.selection.shape),
+            "rank_bytes": t.out_nbytes,
+            "tensor_bytes": t.info.nbytes,
+            "reads": reads[t.name],
+        }
+        for t in plan.tensors
+    ]
+    summary = {
+        "rank": args.rank,
+        "world": args.world,
+        "file_bytes": file_bytes,
+        "bytes_read": plan.bytes_read,
+        "bytes_useful": plan.bytes_useful,
+        "bytes_wasted": plan.bytes_wasted,
+        "read_ops": len(plan.ops),
+        "staged_ops": sum(op.staged for op in plan.ops),
+        "unknown": list(lp.unknown),
+        "skipped": list(lp.skipped),
+    }
+    ops = [
+        {
+            "file": Path(op.file).name,
+            "offset": op.offset,
+            "length": op.length,
+            "staged": op.staged,
+            "pieces": len(op.pieces),
+        }
+        for op in plan.ops
+    ]
+    if args.json:
+        print(json.dumps({"summary": summary, "tensors": tensors, "ops": ops}, indent=2))
+        return 0
+    rows = [
+        [
+            t["name"],
+            t["split"],
+            "-" if t["dim"] is None else t["dim"],
+            t["strategy"],
+            "x".join(map(str, t["shape"])) or "()",
+            f"{t['rank_bytes']:,}",
+            f"{t['tensor_bytes']:,}",
+            t["reads"],
+        ]
+        for t in tensors
+    ]
+    print(
+        _table(
+            rows,
+            [
+                "tensor",
+                "split",
+                "dim",
+                "strategy",
+                "rank shape",
+                "rank bytes",
+                "tensor bytes",
+                "reads",
+            ],
+        )
+    )
+    pct = 100 * plan.bytes_read / file_bytes if file_bytes else 0.0
+    print(
+        f"\nrank {args.rank}/{args.world}: reads {plan.bytes_read:,} of {file_bytes:,} bytes "
+        f"({pct:.1f}%), {plan.bytes_wasted:,} wasted, in {len(plan.ops)} reads "
+        f"({summary['staged_ops']} staged)"
+    )
+    if lp.unknown:
+        print(f"unknown tensors, replicated: {', '.join(lp.unknown)}")
+    if lp.skipped:
+        print(f"not owned by this rank: {len(lp.skipped)} tensors")
+    if args.ops:
+        print()
+        print(
+            _table(
+                [
+                    [o["file"], o["offset"], f"{o['length']:,}", o["staged"], o["pieces"]]
+                    for o in ops
+                ],
+                ["file", "offset", "length", "staged", "pieces"],
+            )
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    with tempfile.TemporaryDirectory(prefix="gpuload-demo-") as tmp:
+        ok = run_demo(Path(args.dir or tmp), device=args.device, world=args.world)
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpuload", description=__doc__)
+    p.add_argument("--version", action="version", version=f"gpuload {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("inspect", help="tensors, dtypes, shapes, bytes, alignment, metadata")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("plan", help="per-tensor split and the reads one rank would do")
+    s.add_argument("path")
+    s.add_argument("--rank", type=int, required=True)
+    s.add_argument("--world", type=int, required=True)
+    s.add_argument("--include", help="regex: plan only matching tensors")
+    s.add_argument("--expert-parallel", action="store_true")
+    s.add_argument("--allow-uneven", action="store_true")
+    s.add_argument("--num-heads", type=int)
+    s.add_argument("--num-kv-heads", type=int)
+    s.add_argument("--chunk-bytes", help="cap on one read, e.g. 64MiB")
+    s.add_argument("--ops", action="store_true", help="also list every read op")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_plan)
+
+    s = sub.add_parser("demo", help="write a small checkpoint, load every rank, check bytes")
+    s.add_argument("--device", default=None, help="cpu or cuda:N (default: best available)")
+    s.add_argument("--world", type=int, default=2)
+    s.add_argument("--dir", help="write the checkpoint here instead of a temp dir")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (GpuloadError, FileNotFoundError, ValueError) as e:
+        print(f"gpuload: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
