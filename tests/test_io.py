@@ -1,0 +1,70 @@
+"""The posix reader and the host pipeline's failure paths."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import write_raw
+
+import gpuload
+from gpuload.checkpoint import parse_header
+from gpuload.errors import ReadError
+from gpuload.io import PosixReader
+
+
+def _file(tmp_path, n=1 << 16):
+    data = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes()
+    f = write_raw(
+        tmp_path / "x.safetensors",
+        {"w": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}},
+        data,
+    )
+    return f, data
+
+
+def test_preadv_scatters_and_survives_short_reads(tmp_path, monkeypatch):
+    f, data = _file(tmp_path)
+    h = parse_header(f)
+    real = __import__("os").preadv
+    calls = []
+
+    def short(fd, bufs, off):  # never more than 1000 bytes per call
+        calls.append(off)
+        first = bufs[0][: min(1000, len(bufs[0]))]
+        return real(fd, [first], off)
+
+    monkeypatch.setattr("gpuload.io.os.preadv", short)
+    a, b = bytearray(3000), bytearray(5)
+    with PosixReader([h]) as r:
+        r.readinto(str(f), h.data_start + 7, [memoryview(a), memoryview(b)])
+    assert bytes(a) + bytes(b) == data[7 : 7 + 3005] and len(calls) >= 4
+
+
+def test_eof_short_read_is_an_error(tmp_path):
+    f, _ = _file(tmp_path)
+    h = parse_header(f)
+    with PosixReader([h]) as r, pytest.raises(ReadError, match="end of file"):
+        r.readinto(str(f), h.size - 10, [memoryview(bytearray(20))])
+
+
+def test_failed_load_raises_leaves_no_threads_and_returns_nothing(tmp_path, monkeypatch):
+    f, _ = _file(tmp_path, 1 << 20)
+    calls = {"n": 0}
+    real = __import__("os").preadv
+
+    def flaky(fd, bufs, off):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(5, "Input/output error")
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr("gpuload.io.os.preadv", flaky)
+    with pytest.raises(ReadError, match="Input/output error") as e:
+        gpuload.load_sharded(
+            f, 0, 1, device="cpu", chunk_bytes=16384, min_chunk_bytes=4096, threads=4
+        )
+    assert str(f) in str(e.value)
+    # (tqdm keeps a monitor thread of its own; ours are named gpuload-*)
+    assert not [t for t in threading.enumerate() if t.name.startswith("gpuload")]
