@@ -1,0 +1,504 @@
+"""Which part of each tensor one tensor-parallel rank owns, as vLLM shards it.
+
+A :class:`Sharder` maps ``(name, shape, rank, world)`` to the
+:class:`~gpuload.selection.Selection` the rank owns. The mapping is data: an
+ordered table of ``(regex, spec)`` rules per model family, searched with
+``re.search``, first match wins. Caller rules (a dict or a callable) are
+consulted before the built-in table. Sharding counts elements, not bytes;
+dtype widths and sub-byte packing are the planner's business.
+
+Stacked MoE expert tensors (one tensor for all experts, e.g.
+``mlp.experts.gate_up_proj`` or vLLM's ``w13``) are assumed to be laid out
+``[E, out, in]``: experts on dim 0, output features on dim 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import ShardingError
+from .selection import Selection
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicate:
+    """Every rank takes the whole tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Split ``dim`` (negative counts from the end) evenly over the ranks.
+
+    ``sections`` fuses tensors along ``dim``: a count of equal sections or a
+    tuple of sizes. Each section is split on its own and the rank's parts sit
+    side by side: a fused ``gate_up`` is ``Split(0, sections=2)``.
+    """
+
+    dim: int
+    sections: int | tuple[int, ...] = 1
+
+    def __post_init__(self) -> None:
+        s = self.sections
+        if isinstance(s, int) and s < 1 or isinstance(s, tuple) and (not s or min(s) < 1):
+            raise ValueError(f"sections={s!r} has to be a count >= 1 or positive sizes")
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """Split dim 0 by whole attention heads; ``kv=True`` counts key/value heads,
+    each replicated on ``world // kv_heads`` consecutive ranks when the world
+    is larger (vLLM's QKVParallelLinear)."""
+
+    kv: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedQKV:
+    """A fused q | k | v tensor along ``dim``, each section split by heads."""
+
+    dim: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+    """Dim 0 over the vocabulary as vLLM's VocabParallelEmbedding: padded to a
+    multiple of ``pad_to``, ``padded // world`` rows a rank, so the last ranks
+    hold the padding and get fewer real rows. ``pad_to=1``: a plain split.
+    With ``allow_uneven``, ``ceil(padded / world)`` rows a rank."""
+
+    pad_to: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Expert:
+    """A MoE expert tensor: ``inner`` under tensor parallelism, whole experts
+    under expert parallelism. ``stacked=False``: one expert, its index read
+    from ``experts.<e>.`` in the name. ``stacked=True``: all experts in one
+    ``[E, out, in]`` tensor that ``inner`` indexes; expert parallelism takes a
+    dim-0 block of it."""
+
+    inner: Replicate | Split | Heads | FusedQKV | Vocab
+    stacked: bool = False
+
+
+Spec = Replicate | Split | Heads | FusedQKV | Vocab | Expert
+Table = tuple[tuple[str, Spec], ...]
+
+# ---------------------------------------------------------------------------
+# Built-in rule tables. Ordered; first match wins. Patterns are re.search'd.
+# ---------------------------------------------------------------------------
+
+_EMBED: Table = (
+    (r"(^|\.)embed_tokens\.weight$", Vocab()),
+    (r"(^|\.)lm_head\.weight$", Vocab()),
+)
+_ATTN: Table = (
+    (r"\.self_attn\.q_proj\.(weight|bias)$", Heads()),
+    (r"\.self_attn\.[kv]_proj\.(weight|bias)$", Heads(kv=True)),
+    (r"\.self_attn\.o_proj\.weight$", Split(1)),
+    (r"\.self_attn\.o_proj\.bias$", Replicate()),
+)
+_MLP: Table = (
+    (r"\.mlp\.(gate|up)_proj\.(weight|bias)$", Split(0)),
+    (r"\.mlp\.down_proj\.weight$", Split(1)),
+    (r"\.mlp\.down_proj\.bias$", Replicate()),
+)
+_NORMS: Table = ((r"(norm|(^|\.)ln_\w+)\.(weight|bias)$", Replicate()),)
+_PHI3: Table = (
+    (r"\.self_attn\.qkv_proj\.(weight|bias)$", FusedQKV()),
+    (r"\.mlp\.gate_up_proj\.(weight|bias)$", Split(0, sections=2)),
+)
+_MIXTRAL_MOE: Table = (
+    (r"\.block_sparse_moe\.gate\.weight$", Replicate()),
+    (r"\.block_sparse_moe\.experts\.\d+\.w[13]\.weight$", Expert(Split(0))),
+    (r"\.block_sparse_moe\.experts\.\d+\.w2\.weight$", Expert(Split(1))),
+)
+_ROUTED_EXPERTS: Table = (  # Qwen-MoE and DeepSeek name them alike
+    (r"\.mlp\.experts\.\d+\.(gate|up)_proj\.weight$", Expert(Split(0))),
+    (r"\.mlp\.experts\.\d+\.down_proj\.weight$", Expert(Split(1))),
+    (r"\.mlp\.gate\.weight$", Replicate()),
+)
+_STACKED_EXPERTS: Table = (  # [E, out, in]
+    (r"\.experts\.(gate_up_proj|w13)(_weight|\.weight)?$", Expert(Split(1, 2), stacked=True)),
+    (r"\.experts\.(gate_proj|up_proj|w1|w3)(_weight|\.weight)?$", Expert(Split(1), stacked=True)),
+    (r"\.experts\.(down_proj|w2)(_weight|\.weight)?$", Expert(Split(2), stacked=True)),
+)
+_QWEN_SHARED: Table = (
+    (r"\.mlp\.shared_expert\.(gate|up)_proj\.weight$", Split(0)),
+    (r"\.mlp\.shared_expert\.down_proj\.weight$", Split(1)),
+    (r"\.mlp\.shared_expert_gate\.weight$", Replicate()),
+)
+_DEEPSEEK: Table = (
+    (r"\.self_attn\.q_b_proj\.weight$", Heads()),
+    (r"\.self_attn\.kv_b_proj\.weight$", Heads()),  # MLA: split by query heads
+    (r"\.self_attn\.(q_a_proj|kv_a_proj_with_mqa)\.weight$", Replicate()),
+    (r"\.mlp\.shared_experts\.(gate|up)_proj\.weight$", Split(0)),
+    (r"\.mlp\.shared_experts\.down_proj\.weight$", Split(1)),
+    (r"\.mlp\.gate\.e_score_correction_bias$", Replicate()),
+    (r"\.shared_head\.head\.weight$", Vocab()),  # V3 multi-token-prediction head
+)
+_GPT2: Table = (  # Conv1D weights are stored [in, out]
+    (r"(^|\.)wte\.weight$", Vocab()),
+    (r"(^|\.)wpe\.weight$", Replicate()),
+    (r"\.attn\.c_attn\.weight$", Split(1, sections=3)),
+    (r"\.attn\.c_attn\.bias$", Split(0, sections=3)),
+    (r"\.(attn|mlp)\.c_proj\.weight$", Split(0)),
+    (r"\.(attn|mlp)\.c_proj\.bias$", Replicate()),
+    (r"\.mlp\.c_fc\.weight$", Split(1)),
+    (r"\.mlp\.c_fc\.bias$", Split(0)),
+    (r"\.attn\.(masked_)?bias$", Replicate()),  # old causal-mask buffers
+)
+
+
+def _union(*tables: Table) -> Table:
+    """Every rule of ``tables`` once, in order; a pattern the families map to
+    different specs is left out, so no family's choice wins by accident."""
+    specs: dict[str, set[Spec]] = {}
+    for table in tables:
+        for pattern, spec in table:
+            specs.setdefault(pattern, set()).add(spec)
+    return tuple((p, next(iter(s))) for p, s in specs.items() if len(s) == 1)
+
+
+_LLAMA = _EMBED + _ATTN + _MLP + _NORMS
+_MOE_ATTN = _EMBED + _ATTN
+_FAMILIES: Mapping[str, Table] = {
+    "llama": _LLAMA,  # also Mistral, Qwen2, Qwen3, Gemma 1-3
+    "phi3": _EMBED + _PHI3 + _ATTN + _MLP + _NORMS,
+    "mixtral": _MOE_ATTN + _MIXTRAL_MOE + _STACKED_EXPERTS + _NORMS,
+    "qwen_moe": _MOE_ATTN + _ROUTED_EXPERTS + _QWEN_SHARED + _MLP + _STACKED_EXPERTS + _NORMS,
+    "deepseek": _MOE_ATTN + _DEEPSEEK + _ROUTED_EXPERTS + _MLP + _STACKED_EXPERTS + _NORMS,
+    "gpt2": _GPT2 + _NORMS,
+}
+RULE_TABLES: Mapping[str, Table] = {
+    **_FAMILIES,
+    "generic": _union(*_FAMILIES.values()),  # unknown or missing model_type
+}
+MODEL_TYPES: Mapping[str, str] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), "llama"),
+    **dict.fromkeys(("gemma", "gemma2", "gemma3_text"), "llama"),
+    "phi3": "phi3",
+    "mixtral": "mixtral",
+    **dict.fromkeys(("qwen2_moe", "qwen3_moe"), "qwen_moe"),
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3"), "deepseek"),
+    "gpt2": "gpt2",
+}
+_COMPILED = {f: tuple((p, re.compile(p), s) for p, s in t) for f, t in RULE_TABLES.items()}
+_SHORTHANDS: Mapping[str, Spec] = {"replicate": Replicate(), "row": Split(0), "column": Split(1)}
+_EXPERT_INDEX = re.compile(r"(^|\.)experts\.(\d+)\.")
+
+
+def expert_block(num_experts: int, rank: int, world: int) -> tuple[int, int]:
+    """The experts a rank owns under expert parallelism, as ``(first, count)``.
+
+    Contiguous blocks, the remainder going to the lowest ranks: 10 experts
+    over 4 ranks give 3, 3, 2, 2. ``count`` is 0 when ``num_experts < world``
+    leaves the rank without an expert.
+    """
+    base, extra = divmod(num_experts, world)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
+def _as_spec(value: Any, where: str) -> Spec:
+    if isinstance(value, Spec):
+        return value
+    if isinstance(value, str) and value in _SHORTHANDS:
+        return _SHORTHANDS[value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Split(value)
+    raise TypeError(
+        f"{where}: {value!r} is not a spec; use Replicate(), Split(...), Heads(...), "
+        "FusedQKV(), Vocab(), Expert(...), 'replicate', 'row', 'column' or an int dim"
+    )
+
+
+def _count(label: str, value: Any, config: Mapping[str, Any], *keys: str) -> int | None:
+    """``value`` if given, else the first of ``keys`` in the config; a positive int."""
+    for key in keys if value is None else ():
+        label, value = f"config.json {key}", config.get(key)
+        if value is not None:
+            break
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{label}={value!r} has to be a positive int")
+    return value
+
+
+def _chunk(name: str, what: str, size: int, rank: int, world: int, uneven: bool) -> tuple[int, int]:
+    """``(start, length)`` of the rank's even share of ``size`` elements."""
+    if size % world and not uneven:
+        raise ShardingError(
+            f"{name!r}: {what} of size {size} does not divide evenly by world size {world}; "
+            "pass allow_uneven=True for a torch.chunk-style split"
+        )
+    per = -(-size // world)  # ceil: torch.chunk sizes, the last ranks short or empty
+    start = min(size, rank * per)
+    return start, min(size, start + per) - start
+
+
+def _heads(name: str, size: int, heads: int, rank: int, world: int, kv: bool) -> tuple[int, int]:
+    """``(start, length)`` of the rank's whole heads in ``size`` = heads * head_dim."""
+    label = "kv heads" if kv else "heads"
+    if size % heads:
+        raise ShardingError(f"{name!r}: size {size} is not a multiple of {heads} {label}")
+    head_dim = size // heads
+    if kv and world > heads:
+        if world % heads:
+            raise ShardingError(
+                f"{name!r}: world size {world} is not a multiple of {heads} kv heads, "
+                "so kv heads cannot be replicated evenly"
+            )
+        return rank // (world // heads) * head_dim, head_dim
+    if heads % world:
+        raise ShardingError(f"{name!r}: {heads} {label} do not divide by world size {world}")
+    per = heads // world * head_dim
+    return rank * per, per
+
+
+def _selection(shape, dim, sizes, parts, kind: str, rule: str | None) -> Selection:
+    """Place each section's ``(start, length)`` at the section's offset along ``dim``."""
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    # Empty ranges (uneven tails, ranks without experts) are dropped: nothing to read.
+    ranges = tuple((off + start, n) for off, (start, n) in zip(offsets, parts, strict=True) if n)
+    out = list(shape)
+    out[dim] = sum(n for _, n in ranges)
+    return Selection(dim, ranges, tuple(out), kind, rule)
+
+
+def _compile_rule(pattern: str, value: Any) -> tuple[str, re.Pattern[str], Spec]:
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"rules: bad pattern {pattern!r}: {e}") from None
+    return pattern, regex, _as_spec(value, f"rules[{pattern!r}]")
+
+
+class Sharder:
+    """Decides, per tensor, what one tensor-parallel rank loads.
+
+    Parameters
+    ----------
+    config
+        The parsed HF ``config.json`` (may be empty). ``model_type`` picks the
+        rule table; head and expert counts are read from it.
+    rules
+        Caller rules, consulted before the built-in table: a dict
+        ``{regex: spec}`` searched in order, or a callable
+        ``(name, shape) -> spec | None`` (None falls through). A spec is a
+        spec object or ``"replicate"``, ``"row"`` (dim 0), ``"column"``
+        (dim 1) or an int dim.
+    num_heads, num_kv_heads, num_experts, qkv_sections
+        Override the config: attention and key/value head counts, routed
+        expert count, and fused qkv section sizes ``(q, k, v)`` in elements.
+    expert_parallel
+        Give each rank whole experts (contiguous blocks, remainder to the
+        lowest ranks) instead of splitting every expert.
+    allow_uneven
+        Accept dimensions that do not divide by the world size and split them
+        like ``torch.chunk``: ``per = ceil(size / world)``, rank ``r`` takes
+        ``[r * per, min(size, (r + 1) * per))``, possibly nothing. Head counts
+        must still divide (a head cannot be cut).
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | None = None,
+        rules: Mapping[str, Spec | str | int] | Callable[..., Any] | None = None,
+        *,
+        num_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        num_experts: int | None = None,
+        qkv_sections: tuple[int, int, int] | None = None,
+        expert_parallel: bool = False,
+        allow_uneven: bool = False,
+    ) -> None:
+        config = dict(config or {})
+        self.family = MODEL_TYPES.get(str(config.get("model_type")), "generic")
+        self.num_heads = _count("num_heads", num_heads, config, "num_attention_heads", "n_head")
+        kv = _count("num_kv_heads", num_kv_heads, config, "num_key_value_heads")
+        self.num_kv_heads = kv or self.num_heads
+        keys = ("num_local_experts", "num_experts", "n_routed_experts")
+        self.num_experts = _count("num_experts", num_experts, config, *keys)
+        if qkv_sections is not None:
+            qkv_sections = tuple(_count("qkv_sections", s, {}) for s in qkv_sections)
+            if len(qkv_sections) != 3 or None in qkv_sections:
+                raise ValueError(f"{qkv_sections=} has to be three sizes (q, k, v)")
+        self.qkv_sections = qkv_sections
+        self.expert_parallel = bool(expert_parallel)
+        self.allow_uneven = bool(allow_uneven)
+        self._rule_fn = rules if callable(rules) and not isinstance(rules, Mapping) else None
+        self._caller = ()
+        if isinstance(rules, Mapping):
+            self._caller = tuple(_compile_rule(p, v) for p, v in rules.items())
+        elif rules is not None and self._rule_fn is None:
+            raise TypeError(f"rules has to be a dict or a callable, got {type(rules).__name__}")
+
+    def select(self, name: str, shape: tuple[int, ...], rank: int, world: int) -> Selection | None:
+        """The part of tensor ``name`` that ``rank`` of ``world`` owns.
+
+        Parameters
+        ----------
+        name
+            The tensor's name in the checkpoint.
+        shape
+            Its full shape, in elements.
+        rank, world
+            This rank and the tensor-parallel world size.
+
+        Returns
+        -------
+        Selection or None
+            ``None`` when the rank holds no part of the tensor (another rank's
+            expert under expert parallelism). ``Selection.rule`` names the
+            matching rule; ``None``: no rule matched, replicated as unknown.
+
+        Raises
+        ------
+        ValueError
+            ``world < 1`` or ``rank`` outside ``[0, world)``.
+        ShardingError
+            The tensor cannot be split as its rule asks (a dimension that does
+            not divide, unknown or indivisible head or expert counts).
+        """
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (rank, world)):
+            raise TypeError(f"rank and world have to be ints, got {rank=!r}, {world=!r}")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"need world >= 1 and 0 <= rank < world, got {rank=}, {world=}")
+        shape = tuple(shape)
+        rule, spec = self._match(name, shape)
+        if spec is None:
+            if len(shape) <= 1:  # norms, biases and scalars no rule claimed
+                return Selection.whole(shape, "replicated", "1-d" if shape else "scalar")
+            return Selection.whole(shape, "replicated", None)
+        return self._apply(spec, rule, name, shape, rank, world)
+
+    def _match(self, name: str, shape: tuple[int, ...]) -> tuple[str | None, Spec | None]:
+        for pattern, regex, spec in self._caller:
+            if regex.search(name):
+                return pattern, spec
+        if self._rule_fn is not None and (value := self._rule_fn(name, shape)) is not None:
+            label = getattr(self._rule_fn, "__name__", type(self._rule_fn).__name__)
+            return f"callable:{label}", _as_spec(value, f"rules({name!r})")
+        for pattern, regex, spec in _COMPILED[self.family]:
+            if regex.search(name):
+                return pattern, spec
+        return None, None
+
+    def _apply(self, spec, rule, name, shape, rank, world) -> Selection | None:
+        if isinstance(spec, Expert):
+            return self._expert(spec, rule, name, shape, rank, world)
+        if isinstance(spec, Replicate):
+            return Selection.whole(shape, "replicated", rule)
+        dim = spec.dim if isinstance(spec, Split | FusedQKV) else 0
+        if not -len(shape) <= dim < len(shape):
+            raise ShardingError(f"{name!r}: rule {rule!r} splits dim {dim}, but shape is {shape}")
+        dim %= len(shape)
+        size = shape[dim]
+        if isinstance(spec, Split):
+            n = spec.sections
+            sizes = (size // n,) * n if isinstance(n, int) else n
+            if sum(sizes) != size:
+                raise ShardingError(f"{name!r}: dim {dim} of size {size} cannot hold sections {n}")
+            fused = len(sizes) > 1
+            parts = [
+                _chunk(
+                    name,
+                    f"dim {dim} section {i}" if fused else f"dim {dim}",
+                    s,
+                    rank,
+                    world,
+                    self.allow_uneven,
+                )
+                for i, s in enumerate(sizes)
+            ]
+            kind = "fused" if fused else "row" if dim == 0 else "column"
+            return _selection(shape, dim, sizes, parts, kind, rule)
+        if isinstance(spec, Vocab):
+            return self._vocab(spec, rule, name, shape, rank, world)
+        if isinstance(spec, Heads):
+            heads = self._need("num_kv_heads" if spec.kv else "num_heads", name, rule)
+            part = _heads(name, size, heads, rank, world, spec.kv)
+            kind = "kv-replicated" if spec.kv and world > heads else "row"
+            return _selection(shape, 0, (size,), [part], kind, rule)
+        return self._fused_qkv(rule, name, shape, dim, rank, world)
+
+    def _vocab(self, spec, rule, name, shape, rank, world) -> Selection:
+        size = shape[0]
+        padded = -(-size // spec.pad_to) * spec.pad_to
+        if padded % world and not self.allow_uneven:
+            raise ShardingError(
+                f"{name!r}: dim 0 (vocab) of size {size}, padded to {padded} as vLLM does, "
+                f"does not divide evenly by world size {world}; "
+                "pass allow_uneven=True for a torch.chunk-style split"
+            )
+        per = -(-padded // world)  # padded // world, unless allow_uneven let it through
+        start = min(size, rank * per)
+        return _selection(shape, 0, (size,), [(start, min(size, start + per) - start)], "row", rule)
+
+    def _fused_qkv(self, rule, name, shape, dim, rank, world) -> Selection:
+        """q | k | v sections along ``dim``, each split by its own head count."""
+        heads = self._need("num_heads", name, rule)
+        kv_heads = self._need("num_kv_heads", name, rule)
+        size = shape[dim]
+        head_dim = size // (heads + 2 * kv_heads)
+        sizes = self.qkv_sections or (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+        if sum(sizes) != size:
+            raise ShardingError(
+                f"{name!r}: dim {dim} of size {size} is not q | k | v as {sizes} ({heads} heads, "
+                f"{kv_heads} kv heads); pass num_heads=, num_kv_heads= or qkv_sections="
+            )
+        counts = ((heads, False), (kv_heads, True), (kv_heads, True))
+        parts = [
+            _heads(name, s, h, rank, world, kv) for s, (h, kv) in zip(sizes, counts, strict=True)
+        ]
+        return _selection(shape, dim, sizes, parts, "fused", rule)
+
+    def _need(self, attr: str, name: str, rule: str) -> int:
+        if (count := getattr(self, attr)) is None:
+            raise ShardingError(
+                f"{name!r}: rule {rule!r} splits by attention heads, but the head count is "
+                "unknown; pass num_heads= (and num_kv_heads=) or provide config.json"
+            )
+        return count
+
+    def _expert(self, spec, rule, name, shape, rank, world) -> Selection | None:
+        if spec.stacked and len(shape) != 3:
+            raise ShardingError(
+                f"{name!r}: rule {rule!r} expects [E, out, in] experts, got {shape}"
+            )
+        if not self.expert_parallel:
+            return self._apply(spec.inner, rule, name, shape, rank, world)
+        if spec.stacked:  # the tensor itself says how many experts there are
+            if shape[0] != (self.num_experts or shape[0]):
+                raise ShardingError(f"{name!r}: {shape[0]} experts, num_experts={self.num_experts}")
+            first, count = expert_block(shape[0], rank, world)
+            block = _selection(shape, 0, (shape[0],), [(first, count)], "expert", rule)
+            return block if count else None
+        if (match := _EXPERT_INDEX.search(name)) is None:
+            raise ShardingError(f"{name!r}: rule {rule!r} is an expert rule, but no experts.<e>.")
+        if self.num_experts is None:
+            raise ShardingError(
+                f"{name!r}: expert parallelism needs the expert count; pass num_experts= "
+                "or provide config.json (num_local_experts / num_experts / n_routed_experts)"
+            )
+        if (expert := int(match[2])) >= self.num_experts:
+            raise ShardingError(f"{name!r}: expert {expert} >= num_experts={self.num_experts}")
+        first, count = expert_block(self.num_experts, rank, world)
+        return Selection.whole(shape, "expert", rule) if first <= expert < first + count else None
+
+
+__all__ = [
+    "MODEL_TYPES",
+    "RULE_TABLES",
+    "Expert",
+    "FusedQKV",
+    "Heads",
+    "Replicate",
+    "Sharder",
+    "Spec",
+    "Split",
+    "Vocab",
+    "expert_block",
+]
