@@ -82,6 +82,10 @@ class Loader:
         when a GPU backend is usable, else ``"cpu"``.
     framework
         ``"numpy"`` (default on the CPU) or ``"torch"``.
+    reader_factory
+        ``callable(headers, prefetch=bool) -> reader`` building the reader for
+        each load (default :class:`~gpuload.io.PosixReader`); tests wrap the
+        reader with injected faults through it.
     **settings
         Keyword twins of the ``GPULOAD_*`` flags (``prefetch``, ``prefault``,
         ``backend``, ``pin``, ``threads``, ``staging_bytes``, ``chunk_bytes``,
@@ -90,8 +94,14 @@ class Loader:
     """
 
     def __init__(
-        self, *, device: str | None = None, framework: str | None = None, **settings: Any
+        self,
+        *,
+        device: str | None = None,
+        framework: str | None = None,
+        reader_factory: Callable[..., Any] | None = None,
+        **settings: Any,
     ) -> None:
+        self._reader_factory = reader_factory or PosixReader
         self.config = _config.get().replace(**settings)
         self.device = resolve_device(device)
         self.framework = resolve_framework(framework, self.device)
@@ -195,7 +205,7 @@ class Loader:
         _check_host_memory(out_bytes)
         buffers = {t.name: np.empty(t.out_nbytes, np.uint8) for t in plan.tensors}
         bar = self._progress(plan.bytes_read)
-        reader = PosixReader(ckpt.files, prefetch=self.config.prefetch)
+        reader = self._reader_factory(ckpt.files, prefetch=self.config.prefetch)
         try:
             self._pipeline.run(
                 plan, buffers, reader, report, on_bytes=bar.update if bar is not None else None
