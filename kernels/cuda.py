@@ -1,0 +1,275 @@
+"""Numba CUDA strided gather: one launch moves every piece of a table.
+
+Work distribution
+-----------------
+Each piece is ``rows * row_words`` words, numbered row-major. It is cut into
+*tiles* of ``tile_words`` consecutive words; tiles of all pieces are numbered
+one after the other (``layout.word_table``). The grid is 1-D and each block
+takes tiles in a grid-stride loop: it finds the tile's piece by a binary
+search over the pieces' first-tile column (log2(n) cached loads, once per
+tile, not per word), then its threads stride over the tile's words, so
+consecutive threads touch consecutive words of a row and loads and stores
+coalesce.
+
+Why: a table may hold one covering piece of thousands of 1-16 KiB rows, many
+small pieces, or both at once. Tiles give a huge piece as many blocks as its
+size needs and a small piece one block, with no idle blocks sized for the
+largest piece (the cost of a 2-D pieces x blocks grid) and no per-word
+search (the cost of a flat prefix sum). Rows shorter than a block do not
+idle threads: a tile runs across row boundaries. Each thread turns its word
+index into (row, word-in-row) with one division per tile, then steps with
+adds and a carry.
+
+Element width: ``layout.widest_word`` over the table and the two buffers'
+base pointers picks 8, 4, 2 or 1 bytes, and the kernel reads and writes
+uint64/uint32/uint16/uint8 views of the buffers' usable prefix. One kernel is
+compiled per width, on first use, and cached (``variants``).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from numba import config, cuda
+
+from .host import DST_OFF, DST_STRIDE, ROW_BYTES, ROWS, SRC_OFF, SRC_STRIDE, _check
+from .layout import FIRST_TILE, WCOLS, widest_word, word_table
+
+__all__ = ["DEFAULT_LAUNCH", "Launch", "gather", "variants", "word_size"]
+
+_DTYPES = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
+_SIM = bool(config.ENABLE_CUDASIM)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Launch shape of the gather kernel; the defaults suit real GPUs.
+
+    ``threads`` per block: up to 1024, a multiple of 32 or part of a warp
+    idles. ``tile_words``: words per tile, 16 per thread by default (32 KiB of
+    uint64). The grid is ``clamp(n_tiles, min_blocks, max_blocks)`` blocks;
+    ``min_blocks`` is 128 because Numba warns about any smaller grid (an error
+    under ``filterwarnings=error``), and surplus blocks find no tile and exit
+    at once. The simulator tests use tiny shapes, so that KiB buffers cross
+    tile, row and grid-stride boundaries and Python threads stay few.
+    """
+
+    threads: int = 256
+    tile_words: int = 4096
+    min_blocks: int = 128
+    max_blocks: int = 16384
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.threads <= 1024:
+            raise ValueError(f"threads={self.threads} must be in 1..1024")
+        if self.tile_words < 1:
+            raise ValueError(f"tile_words={self.tile_words} must be positive")
+        if not 1 <= self.min_blocks <= self.max_blocks:
+            raise ValueError(f"need 1 <= {self.min_blocks=} <= {self.max_blocks=}")
+
+
+def _gather_body(src, dst, pieces, n_tiles, tile_words):
+    """Kernel body: move the words of tiles blockIdx.x, +gridDim.x, ... (see module doc)."""
+    n_pieces = pieces.shape[0] // WCOLS
+    step = cuda.blockDim.x
+    tile = cuda.blockIdx.x
+    while tile < n_tiles:
+        lo = 0
+        hi = n_pieces
+        while hi - lo > 1:  # last piece whose first tile is <= tile
+            mid = (lo + hi) // 2
+            if pieces[mid * WCOLS + FIRST_TILE] <= tile:
+                lo = mid
+            else:
+                hi = mid
+        p = lo * WCOLS
+        row_words = pieces[p + ROW_BYTES]
+        src_stride = pieces[p + SRC_STRIDE]
+        dst_stride = pieces[p + DST_STRIDE]
+        k = (tile - pieces[p + FIRST_TILE]) * tile_words
+        end = pieces[p + ROWS] * row_words
+        if end > k + tile_words:
+            end = k + tile_words
+        # Word k of the piece is (row r, word w); step by `step` words with
+        # adds and one carry instead of a division per word.
+        k += cuda.threadIdx.x
+        r = k // row_words
+        w = k - r * row_words
+        s = pieces[p + SRC_OFF] + r * src_stride + w
+        d = pieces[p + DST_OFF] + r * dst_stride + w
+        dr = step // row_words
+        dw = step - dr * row_words
+        s_step = dr * src_stride + dw
+        d_step = dr * dst_stride + dw
+        while k < end:
+            dst[d] = src[s]
+            k += step
+            w += dw
+            s += s_step
+            d += d_step
+            if w >= row_words:  # carried into the next row
+                w -= row_words
+                s += src_stride - row_words
+                d += dst_stride - row_words
+        tile += cuda.gridDim.x
+
+
+_cache: dict[int, Any] = {}
+_compiles: dict[int, int] = {}
+_workspaces: dict[tuple[int, ...], Any] = {}
+_lock = threading.Lock()
+
+
+def _kernel(word: int):
+    kernel = _cache.get(word)
+    if kernel is None:
+        with _lock:
+            kernel = _cache.get(word)
+            if kernel is None:
+                ty = np.dtype(_DTYPES[word]).name
+                sig = f"void({ty}[::1], {ty}[::1], int64[::1], int64, int64)"
+                kernel = _cache[word] = cuda.jit(sig)(_gather_body)
+                _compiles[word] = _compiles.get(word, 0) + 1
+    return kernel
+
+
+def variants() -> dict[int, int]:
+    """Element widths compiled so far in this process, each with its compile count (1)."""
+    return dict(_compiles)
+
+
+def _as_device(a: Any, name: str):
+    if not getattr(a, "__cuda_ndarray__", False):
+        if _SIM or not hasattr(a, "__cuda_array_interface__"):
+            raise TypeError(f"{name} must be a device array, got {type(a).__name__}")
+        # sync=False: no host wait on the producer's stream; the caller orders with events.
+        a = cuda.as_cuda_array(a, sync=False)
+    return a
+
+
+def _extent(a: Any) -> SimpleNamespace:
+    # What kernels.host._check reads from an array, so a device array is
+    # validated by exactly the rules of the host twin.
+    flags = SimpleNamespace(c_contiguous=a.is_c_contiguous())
+    return SimpleNamespace(dtype=a.dtype, ndim=a.ndim, size=a.size, flags=flags)
+
+
+def _pointer(a: Any) -> int:
+    if _SIM:
+        # The simulator's device memory is the wrapped numpy array, whose
+        # address stands in for the device pointer. numpy would let a uint64
+        # view start at any byte, so without this the simulator could not show
+        # that a slice at an odd offset forces narrow words, as a GPU requires.
+        return a.__array_interface__["data"][0]
+    return a.__cuda_array_interface__["data"][0]
+
+
+def word_size(src: Any, dst: Any, table: np.ndarray) -> int:
+    """Element width in bytes (8, 4, 2 or 1) that ``gather`` uses for these arguments."""
+    return _word(_as_device(src, "src"), _as_device(dst, "dst"), table)
+
+
+def _word(src: Any, dst: Any, table: np.ndarray) -> int:
+    return widest_word(table, _pointer(src), _pointer(dst))
+
+
+def _as_stream(stream: Any):
+    if _SIM:
+        return stream or 0  # simulated launches run to completion before returning
+    from numba.cuda.cudadrv.driver import Stream
+
+    if stream is None or (isinstance(stream, int) and stream == 0):
+        return cuda.default_stream()
+    if isinstance(stream, Stream):
+        return stream
+    if isinstance(stream, int):
+        return cuda.external_stream(stream)
+    proto = getattr(stream, "__cuda_stream__", None)  # CUDA stream protocol: (version, handle)
+    if proto is not None:
+        return cuda.external_stream(int((proto() if callable(proto) else proto)[1]))
+    for attr in ("ptr", "cuda_stream"):  # cupy.cuda.Stream, torch.cuda.Stream
+        handle = getattr(stream, attr, None)
+        if isinstance(handle, int):
+            return cuda.external_stream(handle)
+    raise TypeError(f"stream must be 0, a CUDA stream or its handle, got {type(stream).__name__}")
+
+
+def _upload(pieces: np.ndarray, stream: Any):
+    """Copy the word table to a device buffer owned by (device, stream)."""
+    # A buffer per stream, reused: the copy is queued behind the previous
+    # launch on the same stream, so it cannot overwrite a table still in use,
+    # and no per-launch allocation means no deferred cuMemFree, which would
+    # synchronize the device every few launches.
+    if _SIM:
+        key: tuple[int, ...] = (0,)  # launches are synchronous: one buffer serves all
+    else:
+        key = (cuda.get_current_device().id, int(stream))
+        if key[1] == 2:  # CU_STREAM_PER_THREAD: one handle, a stream per host thread
+            key += (threading.get_ident(),)
+    buf = _workspaces.get(key)
+    if buf is None or buf.size < pieces.size:
+        # Doubling keeps regrowth (and the old buffer's deferred free) rare.
+        size = max(pieces.size, 2 * (buf.size if buf is not None else 0), 64 * WCOLS)
+        buf = _workspaces[key] = cuda.device_array(size, dtype=np.int64)
+    view = buf[: pieces.size]
+    view.copy_to_device(pieces, stream=stream)
+    return view
+
+
+DEFAULT_LAUNCH = Launch()
+
+
+def gather(
+    src: Any, dst: Any, table: np.ndarray, *, stream: Any = 0, launch: Launch = DEFAULT_LAUNCH
+) -> None:
+    """Copy every piece of ``table`` from device buffer ``src`` into ``dst``, in one launch.
+
+    Parameters
+    ----------
+    src, dst : device array
+        Contiguous 1-D uint8 device arrays: Numba device arrays or any object
+        with ``__cuda_array_interface__`` (cupy, torch).
+    table : (n, 6) integer numpy array
+        Piece table in bytes, host memory (see ``gpuload.kernels``).
+    stream : optional
+        0 (default stream), a Numba stream, a raw ``CUstream`` handle, or an
+        object exposing one (``__cuda_stream__``, cupy ``.ptr``, torch
+        ``.cuda_stream``). The table copy and the launch are queued on it.
+    launch : Launch
+        Launch shape; the default suits real GPUs.
+
+    Raises
+    ------
+    ValueError
+        Bad table shape, negative entries, a piece past the end of ``src`` or
+        ``dst``, or a buffer that is not contiguous 1-D uint8 -- all checked on
+        the host before anything is queued, with the host twin's rules.
+
+    Notes
+    -----
+    Asynchronous: returns once the work is queued, without synchronizing;
+    order later work with an event on ``stream``. Pieces that move no bytes,
+    and an empty table, queue nothing. The element width is the widest of 8, 4,
+    2 and 1 bytes that divides every offset, row length and stride in the
+    table and both buffers' base pointers (``word_size``); byte-aligned tables
+    work, at a lower bandwidth. Pieces must not overlap in ``dst``, nor ``dst``
+    overlap ``src``: threads write in no set order.
+    """
+    src, dst = _as_device(src, "src"), _as_device(dst, "dst")
+    table = np.asarray(table)
+    _check(table, _extent(src), _extent(dst))
+    word = _word(src, dst, table)
+    pieces, n_tiles = word_table(table, word, launch.tile_words)
+    if n_tiles == 0:
+        return
+    dtype = _DTYPES[word]
+    src_w = src[: src.size // word * word].view(dtype)
+    dst_w = dst[: dst.size // word * word].view(dtype)
+    s = _as_stream(stream)
+    kernel = _kernel(word)
+    blocks = min(max(n_tiles, launch.min_blocks), launch.max_blocks)
+    kernel[blocks, launch.threads, s](src_w, dst_w, _upload(pieces, s), n_tiles, launch.tile_words)
