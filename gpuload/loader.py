@@ -19,12 +19,12 @@ import numpy as np
 from tqdm import tqdm
 
 from . import config as _config
+from . import prefault as _prefault
+from .backend import make_backend
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .device import resolve_device
-from .errors import BackendUnavailable, PlanError
-from .io import PosixReader
-from .outputs import convert, resolve_framework
-from .pipeline import HostPipeline
+from .errors import PlanError
+from .outputs import resident_as, resolve_framework
 from .plan import Plan, PlanOptions, plan_reads
 from .report import LoadReport
 from .selection import Selection
@@ -36,21 +36,9 @@ PathLike = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 Filter = str | re.Pattern[str] | Callable[[str], bool] | Iterable[str] | None
 
 
-def name_filter(spec: Filter, what: str) -> Callable[[str], bool] | None:
-    """A tensor-name predicate from a regex (``re.search``), a callable, or names."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        spec = re.compile(spec)
-    if isinstance(spec, re.Pattern):
-        return lambda name: spec.search(name) is not None
-    if callable(spec):
-        return spec
-    try:
-        names = frozenset(spec)
-    except TypeError:
-        raise TypeError(f"{what} must be a regex, a callable or names, got {spec!r}") from None
-    return names.__contains__
+def name_filter(spec: Filter) -> Callable[[str], bool] | None:
+    """A tensor-name predicate (regex, callable or names), or None for "all"."""
+    return None if spec is None else _prefault.name_filter(spec)
 
 
 def check_rank(rank: int, world: int) -> None:
@@ -67,6 +55,7 @@ class LoadPlan:
 
     checkpoint: Checkpoint
     plan: Plan
+    resident: dict[str, Selection]  # cpu_resident tensors: mapped, not read
     unknown: tuple[str, ...]  # replicated because no rule matched
     skipped: tuple[str, ...]  # not owned by this rank (expert parallel)
     excluded: int  # dropped by include=
@@ -101,19 +90,11 @@ class Loader:
         reader_factory: Callable[..., Any] | None = None,
         **settings: Any,
     ) -> None:
-        self._reader_factory = reader_factory or PosixReader
         self.config = _config.get().replace(**settings)
         self.device = resolve_device(device)
         self.framework = resolve_framework(framework, self.device)
-        if self.device != "cpu":
-            raise BackendUnavailable(f"device={self.device!r}: the GPU pipeline is not built yet")
-        if self.config.backend == "kvikio":
-            raise BackendUnavailable(
-                "backend='kvikio' reads into GPU memory; device='cpu' "
-                "uses the posix reader (backend='auto' or 'posix')"
-            )
-        self.backend, self.backend_reason = "posix", "device is cpu: posix preadv into host memory"
-        self._pipeline = HostPipeline(self.config.threads, self.config.staging_bytes)
+        self._backend = make_backend(self.device, self.config, reader_factory)
+        self.backend, self.backend_reason = self._backend.name, self._backend.reason
         self.last_report: LoadReport | None = None
         self._closed = False
 
@@ -134,14 +115,19 @@ class Loader:
         *,
         rules: Any = None,
         include: Filter = None,
+        cpu_resident: Filter | bool = None,
         **sharding: Any,
     ) -> LoadPlan:
         """Parse, shard and plan without reading any tensor data."""
         check_rank(rank, world)
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
-        keep = name_filter(include, "include")
+        keep = name_filter(include)
+        if cpu_resident is True:
+            cpu_resident = _prefault.PRESET_EXPERTS
+        resident_of = name_filter(cpu_resident or None)
         sharder = Sharder(ckpt.config, rules, **sharding)
         items: list[tuple[TensorInfo, Selection]] = []
+        resident: dict[str, Selection] = {}
         unknown, skipped, excluded = [], [], 0
         for name, info in ckpt.tensors.items():
             if keep is not None and not keep(name):
@@ -153,14 +139,17 @@ class Loader:
                 continue
             if sel.rule is None:
                 unknown.append(name)
-            items.append((info, sel))
+            if resident_of is not None and resident_of(name):
+                resident[name] = sel
+            else:
+                items.append((info, sel))
         plan = plan_reads(items, self.plan_options())
         if plan.max_staged_bytes > self.config.staging_bytes:
             raise PlanError(
                 f"a staged read of {plan.max_staged_bytes} bytes does not fit "
                 f"staging_bytes={self.config.staging_bytes}"
             )
-        return LoadPlan(ckpt, plan, tuple(unknown), tuple(skipped), excluded)
+        return LoadPlan(ckpt, plan, resident, tuple(unknown), tuple(skipped), excluded)
 
     # -- loading -----------------------------------------------------------
 
@@ -172,6 +161,7 @@ class Loader:
         *,
         rules: Any = None,
         include: Filter = None,
+        cpu_resident: Filter | bool = None,
         return_report: bool = False,
         **sharding: Any,
     ):
@@ -181,7 +171,9 @@ class Loader:
         t0 = time.perf_counter()
         ckpt = open_checkpoint(path) if not isinstance(path, Checkpoint) else path
         t1 = time.perf_counter()
-        lp = self.plan(ckpt, rank, world, rules=rules, include=include, **sharding)
+        lp = self.plan(
+            ckpt, rank, world, rules=rules, include=include, cpu_resident=cpu_resident, **sharding
+        )
         plan = lp.plan
         t2 = time.perf_counter()
         report = LoadReport(
@@ -198,23 +190,27 @@ class Loader:
             unknown=list(lp.unknown),
             skipped=list(lp.skipped),
             excluded=lp.excluded,
+            cpu_resident=sorted(lp.resident),
         )
         for t in plan.tensors:
             report.strategies[t.strategy] = report.strategies.get(t.strategy, 0) + 1
-        out_bytes = sum(t.out_nbytes for t in plan.tensors)
-        _check_host_memory(out_bytes)
-        buffers = {t.name: np.empty(t.out_nbytes, np.uint8) for t in plan.tensors}
+        backend = self._backend
+        backend.check_memory(sum(t.out_nbytes for t in plan.tensors))  # before any I/O
+        buffers = backend.allocate(plan)
         bar = self._progress(plan.bytes_read)
-        reader = self._reader_factory(ckpt.files, prefetch=self.config.prefetch)
+        reader = backend.reader(ckpt.files, prefetch=self.config.prefetch)
         try:
-            self._pipeline.run(
-                plan, buffers, reader, report, on_bytes=bar.update if bar is not None else None
-            )
+            backend.run(plan, buffers, reader, report, bar.update if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
             reader.close()  # raises if a file changed while we read it
-        result = convert(buffers, list(plan.tensors), self.framework)
+        result = backend.convert(buffers, list(plan.tensors), self.framework)
+        if lp.resident:
+            # Zero-copy host arrays over the checkpoint's mapping, prefaulted
+            # and pinned: they stay on the CPU whatever the device.
+            arrays, report.prefault = _prefault.map_resident(ckpt, lp.resident, self.config)
+            result.update(resident_as(arrays, self.framework))
         report.seconds = time.perf_counter() - t0
         self.last_report = report
         log.info("%s", report.summary())
@@ -236,34 +232,15 @@ class Loader:
         )
 
     def close(self) -> None:
-        self._closed = True
-        self._pipeline = None  # type: ignore[assignment]  # drops the staging slots
+        if not self._closed:
+            self._closed = True
+            self._backend.close()
 
     def __enter__(self) -> Loader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _check_host_memory(need: int) -> None:
-    avail = _mem_available()
-    if avail is not None and need > avail:
-        raise PlanError(
-            f"results need {need:,} bytes of host memory but only {avail:,} "
-            "are available (MemAvailable); nothing was read"
-        )
-
-
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def load_sharded(
@@ -275,6 +252,7 @@ def load_sharded(
     rules: Any = None,
     include: Filter = None,
     framework: str | None = None,
+    cpu_resident: Filter | bool = None,
     return_report: bool = False,
     **kwargs: Any,
 ):
@@ -299,6 +277,13 @@ def load_sharded(
         never read.
     framework
         ``"numpy"`` (default on the CPU) or ``"torch"``.
+    cpu_resident
+        Tensors to keep in host memory (MoE experts on a small GPU): a regex,
+        callable or names, or True for the routed-expert preset
+        (``gpuload.prefault.PRESET_EXPERTS``; shared experts stay on the
+        device). They come back as read-only, zero-copy arrays over the
+        checkpoint's mapping, prefaulted (``GPULOAD_PREFAULT``) and pinned
+        (``GPULOAD_PIN``); see :func:`gpuload.prefault.map_resident`.
     return_report
         Also return the :class:`~gpuload.report.LoadReport` (stage breakdown).
     **kwargs

@@ -11,6 +11,7 @@ torch lacks come back as ``uint8`` bytes the same way.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 import numpy as np
@@ -65,3 +66,35 @@ def to_torch(buf: np.ndarray, t: TensorPlan) -> Any:
 def convert(buffers: dict[str, np.ndarray], plans: list[TensorPlan], framework: str) -> dict:
     fn = to_torch if framework == "torch" else to_numpy
     return {t.name: fn(buffers[t.name], t) for t in plans}
+
+
+def resident_as(arrays: dict[str, np.ndarray], framework: str) -> dict:
+    """CPU-resident (mapped, read-only) arrays in the caller's framework."""
+    if framework != "torch":
+        return arrays
+    torch = _torch()
+    out = {}
+    for name, a in arrays.items():
+        with warnings.catch_warnings():
+            # torch warns that the array is not writable: it is a read-only
+            # mapping of the checkpoint by design (zero-copy); writing to it
+            # would fault, as with safetensors' own mmap'd tensors.
+            warnings.simplefilter("ignore", UserWarning)
+            out[name] = torch.from_numpy(a) if a.dtype.kind in "biufc" else _raw_torch(a)
+    return out
+
+
+def _raw_torch(a: np.ndarray):
+    """ml_dtypes arrays (bf16, fp8) as torch tensors of the same bytes."""
+    torch = _torch()
+    raw = torch.from_numpy(np.ascontiguousarray(a).view(np.uint8))
+    name = {
+        "bfloat16": "bfloat16",
+        "float8_e4m3fn": "float8_e4m3fn",
+        "float8_e5m2": "float8_e5m2",
+        "float8_e8m0fnu": "float8_e8m0fnu",
+        "float8_e4m3fnuz": "float8_e4m3fnuz",
+        "float8_e5m2fnuz": "float8_e5m2fnuz",
+    }
+    tdtype = getattr(torch, name.get(a.dtype.name, ""), None)
+    return raw.view(tdtype).reshape(a.shape) if tdtype is not None else raw
