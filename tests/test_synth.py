@@ -455,11 +455,11 @@ def test_cached_model_interrupted_write_is_not_kept(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         yield from real(seed, name, nbytes)
 
-    monkeypatch.setattr(synth, "random_chunks", failing)
+    monkeypatch.setattr(synth.layout, "random_chunks", failing)
     with pytest.raises(OSError, match="simulated"):
         synth.cached_model("tiny", None, cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither a final entry nor a temp dir
-    monkeypatch.setattr(synth, "random_chunks", real)
+    monkeypatch.setattr(synth.layout, "random_chunks", real)
     open_checkpoint(synth.cached_model("tiny", None, cache_dir=tmp_path))
 
 
