@@ -195,3 +195,13 @@ def test_settings_keyword_twins_and_cpu_only_backends(tmp_path, rng, monkeypatch
         gpuload.Loader(device="cpu", backend="kvikio")
     with pytest.raises(ValueError, match="threads"):
         gpuload.Loader(device="cpu", threads=0)
+
+
+def test_report_is_logged_and_progress_bar_obeys_setting(tmp_path, rng, caplog, capsys):
+    path, _ = build(tmp_path, rng, aligned=True, index=False)
+    with caplog.at_level("INFO", logger="gpuload"):
+        gpuload.load_sharded(path, 0, 2, device="cpu", rules=RULES, progress=True)
+    assert any("GiB/s" in r.getMessage() and "rank 0/2" in r.getMessage() for r in caplog.records)
+    assert "gpuload" in capsys.readouterr().err  # the tqdm bar, forced on
+    gpuload.load_sharded(path, 0, 2, device="cpu", rules=RULES, progress=False)
+    assert capsys.readouterr().err == ""
