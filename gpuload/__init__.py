@@ -18,6 +18,7 @@ from .errors import (
 )
 from .loader import Loader, load_sharded
 from .report import LoadReport
+from .resident import PRESET_EXPERTS, PrefaultReport, map_resident, prefault, residency
 from .selection import Selection
 from .sharding import Sharder
 
@@ -32,6 +33,8 @@ __all__ = [
     "IndexFileError",
     "LoadReport",
     "Loader",
+    "PRESET_EXPERTS",
+    "PrefaultReport",
     "PlanError",
     "ReadError",
     "Selection",
@@ -40,5 +43,8 @@ __all__ = [
     "TensorInfo",
     "__version__",
     "load_sharded",
+    "map_resident",
     "open_checkpoint",
+    "prefault",
+    "residency",
 ]

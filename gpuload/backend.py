@@ -20,8 +20,8 @@ from .io import PosixReader
 from .outputs import convert
 from .pipeline import HostPipeline
 from .plan import Plan, TensorPlan
-from .prefault import mem_available
 from .report import LoadReport
+from .resident import mem_available
 
 
 class Backend(Protocol):

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import config as _config
-from . import prefault as _prefault
+from . import resident as _resident
 from .backend import make_backend
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .device import resolve_device
@@ -38,7 +38,7 @@ Filter = str | re.Pattern[str] | Callable[[str], bool] | Iterable[str] | None
 
 def name_filter(spec: Filter) -> Callable[[str], bool] | None:
     """A tensor-name predicate (regex, callable or names), or None for "all"."""
-    return None if spec is None else _prefault.name_filter(spec)
+    return None if spec is None else _resident.name_filter(spec)
 
 
 def check_rank(rank: int, world: int) -> None:
@@ -123,7 +123,7 @@ class Loader:
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
         keep = name_filter(include)
         if cpu_resident is True:
-            cpu_resident = _prefault.PRESET_EXPERTS
+            cpu_resident = _resident.PRESET_EXPERTS
         resident_of = name_filter(cpu_resident or None)
         sharder = Sharder(ckpt.config, rules, **sharding)
         items: list[tuple[TensorInfo, Selection]] = []
@@ -209,7 +209,7 @@ class Loader:
         if lp.resident:
             # Zero-copy host arrays over the checkpoint's mapping, prefaulted
             # and pinned: they stay on the CPU whatever the device.
-            arrays, report.prefault = _prefault.map_resident(ckpt, lp.resident, self.config)
+            arrays, report.prefault = _resident.map_resident(ckpt, lp.resident, self.config)
             result.update(resident_as(arrays, self.framework))
         report.seconds = time.perf_counter() - t0
         self.last_report = report
@@ -280,10 +280,10 @@ def load_sharded(
     cpu_resident
         Tensors to keep in host memory (MoE experts on a small GPU): a regex,
         callable or names, or True for the routed-expert preset
-        (``gpuload.prefault.PRESET_EXPERTS``; shared experts stay on the
+        (``gpuload.resident.PRESET_EXPERTS``; shared experts stay on the
         device). They come back as read-only, zero-copy arrays over the
         checkpoint's mapping, prefaulted (``GPULOAD_PREFAULT``) and pinned
-        (``GPULOAD_PIN``); see :func:`gpuload.prefault.map_resident`.
+        (``GPULOAD_PIN``); see :func:`gpuload.resident.map_resident`.
     return_report
         Also return the :class:`~gpuload.report.LoadReport` (stage breakdown).
     **kwargs

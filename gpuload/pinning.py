@@ -1,0 +1,293 @@
+"""Read-only file mappings, the pins that keep their pages in RAM, and what
+the kernel says about residency (``mincore``) and free memory.
+
+A :class:`Mapping` is one ``mmap(PROT_READ, MAP_SHARED)`` of a whole file,
+made with libc through ctypes so gpuload owns the address and decides when it
+goes away. It exposes ``__array_interface__``: ``np.asarray(mapping)`` is a
+read-only ``uint8`` array whose ``.base`` is the mapping, so every view cut
+from it keeps the mapping alive. When the last one dies, a finalizer undoes
+the pins (``cudaHostUnregister`` or ``munlock``) and then unmaps: a range must
+never be unmapped while the driver still has it registered.
+
+Pinning, best first:
+
+- CUDA (cupy importable, a device present): ``cudaHostRegister`` with the
+  ReadOnly flag (a ``PROT_READ`` mapping cannot be registered without it), in
+  pieces of at most 256 MiB; H2D copies from these pages then run at pinned
+  speed. A device or driver that refuses falls back to ``mlock``.
+- otherwise ``mlock``, when ``RLIMIT_MEMLOCK`` (or ``CAP_IPC_LOCK``) allows:
+  the pages stay resident, which is all a CPU consumer needs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import mmap
+import os
+import resource
+import weakref
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import ReadError
+
+PAGE = mmap.PAGESIZE
+PIN_PIECE_BYTES = 256 << 20
+# cudaHostRegisterPortable | cudaHostRegisterReadOnly (driver API values)
+_CUDA_REGISTER_FLAGS = 1 | 8
+_ATTR_REGISTER_READ_ONLY = 113  # cudaDevAttrHostRegisterReadOnlySupported
+_CAP_IPC_LOCK = 14
+
+Ranges = Sequence[tuple[int, int]]  # (start, end) byte offsets in the mapping
+
+
+@functools.cache
+def libc() -> ctypes.CDLL:
+    lib = ctypes.CDLL(None, use_errno=True)
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    lib.mmap.restype = vp
+    lib.mmap.argtypes = [vp, sz, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    for name, args in (
+        ("munmap", [vp, sz]),
+        ("madvise", [vp, sz, ctypes.c_int]),
+        ("mincore", [vp, sz, vp]),
+        ("mlock", [vp, sz]),
+        ("munlock", [vp, sz]),
+    ):
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+def _os_error(what: str) -> OSError:
+    e = ctypes.get_errno()
+    return OSError(e, f"{what}: {os.strerror(e)}")
+
+
+class _Release:
+    """What the finalizer undoes. Holds no reference to the Mapping."""
+
+    def __init__(self, addr: int, size: int) -> None:
+        self.addr, self.size = addr, size
+        self.cuda = None  # the cupy runtime module that registered cuda_ptrs
+        self.cuda_ptrs: list[int] = []
+        self.locked: list[tuple[int, int]] = []
+
+    def unpin(self) -> None:
+        for p in self.cuda_ptrs:
+            self.cuda.hostUnregister(p)
+        self.cuda_ptrs.clear()
+        for a, n in self.locked:
+            libc().munlock(a, n)
+        self.locked.clear()
+
+    def __call__(self) -> None:
+        try:
+            self.unpin()  # before munmap: the driver must not keep a dead range
+        finally:
+            libc().munmap(self.addr, self.size)
+
+
+class Mapping:
+    """A read-only shared mapping of one whole file.
+
+    ``np.asarray(mapping)`` gives a read-only ``uint8`` array of the file's
+    bytes; arrays cut from it keep the mapping (and its pins) alive.
+    ``identity`` (``st_dev, st_ino, st_size, st_mtime_ns``, as in
+    :class:`~gpuload.checkpoint.FileHeader`) guards against a file replaced
+    since its header was parsed.
+    """
+
+    def __init__(self, path: str, identity: tuple[int, int, int, int] | None = None) -> None:
+        self.path = os.fspath(path)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if identity is not None and identity != (0, 0, 0, 0) and now != identity:
+                raise ReadError(f"{self.path}: file changed since its header was parsed")
+            if st.st_size == 0:
+                raise ReadError(f"{self.path}: cannot map an empty file")
+            addr = libc().mmap(None, st.st_size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr is None or addr == ctypes.c_void_p(-1).value:
+                raise ReadError(f"{self.path}: {_os_error('mmap')}")
+        finally:
+            os.close(fd)  # the mapping keeps the file open
+        self.addr, self.size = addr, st.st_size
+        self._release = _Release(addr, st.st_size)
+        # Not at exit: arrays may outlive this module's teardown, and the OS
+        # (and the CUDA driver) reclaim everything when the process ends.
+        self._finalizer = weakref.finalize(self, self._release)
+        self._finalizer.atexit = False
+        self.__array_interface__ = {
+            "shape": (st.st_size,),
+            "typestr": "|u1",
+            "data": (addr, True),  # read-only: a write would be SIGSEGV
+            "version": 3,
+        }
+
+    @property
+    def pinned(self) -> str | None:
+        """How the mapping is pinned now: "cuda", "mlock" or None."""
+        r = self._release
+        return "cuda" if r.cuda_ptrs else "mlock" if r.locked else None
+
+    def madvise(self, start: int, end: int, advice: int) -> int:
+        """madvise over [start, end) (start page-aligned); 0 or the errno."""
+        ok = libc().madvise(self.addr + start, end - start, advice) == 0
+        return 0 if ok else ctypes.get_errno()
+
+    def mincore(self, start: int, end: int) -> int:
+        """How many pages of [start, end) are in the page cache."""
+        n = (end - start + PAGE - 1) // PAGE
+        if n <= 0:
+            return 0
+        vec = (ctypes.c_ubyte * n)()
+        if libc().mincore(self.addr + start, end - start, vec) != 0:
+            raise _os_error(f"mincore on {self.path}")
+        return int(np.count_nonzero(np.frombuffer(vec, np.uint8, n) & 1))  # bit 0: resident
+
+
+# --------------------------------------------------------------------------
+# what the kernel says
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (free pages where absent)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * PAGE
+
+
+def residency(
+    path: str | os.PathLike[str], offset: int = 0, length: int | None = None
+) -> tuple[int, int]:
+    """``(resident pages, total pages)`` of ``[offset, offset + length)`` of a
+    file (default: to its end), measured with ``mincore``."""
+    m = Mapping(os.fspath(path))
+    end = m.size if length is None else min(m.size, offset + length)
+    if end <= offset:
+        return 0, 0
+    start = offset - offset % PAGE
+    return m.mincore(start, end), -(-(end - start) // PAGE)
+
+
+# --------------------------------------------------------------------------
+# pinning
+
+
+def _pieces(ranges: Ranges) -> list[tuple[int, int]]:
+    """(offset, length) pieces of at most PIN_PIECE_BYTES, page-aligned."""
+    out = []
+    for s, e in ranges:
+        for a in range(s, e, PIN_PIECE_BYTES):
+            out.append((a, min(e, a + PIN_PIECE_BYTES) - a))
+    return out
+
+
+def _cuda_runtime():
+    """(runtime, "") when cupy and a device that takes read-only registrations
+    are present, else (None, why not)."""
+    try:
+        from cupy.cuda import runtime
+    except ImportError:
+        return None, "no CUDA (cupy is not installed)"
+    try:
+        if runtime.getDeviceCount() < 1:
+            return None, "no CUDA device"
+        dev = runtime.getDevice()
+        if not runtime.deviceGetAttribute(_ATTR_REGISTER_READ_ONLY, dev):
+            return None, f"device {dev} cannot register read-only host memory"
+    except runtime.CUDARuntimeError as e:
+        return None, f"no usable CUDA device ({e})"
+    return runtime, ""
+
+
+def _cuda_pin(m: Mapping, ranges: Ranges, runtime) -> str | None:
+    """Register every piece; on a refusal undo them all and say why."""
+    m._release.cuda = runtime
+    for off, n in _pieces(ranges):
+        try:
+            runtime.hostRegister(m.addr + off, n, _CUDA_REGISTER_FLAGS)
+        except runtime.CUDARuntimeError as e:
+            m._release.unpin()
+            return f"cudaHostRegister refused ({e})"
+        m._release.cuda_ptrs.append(m.addr + off)
+    return None
+
+
+def _has_cap_ipc_lock() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_IPC_LOCK & 1)
+    except OSError:
+        pass
+    return False
+
+
+def mlock_allowance() -> int | None:
+    """Bytes this process may still lock; None: no limit (CAP_IPC_LOCK or unlimited)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY or _has_cap_ipc_lock():
+        return None
+    locked = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmLck:"):
+                    locked = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return max(0, soft - locked)
+
+
+def _mlock(m: Mapping, ranges: Ranges) -> str | None:
+    need = sum(e - s for s, e in ranges)
+    room = mlock_allowance()
+    if room is not None and need > room:
+        return f"RLIMIT_MEMLOCK allows {room} more bytes, {need} needed (raise `ulimit -l`)"
+    for s, e in ranges:
+        if libc().mlock(m.addr + s, e - s) != 0:
+            err = ctypes.get_errno()
+            m._release.unpin()
+            hint = " (RLIMIT_MEMLOCK)" if err in (errno.ENOMEM, errno.EPERM) else ""
+            return f"mlock failed: {os.strerror(err)}{hint}"
+        m._release.locked.append((m.addr + s, e - s))
+    return None
+
+
+def pin(mappings: Sequence[tuple[Mapping, Ranges]]) -> tuple[str | None, str]:
+    """Pin page-aligned ranges of each mapping until it is released.
+
+    Returns ``(method, reason)``: method is "cuda", "mlock" or None (not
+    pinned); reason says why not, or why CUDA fell back to mlock. All or
+    nothing: a failure part-way undoes what was pinned.
+    """
+    runtime, why = _cuda_runtime()
+    if runtime is not None:
+        for m, ranges in mappings:
+            refused = _cuda_pin(m, ranges, runtime)
+            if refused:
+                for m2, _ in mappings:
+                    m2._release.unpin()
+                why = refused
+                break
+        else:
+            return "cuda", "cudaHostRegister (read-only)"
+    for m, ranges in mappings:
+        failed = _mlock(m, ranges)
+        if failed:
+            for m2, _ in mappings:
+                m2._release.unpin()
+            return None, f"{why}; {failed}"
+    return "mlock", f"mlock ({why})"

@@ -1,0 +1,344 @@
+"""CPU-resident tensors: map, prefault, pin, hand out zero-copy host arrays.
+
+MoE experts too large for the GPU stay in host memory, read through the
+checkpoint's mmap. Left alone, every page faults on first use, on the request
+path (SharpI measured first requests ~5x slower than warm). So, before
+handing arrays out, a thread pool sweeps the ranges in 32 MiB chunks:
+
+1. hints (best effort): ``madvise(MADV_WILLNEED)`` (the mapping's
+   ``posix_fadvise(WILLNEED)``) in 128 KiB steps, which queues reads of
+   exactly the chunk, then ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+;
+   EINVAL before, ignored), which faults it in;
+2. the guarantee: one byte read per page. Afterwards every page is in the
+   page cache *and* mapped in this process's page tables, so a first touch
+   costs what a warm one does;
+3. pin (see :mod:`gpuload.pinning`): ``cudaHostRegister`` read-only, or
+   ``mlock`` without CUDA.
+
+``GPULOAD_PREFAULT`` gates all three (:func:`should_prefault`);
+``GPULOAD_PIN=0`` skips step 3. Residency is measured with ``mincore``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import mmap
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import numpy as np
+
+from . import config, pinning
+from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .dtypes import numpy_shape
+from .pinning import mem_available, residency
+from .selection import Selection
+
+__all__ = [
+    "PRESET_EXPERTS",
+    "PrefaultReport",
+    "map_resident",
+    "mem_available",
+    "name_filter",
+    "prefault",
+    "residency",
+    "should_prefault",
+]
+
+_log = logging.getLogger(__name__)
+
+PAGE = pinning.PAGE
+CHUNK_BYTES = 32 << 20  # one sweep task
+HINT_BYTES = 128 << 10  # one read-ahead hint
+_MADV_POPULATE_READ = 22  # not in Python's mmap module before 3.13
+_GiB = float(1 << 30)
+
+#: Routed MoE experts: ``*.experts.*`` (HF names) and ``ffn_*_exps`` (GGUF
+#: names). Shared experts (``shared_expert(s).``, ``ffn_*_shexp``) stay out:
+#: every token uses them, so they belong on the device.
+PRESET_EXPERTS = r"(?:^|\.)experts\.|(?:^|\.)ffn_[a-z0-9_]+_exps(?:\.|$)"
+
+NameFilter = str | re.Pattern[str] | Callable[[str], bool] | Iterable[str]
+
+
+def name_filter(spec: NameFilter) -> Callable[[str], bool]:
+    """A predicate on tensor names: a regex (``re.search``), a callable, or
+    an iterable of exact names."""
+    if isinstance(spec, str):
+        spec = re.compile(spec)
+    if isinstance(spec, re.Pattern):
+        rx = spec
+        return lambda name: rx.search(name) is not None
+    if callable(spec):
+        return spec
+    if isinstance(spec, Iterable):
+        names = frozenset(spec)
+        return names.__contains__
+    raise TypeError(f"tensors={spec!r} is not a regex, a callable or a list of names")
+
+
+def should_prefault(
+    setting: bool | Literal["auto"], needed_bytes: int, available_bytes: int
+) -> tuple[bool, str]:
+    """The gate: prefault ``needed_bytes`` with ``available_bytes`` free?
+
+    ``False``: never; ``True``: always; ``"auto"``: only when the set fits in
+    80% of available memory (MemAvailable), since faulting in more would only
+    evict the set's own first pages, or the rest of the system's.
+    """
+    if setting is False:
+        return False, "prefault off (GPULOAD_PREFAULT=0)"
+    if setting is True:
+        return True, "prefault forced (GPULOAD_PREFAULT=1)"
+    if setting != "auto":
+        raise ValueError(f"setting={setting!r} is not True, False or 'auto'")
+    need, avail = needed_bytes / _GiB, available_bytes / _GiB
+    if needed_bytes * 5 <= available_bytes * 4:  # integer math: exact at 80%
+        return True, f"auto: {need:.2f} GiB fits in 80% of {avail:.2f} GiB available"
+    return False, (
+        f"auto: {need:.2f} GiB exceeds 80% of {avail:.2f} GiB available; "
+        "skipped (GPULOAD_PREFAULT=1 forces it)"
+    )
+
+
+@dataclasses.dataclass
+class PrefaultReport:
+    """What a prefault did. ``bytes`` are page-rounded; ``seconds`` covers
+    hints and sweep (pinning is ``pin_seconds``); pages are ``PAGE`` bytes."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+    pages_total: int = 0
+    pages_resident_before: int = 0
+    pages_resident_after: int = 0
+    pinned: bool = False
+    pin_reason: str = ""  # how it was pinned, or why not
+    skipped_reason: str | None = None  # None: prefault ran (the gate said yes)
+    pin_method: str | None = None  # "cuda" | "mlock" | None
+    pin_seconds: float = 0.0
+    threads: int = 0
+    files: int = 0
+    _keep: tuple = dataclasses.field(default=(), repr=False, compare=False)
+
+    @property
+    def gib_per_s(self) -> float:
+        return self.bytes / _GiB / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """The one INFO line: bytes, seconds, GiB/s, pinned or why not."""
+        size = f"{self.bytes / _GiB:.3f} GiB"
+        if self.skipped_reason is not None:
+            return f"prefault skipped ({size} in {self.files} file(s)): {self.skipped_reason}"
+        pin = f"pinned by {self.pin_reason}" if self.pinned else f"not pinned: {self.pin_reason}"
+        return (
+            f"prefault: {size} in {self.seconds:.3f} s ({self.gib_per_s:.2f} GiB/s, "
+            f"{self.threads} threads), resident {self.pages_resident_before}"
+            f" -> {self.pages_resident_after} of {self.pages_total} pages; {pin}"
+        )
+
+    def release(self) -> None:
+        """Drop the mappings (and pins) a standalone :func:`prefault` kept."""
+        self._keep = ()
+
+
+# --------------------------------------------------------------------------
+# the sweep
+
+
+def _page_ranges(ranges: Iterable[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Byte ranges -> sorted, merged, page-aligned ranges within [0, size)."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if e <= s:
+            continue
+        s, e = s - s % PAGE, min(size, -(-e // PAGE) * PAGE)
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _sweep_chunk(m: pinning.Mapping, base: np.ndarray, s: int, e: int) -> None:
+    # Hints: madvise(WILLNEED) on a file mapping is posix_fadvise(WILLNEED) on
+    # the file (mm/madvise.c calls vfs_fadvise): it queues reads of exactly
+    # the range, but the kernel caps one call at the read-ahead window, so
+    # hint in 128 KiB steps (the smallest default window). While they cover
+    # the chunk, fault-time read-ahead is off (MADV_RANDOM): it would run past
+    # the chunk into tensors nobody asked for (a window, 8 MiB here, each).
+    m.madvise(s, e, mmap.MADV_RANDOM)
+    refused = 0
+    for a in range(s, e, HINT_BYTES):
+        refused |= m.madvise(a, min(e, a + HINT_BYTES), mmap.MADV_WILLNEED)
+    if refused:  # no hints: let the faults read ahead after all
+        m.madvise(s, e, mmap.MADV_NORMAL)
+    m.madvise(s, e, _MADV_POPULATE_READ)  # EINVAL before Linux 5.14: the touch does it
+    # The guarantee: one byte read per page (s is page-aligned, so the stride
+    # hits every page, the partial last one included). numpy reductions over
+    # uint8 release the GIL (measured: the main thread keeps running during
+    # one), so the pool's page faults overlap as a C loop's would.
+    np.maximum.reduce(base[s:e:PAGE])
+    m.madvise(s, e, mmap.MADV_NORMAL)  # later faults (after eviction) read ahead again
+
+
+def _prefault(
+    jobs: Sequence[tuple[pinning.Mapping, Iterable[tuple[int, int]]]],
+    cfg: config.Config,
+    keep: bool = False,
+) -> PrefaultReport:
+    """Prefault (per the gate) and pin byte ranges of mapped files."""
+    spans = [(m, _page_ranges(rs, m.size)) for m, rs in jobs]
+    nbytes = sum(e - s for _, sp in spans for s, e in sp)
+    pages = sum(-(-(e - s) // PAGE) for _, sp in spans for s, e in sp)
+    before = sum(m.mincore(s, e) for m, sp in spans for s, e in sp)
+    ok, why = should_prefault(cfg.prefault, nbytes, mem_available())
+    if nbytes == 0:
+        ok, why = False, "no bytes selected"
+    rep = PrefaultReport(nbytes, 0.0, pages, before, before, files=len(spans))
+    if not ok:
+        rep.pin_reason, rep.skipped_reason = "prefault skipped", why
+        _log.info(rep.summary())
+        return rep
+
+    chunks = [
+        (m, a, min(e, a + CHUNK_BYTES))
+        for m, sp in spans
+        for s, e in sp
+        for a in range(s, e, CHUNK_BYTES)
+    ]
+    threads = max(1, min(cfg.threads, len(chunks)))
+    bases = {id(m): np.asarray(m) for m, _ in spans}
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads, thread_name_prefix="gpuload-prefault") as pool:
+        list(pool.map(lambda c: _sweep_chunk(c[0], bases[id(c[0])], c[1], c[2]), chunks))
+    rep.seconds, rep.threads = time.perf_counter() - t0, threads
+    rep.pages_resident_after = sum(m.mincore(s, e) for m, sp in spans for s, e in sp)
+
+    t1, rep.pin_reason = time.perf_counter(), "pinning off (GPULOAD_PIN=0 or pin=False)"
+    if cfg.pin:
+        rep.pin_method, rep.pin_reason = pinning.pin(spans)
+    rep.pinned, rep.pin_seconds = rep.pin_method is not None, time.perf_counter() - t1
+    if keep and rep.pinned:  # a standalone prefault: the report holds the pins
+        rep._keep = tuple(m for m, _ in spans)
+    _log.info(rep.summary())
+    return rep
+
+
+# --------------------------------------------------------------------------
+# public entry points
+
+
+def _byte_range(info: TensorInfo, sel: Selection) -> tuple[int, int]:
+    """The file bytes covering ``sel``: tight when the split dimension is the
+    outermost non-trivial one, else the whole tensor."""
+    d, shape = sel.dim, info.shape
+    if d is None or not shape or shape[d] == 0 or info.nbytes % shape[d]:
+        return info.start, info.end
+    if any(n != 1 for n in shape[:d]) or not sel.ranges:
+        return info.start, info.end
+    row = info.nbytes // shape[d]
+    lo = min(s for s, _ in sel.ranges)
+    hi = max(s + n for s, n in sel.ranges)
+    return info.start + lo * row, info.start + hi * row
+
+
+def _array(base: np.ndarray, info: TensorInfo, sel: Selection) -> np.ndarray:
+    dt, shape = info.dtype, numpy_shape(info.dtype, info.shape)
+    full = base[info.start : info.end].view(dt.numpy or np.uint8).reshape(shape)
+    if sel.dim is None:
+        return full
+    d, ranges = sel.dim, sel.ranges
+    if dt.packed:  # uint8 bytes: the last dim counts bytes, and must cut at one
+        if len(shape) != len(info.shape):
+            raise ValueError(f"{info.name}: {dt.name} rows of {info.shape} are not whole bytes")
+        if d == len(shape) - 1:
+            if any((s * dt.bits) % 8 or (n * dt.bits) % 8 for s, n in ranges):
+                raise ValueError(f"{info.name}: {dt.name} cut {ranges} splits a byte")
+            ranges = tuple((s * dt.bits // 8, n * dt.bits // 8) for s, n in ranges)
+    if any(s + n > shape[d] for s, n in ranges):
+        raise ValueError(f"{info.name}: ranges {sel.ranges} exceed shape {info.shape}[{d}]")
+    parts = [full[(slice(None),) * d + (slice(s, s + n),)] for s, n in ranges]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=d)
+
+
+def map_resident(
+    checkpoint: Checkpoint, selections: Mapping[str, Selection], cfg: config.Config | None = None
+) -> tuple[dict[str, np.ndarray], PrefaultReport]:
+    """Host arrays for ``selections``, backed by the checkpoint's files.
+
+    Each file is mapped once, read-only; the selected tensors' bytes are
+    prefaulted (per ``cfg.prefault``) and pinned (per ``cfg.pin``).
+
+    Returns
+    -------
+    arrays
+        name -> numpy array of the tensor's dtype (packed sub-byte dtypes:
+        ``uint8`` bytes, see :func:`~gpuload.dtypes.numpy_shape`) and the
+        selection's shape. A whole tensor, or a selection with one range, is
+        a **read-only, zero-copy view** of the mapping (strided for a column
+        cut; ``np.array(a)`` for a writable copy). A selection with several
+        ranges (a fused tensor) cannot be one view: it is an owned copy.
+    report
+        the :class:`PrefaultReport`.
+
+    Notes
+    -----
+    The mapping and its pins live as long as any view does, whatever happens
+    to ``checkpoint``; the last view to die unpins, then unmaps.
+    """
+    cfg = config.get() if cfg is None else cfg
+    headers = {h.path: h for h in checkpoint.files}
+    maps: dict[str, pinning.Mapping] = {}
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for name, sel in selections.items():
+        info = checkpoint.tensors.get(name)
+        if info is None:
+            raise ValueError(f"tensor {name!r} is not in the checkpoint")
+        if info.file not in maps:
+            maps[info.file] = pinning.Mapping(info.file, headers[info.file].identity)
+        ranges.setdefault(info.file, []).append(_byte_range(info, sel))
+    report = _prefault([(maps[f], rs) for f, rs in ranges.items()], cfg)
+    bases = {f: np.asarray(m) for f, m in maps.items()}
+    arrays = {}
+    for name, sel in selections.items():
+        info = checkpoint.tensors[name]
+        arrays[name] = _array(bases[info.file], info, sel)
+    return arrays, report
+
+
+def prefault(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    tensors: NameFilter | None = None,
+    *,
+    pin: bool | None = None,
+    threads: int | None = None,
+    setting: bool | Literal["auto"] | None = None,
+) -> PrefaultReport:
+    """Fault a checkpoint's pages (all, or those of ``tensors``) into RAM.
+
+    ``paths`` is anything :func:`~gpuload.open_checkpoint` takes; ``tensors``
+    a regex, a callable or a list of names (e.g. :data:`PRESET_EXPERTS`).
+    ``pin``, ``threads`` and ``setting`` (the gate) override ``GPULOAD_PIN``,
+    ``GPULOAD_THREADS`` and ``GPULOAD_PREFAULT``.
+
+    The pages stay in the page cache afterwards, subject to memory pressure.
+    When pinned, they stay locked while the returned report is alive, until
+    :meth:`PrefaultReport.release`.
+    """
+    cfg = config.get().replace(pin=pin, threads=threads, prefault=setting)
+    ck = open_checkpoint(paths)
+    keep = name_filter(tensors) if tensors is not None else None
+    jobs = []
+    for h in ck.files:
+        if keep is None:
+            rs = [(0, h.size)]
+        else:
+            rs = [(t.start, t.end) for t in h.tensors.values() if keep(t.name)]
+        if rs:
+            jobs.append((pinning.Mapping(h.path, h.identity), rs))
+    return _prefault(jobs, cfg, keep=True)
