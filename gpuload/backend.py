@@ -86,12 +86,25 @@ class HostBackend:
         self._pipeline = None  # type: ignore[assignment]  # drops the staging slots
 
 
-def make_backend(device: str, cfg: Config, reader_factory: Callable[..., Any] | None = None):
-    """The backend for a resolved device string ("cpu" or "cuda:N")."""
+def make_backend(
+    device: str,
+    cfg: Config,
+    reader_factory: Callable[..., Any] | None = None,
+    *,
+    runtime: Any = None,
+):
+    """The backend for a resolved device string ("cpu" or "cuda:N").
+
+    ``runtime`` replaces the CUDA runtime of the GPU backend (cupy, by
+    default): the CPU tests pass a fake asynchronous one so that the real
+    device pipeline runs without a GPU (see ``gpuload.pipeline_device``).
+    """
     if device == "cpu":
+        if runtime is not None:
+            raise ValueError("runtime= is for CUDA devices; device='cpu' has no runtime")
         return HostBackend(cfg, reader_factory)
     try:
         mod = importlib.import_module("gpuload.device_cuda")
     except ImportError as e:
         raise BackendUnavailable(f"device={device!r}: the GPU backend is unavailable ({e})") from e
-    return mod.CudaBackend(device, cfg, reader_factory)
+    return mod.CudaBackend(device, cfg, reader_factory, runtime=runtime)

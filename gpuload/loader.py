@@ -70,7 +70,8 @@ class Loader:
         ``"cpu"``, ``"cuda"``/``"cuda:N"``, or None: the current CUDA device
         when a GPU backend is usable, else ``"cpu"``.
     framework
-        ``"numpy"`` (default on the CPU) or ``"torch"``.
+        ``"numpy"`` (default on the CPU), ``"torch"`` (default on a GPU when
+        installed) or ``"cupy"`` (GPU only).
     reader_factory
         ``callable(headers, prefetch=bool) -> reader`` building the reader for
         each load (default :class:`~gpuload.io.PosixReader`); tests wrap the
@@ -88,12 +89,14 @@ class Loader:
         device: str | None = None,
         framework: str | None = None,
         reader_factory: Callable[..., Any] | None = None,
+        runtime: Any = None,
         **settings: Any,
     ) -> None:
         self.config = _config.get().replace(**settings)
-        self.device = resolve_device(device)
+        # A caller-supplied CUDA runtime (the CPU tests' fake) needs no probe.
+        self.device = resolve_device(device, probe=runtime is None)
         self.framework = resolve_framework(framework, self.device)
-        self._backend = make_backend(self.device, self.config, reader_factory)
+        self._backend = make_backend(self.device, self.config, reader_factory, runtime=runtime)
         self.backend, self.backend_reason = self._backend.name, self._backend.reason
         self.last_report: LoadReport | None = None
         self._closed = False
@@ -267,8 +270,9 @@ def load_sharded(
     rank, world
         This rank and the tensor-parallel world size, ``0 <= rank < world``.
     device
-        ``"cpu"`` or a CUDA device; None picks the current CUDA device when
-        usable, else ``"cpu"``.
+        ``"cpu"``, ``"cuda"`` (the current device) or ``"cuda:N"``; None picks
+        the current CUDA device when cupy sees one, else ``"cpu"``. The rank
+        is never used as a device index.
     rules
         Caller sharding rules, ``{regex: spec}`` or ``callable(name, shape)``,
         consulted before the built-in tables (see :mod:`gpuload.sharding`).
@@ -276,7 +280,8 @@ def load_sharded(
         Keep only matching tensors (regex, callable or names); the others are
         never read.
     framework
-        ``"numpy"`` (default on the CPU) or ``"torch"``.
+        ``"numpy"`` (default on the CPU), ``"torch"`` (default on a GPU when
+        installed) or ``"cupy"`` (GPU only; bf16/fp8 as raw integer views).
     cpu_resident
         Tensors to keep in host memory (MoE experts on a small GPU): a regex,
         callable or names, or True for the routed-expert preset

@@ -1,11 +1,20 @@
-"""Results as the caller's framework: numpy (default on the CPU) or torch.
+"""Results as the caller's framework: numpy, torch or cupy.
 
 Every result owns its memory: it is a view of a buffer allocated for that
 tensor alone, never of staging. numpy results carry real dtypes (bf16 and
 fp8 from ``ml_dtypes``); packed sub-byte dtypes (F4, F6_*) are ``uint8``
 arrays of their bytes, shaped by :func:`gpuload.dtypes.numpy_shape`. torch
-results share the same buffer (no copy) and use torch's own dtypes; those
-torch lacks come back as ``uint8`` bytes the same way.
+results share the same buffer (no copy: ``from_numpy`` on the CPU, DLPack on
+a GPU) and use torch's own dtypes; those torch lacks come back as ``uint8``
+bytes the same way.
+
+cupy has no bfloat16 or float8 dtypes, so cupy results of those dtypes are
+*raw integer views* of the same bytes: ``uint16`` for BF16, ``uint8`` for the
+F8 family (packed F4/F6: ``uint8`` bytes, as everywhere). ``arr.view(...)``
+or ``torch.from_dlpack(arr).view(torch.bfloat16)`` recovers the real type.
+
+Defaults: ``numpy`` on the CPU; on a GPU ``torch`` when it imports, else
+``cupy``.
 """
 
 from __future__ import annotations
@@ -19,14 +28,29 @@ import numpy as np
 from .errors import BackendUnavailable
 from .plan import TensorPlan
 
-FRAMEWORKS = ("numpy", "torch")
+FRAMEWORKS = ("numpy", "torch", "cupy")
 
 
 def resolve_framework(framework: str | None, device: str) -> str:
+    """The framework results come back in, for a resolved device string."""
+    on_gpu = device != "cpu"
     if framework is None:
-        return "numpy"
+        if not on_gpu:
+            return "numpy"
+        try:
+            _torch()
+        except BackendUnavailable:
+            return "cupy"
+        return "torch"
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework={framework!r} is not one of {', '.join(FRAMEWORKS)}")
+    if framework == "numpy" and on_gpu:
+        raise ValueError(
+            f"framework='numpy' returns host arrays but device={device!r}: "
+            "use framework='torch' or 'cupy', or device='cpu'"
+        )
+    if framework == "cupy" and not on_gpu:
+        raise ValueError("framework='cupy' returns GPU arrays: use a 'cuda' device")
     if framework == "torch":
         _torch()
     return framework
@@ -49,7 +73,19 @@ def to_numpy(buf: np.ndarray, t: TensorPlan) -> np.ndarray:
 
 def to_torch(buf: np.ndarray, t: TensorPlan) -> Any:
     torch = _torch()
-    raw = torch.from_numpy(buf)  # shares memory; buf is owned by this tensor only
+    # shares memory; buf is owned by this tensor only
+    return _torch_view(torch, torch.from_numpy(buf), t)
+
+
+def to_torch_dlpack(buf: Any, t: TensorPlan) -> Any:
+    """A torch tensor over a device uint8 buffer (cupy), through DLPack: no copy,
+    on the buffer's own device. The buffer is exported as bytes and viewed in
+    torch, so bf16 and fp8 need no DLPack dtype support."""
+    torch = _torch()
+    return _torch_view(torch, torch.from_dlpack(buf), t)
+
+
+def _torch_view(torch: Any, raw: Any, t: TensorPlan) -> Any:
     name = t.info.dtype.torch
     tdtype = getattr(torch, name, None) if name else None
     if tdtype is None:
@@ -59,8 +95,33 @@ def to_torch(buf: np.ndarray, t: TensorPlan) -> Any:
     elif tdtype is torch.uint8:
         out = raw
     else:
-        out = raw.view(tdtype) if buf.size else torch.empty(0, dtype=tdtype)
+        out = raw.view(tdtype) if raw.numel() else torch.empty(0, dtype=tdtype, device=raw.device)
     return out.reshape(t.out_shape)
+
+
+def cupy_dtype(t: TensorPlan) -> np.dtype:
+    """The dtype of a cupy result: the numpy dtype when cupy has it, else an
+    unsigned integer of the element width (bf16 -> uint16, fp8 -> uint8), and
+    uint8 bytes for packed sub-byte dtypes."""
+    d = t.info.dtype
+    if d.numpy is None:
+        return np.dtype(np.uint8)
+    if d.numpy.kind in "biufc":  # bool, int, uint, float, complex: cupy has them
+        return d.numpy
+    return np.dtype(f"u{d.numpy.itemsize}")  # ml_dtypes (bf16, fp8): raw bits
+
+
+def to_cupy(buf: Any, t: TensorPlan, xp: Any = None) -> Any:
+    """View a tensor's own uint8 device buffer with its cupy dtype and shape.
+
+    ``xp`` is the array module (cupy by default; numpy for CPU tests of the
+    dtype mapping)."""
+    if xp is None:
+        xp = importlib.import_module("cupy")
+    dtype = cupy_dtype(t)
+    if buf.size == 0:  # a zero-byte view cannot change its itemsize in every version
+        return xp.empty(t.out_shape, dtype)
+    return buf.view(dtype).reshape(t.out_shape)
 
 
 def convert(buffers: dict[str, np.ndarray], plans: list[TensorPlan], framework: str) -> dict:

@@ -1,0 +1,289 @@
+"""The CUDA backend: results in device memory, filled by the device pipeline.
+
+``CudaBackend`` is what the loader talks to on ``device="cuda:N"``;
+``CupyRuntime`` is the real runtime under it (cupy for memory, streams,
+events and copies; the Numba kernel of ``gpuload.kernels.cuda`` for
+gathers). cupy, kvikio and numba.cuda are imported only when a
+``CupyRuntime`` is made, so this module imports anywhere, and the CPU tests
+run ``CudaBackend`` on a fake runtime without any of them.
+
+Memory
+------
+Results are allocated with ``cudaMalloc`` directly (``cupy.cuda.Memory``),
+one allocation per tensor, *outside* cupy's memory pool: when the caller
+drops a result its memory goes back to the driver at once, and nothing
+gpuload allocated stays cached in a pool. Device scratch is allocated the
+same way and freed by ``Loader.close()``. Pinned staging is
+``cudaHostAlloc``'d (``cupy.cuda.PinnedMemory``, not the pinned pool) and
+freed the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .errors import BackendUnavailable, PlanError
+from .io import PosixReader
+from .io_kvikio import KvikioReader, describe_kvikio
+from .outputs import to_cupy, to_torch_dlpack
+from .pipeline_device import DevicePipeline
+from .plan import Plan, TensorPlan
+
+_DEVICE_RE = re.compile(r"^cuda:(\d+)$")
+
+
+class CudaBackend:
+    """Results in device memory; read with posix (pinned staging) or kvikio.
+
+    Parameters
+    ----------
+    device
+        A resolved ``"cuda:N"``; N is a device index, never a rank.
+    cfg
+        The load's settings (budgets, threads, backend, pin).
+    reader_factory
+        Builds the host reader instead of :class:`~gpuload.io.PosixReader`
+        (tests inject faults with it); when given, ``backend='auto'`` reads
+        with it rather than kvikio.
+    runtime
+        The CUDA runtime (default :class:`CupyRuntime` on device N); CPU tests
+        pass a fake one.
+    """
+
+    def __init__(
+        self,
+        device: str,
+        cfg: Config,
+        reader_factory: Callable[..., Any] | None = None,
+        *,
+        runtime: Any = None,
+    ) -> None:
+        m = _DEVICE_RE.match(device)
+        if not m:
+            raise ValueError(f"CudaBackend needs a resolved device like 'cuda:0', got {device!r}")
+        if reader_factory is not None and cfg.backend == "kvikio":
+            raise ValueError(
+                "reader_factory builds a host reader for pinned staging; "
+                "backend='kvikio' reads into device memory with kvikio instead"
+            )
+        self.device = device
+        self.index = int(m.group(1))
+        self.runtime = runtime if runtime is not None else CupyRuntime(self.index)
+        self._cfg = cfg
+        self._reader_factory = reader_factory
+        self._kvikio, self.name, self.reason = _choose_reader(cfg, self.runtime, reader_factory)
+        self._pipeline = DevicePipeline(
+            self.runtime,
+            threads=cfg.threads,
+            staging_bytes=cfg.staging_bytes,
+            scratch_bytes=cfg.device_scratch_bytes,
+            pin=cfg.pin,
+        )
+
+    @property
+    def device_reads(self) -> bool:
+        return self._kvikio is not None
+
+    def _fits(self, nbytes: int, what: str) -> None:
+        free, total = self.runtime.mem_info()
+        if nbytes > free:
+            self.runtime.release_cached()  # cupy's pool may hold free blocks
+            free, total = self.runtime.mem_info()
+        if nbytes > free:
+            raise PlanError(
+                f"{what} need {nbytes:,} bytes of memory on {self.device} but only "
+                f"{free:,} of {total:,} are free; nothing was read"
+            )
+
+    def check_memory(self, nbytes: int) -> None:
+        self._fits(nbytes, "results")
+
+    def allocate(self, plan: Plan) -> dict[str, Any]:
+        # Before any I/O: the results and any scratch growth must fit, and an
+        # allocation that fails anyway (fragmentation, a racing process) is a
+        # PlanError too. Each tensor gets its own allocation: results never
+        # share memory with staging or with each other.
+        results = sum(t.out_nbytes for t in plan.tensors)
+        extra = self._pipeline.growth(plan, device_reads=self.device_reads)
+        self._fits(results + extra, "results and device scratch" if extra else "results")
+        try:
+            self._pipeline.prepare(plan, device_reads=self.device_reads)
+            return {t.name: self.runtime.device_alloc(t.out_nbytes) for t in plan.tensors}
+        except MemoryError as e:
+            free, total = self.runtime.mem_info()
+            raise PlanError(
+                f"out of memory on {self.device} allocating {results + extra:,} bytes "
+                f"(results and scratch; {free:,} of {total:,} free now); nothing was read"
+            ) from e
+
+    def reader(self, headers, *, prefetch: bool):
+        if self._kvikio is not None:
+            return KvikioReader(
+                headers, prefetch=prefetch, kvikio=self._kvikio, threads=self._cfg.threads
+            )
+        return (self._reader_factory or PosixReader)(headers, prefetch=prefetch)
+
+    def run(self, plan, buffers, reader, report, on_bytes) -> None:
+        self._pipeline.run(plan, buffers, reader, report, on_bytes)
+
+    def convert(self, buffers, tensors: list[TensorPlan], framework: str) -> dict:
+        return {t.name: self.runtime.to_framework(buffers[t.name], t, framework) for t in tensors}
+
+    def close(self) -> None:
+        self._pipeline.close()
+
+
+def _choose_reader(cfg: Config, runtime: Any, reader_factory) -> tuple[Any, str, str]:
+    """(kvikio module or None, backend name, why) for ``cfg.backend``."""
+    posix = "posix preadv into pinned staging, H2D on the slot streams"
+    if cfg.backend == "posix":
+        return None, "posix", f"backend='posix': {posix}"
+    if cfg.backend == "auto" and reader_factory is not None:
+        return None, "posix", f"a reader_factory was given: {posix}"
+    try:
+        kvikio = runtime.kvikio()
+    except Exception as e:  # ImportError, or a libcufile that fails to load
+        if cfg.backend == "kvikio":
+            raise BackendUnavailable(
+                f"backend='kvikio' but kvikio is unusable here ({e}); "
+                "pip install kvikio-cu12 (or -cu13), or use backend='posix'"
+            ) from e
+        return None, "posix", f"auto: kvikio unusable ({e}); {posix}"
+    how = describe_kvikio(kvikio)
+    if cfg.backend == "kvikio":
+        return kvikio, "kvikio", f"backend='kvikio': {how}"
+    return kvikio, "kvikio", f"auto: kvikio imports and CUDA works; {how}"
+
+
+class CupyRuntime:
+    """The real runtime: cupy for memory, streams, events and copies; the
+    Numba gather kernel launched on cupy streams through ``external_stream``."""
+
+    def __init__(self, index: int) -> None:
+        try:
+            self.cupy = importlib.import_module("cupy")
+        except ImportError as e:
+            raise BackendUnavailable(
+                f"the GPU path needs cupy ({e}): pip install 'gpuload[cu12]' (or [cu13])"
+            ) from None
+        cp = self.cupy
+        self.index = index
+        self._device = cp.cuda.Device(index)
+        self._rt = cp.cuda.runtime
+        # Imported here, in the caller's thread: numba.cuda and the kernel
+        # module load once, and a broken numba install fails the Loader, not
+        # a load. The caller's current device is left alone: work on device
+        # N runs inside ``with Device(N)`` or on reader threads bound to it.
+        self._kernels = importlib.import_module("gpuload.kernels.cuda")
+
+    def bind_thread(self) -> None:
+        # cudaSetDevice makes the device's primary context current on this
+        # thread; Numba then launches in that same context.
+        self._device.use()
+
+    def device_alloc(self, nbytes: int) -> Any:
+        cp = self.cupy
+        with self._device:
+            if nbytes == 0:
+                return cp.ndarray((0,), cp.uint8)
+            mem = cp.cuda.memory.Memory(nbytes)  # cudaMalloc: outside the pool
+            return cp.ndarray((nbytes,), cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
+
+    def host_alloc(self, nbytes: int, *, pinned: bool) -> np.ndarray:
+        if not pinned:
+            return np.empty(nbytes, np.uint8)
+        pm = self.cupy.cuda.pinned_memory
+        try:
+            with self._device:
+                mem = pm.PinnedMemory(nbytes, 1)  # cudaHostAllocPortable; not the pinned pool
+        except Exception as e:  # CUDARuntimeError: locked-memory limits, host RAM
+            raise PlanError(
+                f"cannot pin {nbytes:,} bytes of staging ({e}); lower staging_bytes "
+                "(GPULOAD_STAGING_BYTES) or set pin=0 (GPULOAD_PIN=0); nothing was read"
+            ) from e
+        # The array's base holds the allocation: freed when the slot drops it.
+        return np.frombuffer(pm.PinnedMemoryPointer(mem, 0), np.uint8, nbytes)
+
+    def stream(self) -> Any:
+        with self._device:
+            return self.cupy.cuda.Stream(non_blocking=True)
+
+    def destroy_stream(self, stream: Any) -> None:
+        pass  # cupy destroys a stream when its object is collected
+
+    def event(self, *, timing: bool) -> Any:
+        with self._device:
+            # Waited-on events block (yield the CPU to reader threads) rather
+            # than spin; timing events are only read after a blocking wait.
+            return self.cupy.cuda.Event(block=not timing, disable_timing=not timing)
+
+    def record(self, event: Any, stream: Any) -> None:
+        event.record(stream)
+
+    def wait(self, event: Any) -> None:
+        event.synchronize()
+
+    def query(self, event: Any) -> bool:
+        return bool(event.done)
+
+    def elapsed(self, start: Any, end: Any) -> float:
+        return self.cupy.cuda.get_elapsed_time(start, end) / 1e3
+
+    def h2d(self, dst, dst_off: int, src: np.ndarray, src_off: int, n: int, stream) -> None:
+        _bounds(dst.nbytes, dst_off, src.nbytes, src_off, n)
+        self._rt.memcpyAsync(
+            dst.data.ptr + dst_off,
+            src.ctypes.data + src_off,
+            n,
+            self._rt.memcpyHostToDevice,
+            stream.ptr,
+        )
+
+    def d2d(self, dst, dst_off: int, src, src_off: int, n: int, stream) -> None:
+        _bounds(dst.nbytes, dst_off, src.nbytes, src_off, n)
+        self._rt.memcpyAsync(
+            dst.data.ptr + dst_off,
+            src.data.ptr + src_off,
+            n,
+            self._rt.memcpyDeviceToDevice,
+            stream.ptr,
+        )
+
+    def gather(self, src, dst, table: np.ndarray, stream) -> None:
+        self._kernels.gather(src, dst, table, stream=stream)
+
+    def mem_info(self) -> tuple[int, int]:
+        with self._device:
+            free, total = self._rt.memGetInfo()
+        return int(free), int(total)
+
+    def release_cached(self) -> None:
+        with self._device:
+            self.cupy.get_default_memory_pool().free_all_blocks()
+
+    def to_framework(self, buf: Any, tensor: TensorPlan, framework: str) -> Any:
+        with self._device:
+            if framework == "torch":
+                return to_torch_dlpack(buf, tensor)
+            if framework == "cupy":
+                return to_cupy(buf, tensor, self.cupy)
+        raise ValueError(f"framework={framework!r}: GPU results are 'torch' or 'cupy'")
+
+    def kvikio(self) -> Any:
+        return importlib.import_module("kvikio")
+
+
+def _bounds(dst_size: int, dst_off: int, src_size: int, src_off: int, n: int) -> None:
+    # Raw pointers are not checked by CUDA: an offset bug would write past a
+    # buffer silently. Checking costs nanoseconds next to a copy.
+    if min(dst_off, src_off, n) < 0 or dst_off + n > dst_size or src_off + n > src_size:
+        raise ValueError(
+            f"copy of {n} bytes from offset {src_off} of a {src_size}-byte buffer "
+            f"to offset {dst_off} of a {dst_size}-byte buffer is out of bounds"
+        )

@@ -1,0 +1,473 @@
+"""The device pipeline: execute a read plan into device buffers, overlapped.
+
+Written against :class:`Runtime`, a small seam over CUDA (allocations,
+streams, events, async copies, the gather launch), so the same code runs on
+a GPU (``gpuload.device_cuda.CupyRuntime``) and, in CPU tests, on a fake
+asynchronous runtime whose streams are threads that run queued work late.
+
+Slots and ordering
+------------------
+``K = clamp(threads + 1, 2, 16)`` slots, created once per pipeline (once
+per ``Loader``). Each slot has a stream, a ``done`` event, three timing
+events, a pinned host buffer (posix reads) and a device scratch buffer
+(covering reads; every kvikio read). A reader thread takes a free slot and:
+
+1. **waits on the slot's ``done`` event**: the copies and gathers that read
+   the slot's buffers last time have finished on the GPU. Without this wait
+   the read below overwrites pinned memory (or, for kvikio, device scratch)
+   that a queued H2D or gather has not consumed yet: the "buffer and its
+   stream out of step" corruption of other loaders;
+2. reads the op's file range: posix ``preadv`` into the pinned buffer, or
+   kvikio into device scratch (the reader blocks on kvikio's future: kvikio
+   does not order itself on any stream);
+3. enqueues on the slot's stream: a direct op's pieces go host -> their
+   destination (or scratch -> destination for kvikio) with no gather; a
+   staged op's range goes host -> scratch, then one gather launch per
+   destination tensor;
+4. records ``done`` and hands the slot back without waiting, so it reads
+   the next op while the GPU copies this one.
+
+Before returning (also on failure) every ``done`` event is synchronized:
+no stream touches a result or a staging buffer after ``run`` returns.
+
+Budgets: pinned bytes <= ``staging_bytes`` and scratch bytes <=
+``device_scratch_bytes``, whatever the plan says: an op longer than a slot
+is split here (:func:`split_op`), down to single bytes if it must be.
+
+Report: ``read_s`` and ``wait_s`` (for a slot and its stream) are
+reader-thread seconds; ``h2d_s`` and ``gather_s`` are GPU seconds between
+timing events, summed over streams (kvikio reads have no H2D: their
+device-to-device placement counts as gather).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import PlanError
+from .kernels import SRC_OFF
+from .pipeline import _piece_tables
+from .plan import PAGE, Piece, Plan, ReadOp, TensorPlan
+from .report import LoadReport
+
+MAX_SLOTS = 16
+GROW = 64 << 10  # slot sizes grow in steps of this, so similar plans reuse them
+
+
+class Runtime(Protocol):
+    """What the pipeline needs from CUDA. Device buffers are opaque handles
+    that the runtime allocates; offsets and sizes are bytes. Every ``h2d`` /
+    ``d2d`` / ``gather`` is asynchronous on ``stream``; events order work."""
+
+    def bind_thread(self) -> None: ...  # make the device current on this thread
+    def device_alloc(self, nbytes: int) -> Any: ...  # owned; MemoryError when full
+    def host_alloc(self, nbytes: int, *, pinned: bool) -> np.ndarray: ...
+    def stream(self) -> Any: ...
+    def destroy_stream(self, stream: Any) -> None: ...
+    def event(self, *, timing: bool) -> Any: ...
+    def record(self, event: Any, stream: Any) -> None: ...
+    def wait(self, event: Any) -> None: ...  # host blocks until the event completes
+    def query(self, event: Any) -> bool: ...
+    def elapsed(self, start: Any, end: Any) -> float: ...  # seconds between events
+    def h2d(self, dst: Any, dst_off: int, src: np.ndarray, src_off: int, n: int, s: Any): ...
+    def d2d(self, dst: Any, dst_off: int, src: Any, src_off: int, n: int, s: Any): ...
+    def gather(self, src: Any, dst: Any, table: np.ndarray, stream: Any) -> None: ...
+    def mem_info(self) -> tuple[int, int]: ...  # (free, total) bytes
+    def release_cached(self) -> None: ...  # return allocator caches to the driver
+    def to_framework(self, buf: Any, tensor: TensorPlan, framework: str) -> Any: ...
+    def kvikio(self) -> Any: ...  # the kvikio module; ImportError when unusable
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    stream: Any
+    done: Any  # recorded after the last work that reads this slot's buffers
+    marks: tuple[Any, Any, Any]  # timing: before the copy, after it, after the gathers
+    host: np.ndarray | None = None
+    scratch: Any = None
+    timed: bool = False  # marks hold an op not yet added to the report
+
+
+class DevicePipeline:
+    """Runs plans on a device through ``runtime``; slots are made once and reused."""
+
+    def __init__(
+        self, runtime: Runtime, *, threads: int, staging_bytes: int, scratch_bytes: int, pin: bool
+    ) -> None:
+        self.rt = runtime
+        self.threads = threads
+        self.pin = pin
+        count = max(2, min(threads + 1, MAX_SLOTS))
+        self.host_cap = staging_bytes // count  # per-slot budgets
+        self.scratch_cap = scratch_bytes // count
+        self.host_size = 0  # current per-slot sizes (grow, never shrink)
+        self.scratch_size = 0
+        self._busy = threading.Lock()
+        self.slots = [
+            Slot(s, runtime.event(timing=False), tuple(runtime.event(timing=True) for _ in "abc"))
+            for s in (runtime.stream() for _ in range(count))
+        ]
+
+    # -- sizing ------------------------------------------------------------
+
+    def _wanted(self, plan: Plan, device_reads: bool) -> tuple[int, int]:
+        """Per-slot (pinned, scratch) bytes this plan wants, within the budgets."""
+        if not plan.ops:
+            return self.host_size, self.scratch_size
+        if device_reads:  # kvikio: every read lands in scratch, widened to pages
+            if self.scratch_cap < 3 * PAGE:
+                raise PlanError(
+                    f"device scratch budget of {self.scratch_cap} bytes per slot "
+                    f"({len(self.slots)} slots) is below the {3 * PAGE} a kvikio read "
+                    "needs: raise device_scratch_bytes or use backend='posix'"
+                )
+            longest = max(aligned_span(op)[1] for op in plan.ops)
+            return self.host_size, max(self.scratch_size, _grow(longest, self.scratch_cap))
+        if self.host_cap < 1:
+            raise PlanError(f"staging budget leaves no bytes for {len(self.slots)} slots")
+        host = max(self.host_size, _grow(max(op.length for op in plan.ops), self.host_cap))
+        staged = [op.length for op in plan.ops if op.staged]
+        scratch = self.scratch_size
+        if staged:
+            if self.scratch_cap < 1:
+                raise PlanError(
+                    f"device scratch budget leaves no bytes for {len(self.slots)} slots"
+                )
+            scratch = max(scratch, _grow(min(max(staged), host), self.scratch_cap))
+        return host, scratch
+
+    def growth(self, plan: Plan, *, device_reads: bool) -> int:
+        """Device bytes that :meth:`prepare` would add for ``plan`` (for the memory check)."""
+        _, scratch = self._wanted(plan, device_reads)
+        return (scratch - self.scratch_size) * len(self.slots)
+
+    def prepare(self, plan: Plan, *, device_reads: bool) -> list[ReadOp]:
+        """Grow the slots for ``plan`` (allocating before any I/O) and return its
+        ops, each fitting a slot."""
+        with self._exclusive():  # never free buffers a running load's streams use
+            return self._prepare(plan, device_reads)
+
+    def _prepare(self, plan: Plan, device_reads: bool) -> list[ReadOp]:
+        host, scratch = self._wanted(plan, device_reads)
+        if host > self.host_size:
+            self.host_size = 0  # a failed allocation leaves sizes that force a retry
+            for s in self.slots:
+                s.host = None  # drop the old buffers before taking the new ones
+            for s in self.slots:
+                s.host = self.rt.host_alloc(host, pinned=self.pin)
+            self.host_size = host
+        if scratch > self.scratch_size:
+            self.scratch_size = 0
+            for s in self.slots:
+                s.scratch = None
+            for s in self.slots:
+                s.scratch = self.rt.device_alloc(scratch)
+            self.scratch_size = scratch
+        return self._fit(plan.ops, device_reads)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "this Loader is already loading in another thread; use one Loader per thread"
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    def _fit(self, ops, device_reads: bool) -> list[ReadOp]:
+        out: list[ReadOp] = []
+        for op in ops:
+            if device_reads:
+                fits = aligned_span(op)[1] <= self.scratch_size
+                limit = self.scratch_size - 2 * PAGE  # worst-case widening to pages
+            else:
+                limit = self.host_size if not op.staged else min(self.host_size, self.scratch_size)
+                fits = op.length <= limit
+            out.extend([op] if fits else split_op(op, limit))
+        return out
+
+    # -- running -----------------------------------------------------------
+
+    def run(
+        self,
+        plan: Plan,
+        outputs: dict[str, Any],
+        reader,
+        report: LoadReport,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        """Fill ``outputs`` (name -> device buffer) by executing ``plan``."""
+        with self._exclusive():
+            device_reads = getattr(reader, "into", "host") == "device"
+            ops = self._prepare(plan, device_reads)
+            self._run(ops, outputs, reader, report, on_bytes, device_reads)
+        report.ops += len(ops)
+        report.staged_ops += sum(op.staged for op in ops)
+        report.bytes_useful += plan.bytes_useful
+
+    def _run(self, ops, outputs, reader, report, on_bytes, device_reads: bool) -> None:
+        free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
+        for s in self.slots:
+            free.put(s)
+        # Every op is queued before a thread starts (as in the host pipeline):
+        # a Ctrl-C lands in the caller's wait below, never half way through
+        # queueing, and the cleanup always runs.
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(ops)):
+            todo.put(i)
+        done: queue.SimpleQueue[tuple | BaseException] = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def work(i: int) -> tuple[int, float, float, float, float]:
+            op = ops[i]
+            ahead = i + self.threads  # hint the range a thread takes next
+            if ahead < len(ops):
+                reader.advise(ops[ahead].file, ops[ahead].offset, ops[ahead].length)
+            t0 = time.perf_counter()
+            slot = free.get()
+            try:
+                h2d_s, gather_s = self._reuse(slot)
+                t1 = time.perf_counter()
+                if device_reads:
+                    pad, nread = reader.read_device(op.file, op.offset, op.length, slot.scratch)
+                else:
+                    pad, nread = 0, op.length
+                    reader.readinto(op.file, op.offset, [memoryview(slot.host)[: op.length]])
+                t2 = time.perf_counter()
+                self._enqueue(op, slot, outputs, pad, device_reads)
+            finally:
+                # Whatever was queued from this slot's buffers, the next user
+                # of the slot waits for it.
+                self.rt.record(slot.done, slot.stream)
+                free.put(slot)
+            return nread, t2 - t1, h2d_s, gather_s, t1 - t0
+
+        def worker() -> None:
+            try:
+                self.rt.bind_thread()
+                while not stop.is_set():
+                    try:
+                        i = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    done.put(work(i))
+            except BaseException as e:  # handed to the caller's thread
+                stop.set()
+                done.put(e)
+
+        started: list[threading.Thread] = []
+        ok = False
+        try:
+            for k in range(min(self.threads, len(ops))):
+                started.append(threading.Thread(target=worker, name=f"gpuload-dev_{k}"))
+                started[-1].start()
+            for _ in range(len(ops)):
+                item = done.get()
+                if isinstance(item, BaseException):
+                    raise item
+                nbytes, read_s, h2d_s, gather_s, wait_s = item
+                report.bytes_read += nbytes
+                report.read_s += read_s
+                report.h2d_s += h2d_s
+                report.gather_s += gather_s
+                report.wait_s += wait_s
+                if on_bytes is not None:
+                    on_bytes(nbytes)
+            ok = True
+        finally:
+            # First error (or Ctrl-C): no op starts after this, the running
+            # ones finish, then the streams drain: nothing writes into the
+            # results or staging after we return.
+            stop.set()
+            for t in started:
+                _join(t)
+            if not ok:
+                with contextlib.suppress(Exception):  # the first error is the one raised
+                    self._drain()
+        h2d_s, gather_s = self._drain()
+        report.h2d_s += h2d_s
+        report.gather_s += gather_s
+
+    def _reuse(self, slot: Slot) -> tuple[float, float]:
+        """Wait until the GPU is done with the slot's buffers; the timings of
+        the slot's previous op, now complete."""
+        self.rt.wait(slot.done)
+        return self._harvest(slot)
+
+    def _drain(self) -> tuple[float, float]:
+        """Wait for every slot's stream; the timings not yet reported."""
+        h2d = gather = 0.0
+        for slot in self.slots:
+            self.rt.wait(slot.done)
+            a, b = self._harvest(slot)
+            h2d, gather = h2d + a, gather + b
+        return h2d, gather
+
+    def _harvest(self, slot: Slot) -> tuple[float, float]:
+        if not slot.timed:
+            return 0.0, 0.0
+        slot.timed = False
+        m0, m1, m2 = slot.marks
+        return self.rt.elapsed(m0, m1), self.rt.elapsed(m1, m2)
+
+    def _enqueue(self, op: ReadOp, slot: Slot, outputs, pad: int, device_reads: bool) -> None:
+        rt, s = self.rt, slot.stream
+        rt.record(slot.marks[0], s)
+        if device_reads:
+            # The bytes are in device scratch already (kvikio): no H2D. Direct
+            # pieces are device copies, counted with the gathers.
+            rt.record(slot.marks[1], s)
+            if not op.staged:
+                for p in op.pieces:
+                    rt.d2d(
+                        outputs[p.tensor],
+                        p.dst,
+                        slot.scratch,
+                        pad + p.src - op.offset,
+                        p.row_bytes,
+                        s,
+                    )
+        elif op.staged:
+            rt.h2d(slot.scratch, 0, slot.host, 0, op.length, s)
+            rt.record(slot.marks[1], s)
+        else:  # a row shard or whole tensor: straight to its destination, no gather
+            for p in op.pieces:
+                rt.h2d(outputs[p.tensor], p.dst, slot.host, p.src - op.offset, p.row_bytes, s)
+            rt.record(slot.marks[1], s)
+        if op.staged:
+            for tensor, table in _piece_tables(op).items():
+                table[:, SRC_OFF] += pad  # where the op's first byte landed in scratch
+                rt.gather(slot.scratch, outputs[tensor], table, s)
+        rt.record(slot.marks[2], s)
+        slot.timed = True
+
+    def close(self) -> None:
+        """Wait for the streams, then free staging, scratch and streams."""
+        with contextlib.suppress(Exception):  # a sticky CUDA error: free anyway
+            self._drain()
+        for slot in self.slots:
+            slot.host = slot.scratch = None
+            self.rt.destroy_stream(slot.stream)
+        self.slots = []
+        self.host_size = self.scratch_size = 0
+
+
+def _join(t: threading.Thread) -> None:
+    """Join ``t``, also when a Ctrl-C cut its ``start()`` short."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            t.join()
+            return
+        except RuntimeError:  # not started yet, or never will be
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+
+
+def _grow(need: int, cap: int) -> int:
+    """``need`` rounded up to the growth step, but never past ``cap``."""
+    return min(cap, -(-need // GROW) * GROW)
+
+
+# --------------------------------------------------------------------------
+# fitting reads to slots (pure: integers in, ReadOps out)
+
+
+def aligned_span(op: ReadOp) -> tuple[int, int]:
+    """``(start, length)`` of ``op`` widened to whole 4 KiB pages: what a
+    kvikio read fetches so that GDS can DMA it (the extra bytes are dropped)."""
+    lo = op.offset - op.offset % PAGE
+    hi = -(-(op.offset + op.length) // PAGE) * PAGE
+    return lo, hi - lo
+
+
+def split_op(op: ReadOp, limit: int) -> list[ReadOp]:
+    """``op`` as reads of at most ``limit`` bytes that deliver the same bytes.
+
+    A direct op is cut at page boundaries where it can be (gaps between its
+    pieces are never read alone). A staged op is cut into windows of whole
+    rows; if a single row is longer than ``limit`` its rows are read
+    directly instead, so nothing is indivisible.
+    """
+    if limit < 1:
+        raise PlanError(f"cannot split a read of {op.file} into reads of {limit} bytes")
+    if op.length <= limit:
+        return [op]
+    if not op.staged:
+        return _pack_runs(op.file, list(op.pieces), limit)
+    if max(p.row_bytes for p in op.pieces) > limit:
+        rows = [p.row_range(r, 1) for p in op.pieces for r in range(p.rows)]
+        runs = [
+            dataclasses.replace(r, src_stride=r.row_bytes, dst_stride=r.row_bytes) for r in rows
+        ]
+        return _pack_runs(op.file, sorted(runs, key=lambda r: r.src), limit)
+    out = []
+    first = [0] * len(op.pieces)  # next row of each piece not yet in a window
+    while True:
+        left = [i for i, p in enumerate(op.pieces) if first[i] < p.rows]
+        if not left:
+            return out
+        lo = min(op.pieces[i].src + first[i] * op.pieces[i].src_stride for i in left)
+        parts = []
+        for i in left:
+            p = op.pieces[i]
+            start = p.src + first[i] * p.src_stride
+            room = lo + limit - start - p.row_bytes  # bytes past this row's end still free
+            if room < 0:
+                continue
+            n = (
+                p.rows - first[i]
+                if p.rows == 1
+                else min(p.rows - first[i], room // p.src_stride + 1)
+            )
+            parts.append(p.row_range(first[i], n))
+            first[i] += n
+        hi = max(q.src_end for q in parts)
+        out.append(ReadOp(op.file, lo, hi - lo, tuple(parts), staged=True))
+
+
+def _cut(run: Piece, limit: int) -> list[Piece]:
+    """A contiguous run as parts of at most ``limit`` bytes, cut on pages when possible."""
+    parts, pos, end = [], run.src, run.src_end
+    while pos < end:
+        nxt = min(end, pos + limit)
+        if nxt < end and nxt - nxt % PAGE > pos:
+            nxt -= nxt % PAGE
+        n = nxt - pos
+        parts.append(Piece(run.tensor, pos, 1, n, n, run.dst + pos - run.src, n))
+        pos = nxt
+    return parts
+
+
+def _pack_runs(file: str, runs: list[Piece], limit: int) -> list[ReadOp]:
+    """Direct reads of at most ``limit`` bytes over contiguous runs sorted by
+    source offset; a read starts at a run, so gaps alone are never read."""
+    out: list[ReadOp] = []
+    cur: list[Piece] = []
+    lo = pos = 0
+    for run in runs:
+        for part in _cut(run, limit):
+            if cur and (part.src < pos or part.src_end - lo > limit):
+                out.append(ReadOp(file, lo, pos - lo, tuple(cur), staged=False))
+                cur = []
+            if not cur:
+                lo = part.src
+            cur.append(part)
+            pos = part.src_end
+    if cur:
+        out.append(ReadOp(file, lo, pos - lo, tuple(cur), staged=False))
+    return out
+
+
+__all__ = ["DevicePipeline", "Runtime", "Slot", "aligned_span", "split_op"]

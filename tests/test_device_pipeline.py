@@ -1,0 +1,503 @@
+"""The GPU path on a fake asynchronous CUDA runtime (tests/fake_cuda.py).
+
+The code under test is the real one -- ``Loader`` -> ``CudaBackend`` ->
+``DevicePipeline`` -> readers -- with only the runtime replaced: streams
+are threads that run queued work late, so a missing wait shows up as wrong
+bytes. Every loaded byte is compared with safetensors + numpy slicing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import carrier, oracle, write_raw
+from fake_cuda import FakeKvikio, FakeRuntime
+from gpuload.kernels import gather_host
+
+import gpuload
+import gpuload.loader
+from gpuload import backend as backend_mod
+from gpuload import device as device_mod
+from gpuload import outputs
+from gpuload.device import resolve_device
+from gpuload.device_cuda import CudaBackend
+from gpuload.dtypes import DTYPES
+from gpuload.errors import BackendUnavailable, PlanError, ReadError
+from gpuload.io import PosixReader
+from gpuload.io_kvikio import KvikioReader
+from gpuload.pipeline import _piece_tables
+from gpuload.pipeline_device import DevicePipeline, split_op
+from gpuload.report import LoadReport
+
+SHAPES = {
+    "scalar": ((), None),
+    "empty": ((0, 96), None),
+    "vec": ((96,), 0),
+    "row": ((24, 96), 0),
+    "col": ((24, 96), 1),
+    "exp1": ((2, 24, 96), 1),
+    "exp2": ((2, 24, 96), 2),
+}
+RULES = {r"\.(vec|row)$": 0, r"\.(col|exp1)$": 1, r"\.exp2$": 2}
+SMALL = dict(chunk_bytes=4096, min_chunk_bytes=512, threads=3)
+
+
+def build(tmp_path: Path, rng, *, aligned: bool, extra: dict | None = None) -> Path:
+    """Every dtype x shape (plus ``extra`` name -> (dtype, shape)) in one file;
+    unaligned files put every tensor at an odd offset."""
+    tensors = {}
+    for dname, d in DTYPES.items():
+        for kind, (shape, _) in SHAPES.items():
+            if not (d.packed and not shape):  # a lone F4/F6 scalar fills no byte
+                tensors[f"{dname}.{kind}"] = (dname, shape)
+    tensors.update(extra or {})
+    header, data, pos = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, (dname, shape) in tensors.items():
+        raw = rng.bytes(math.prod(shape) * DTYPES[dname].bits // 8)
+        header[name] = {"dtype": dname, "shape": list(shape), "data_offsets": [pos, pos + len(raw)]}
+        data.append(raw)
+        pos += len(raw)
+    text = json.dumps(header).encode()
+    pad = (-len(text) % 8) + (0 if aligned else 3)
+    return write_raw(tmp_path / "model.safetensors", text, b"".join(data), pad=pad)
+
+
+def expected(path: Path, rank: int, world: int, dims: dict[str, int | None]) -> dict[str, bytes]:
+    out = {}
+    for name, (dname, shape, raw) in oracle(path).items():
+        full, dim = carrier(dname, shape, raw), dims.get(name)
+        out[name] = (full if dim is None else np.split(full, world, axis=dim)[rank]).tobytes()
+    return out
+
+
+def dims_of(path: Path) -> dict[str, int | None]:
+    return {n: SHAPES.get(n.split(".")[-1], (None, None))[1] for n in oracle(path)}
+
+
+def as_bytes(a) -> bytes:
+    if hasattr(a, "detach"):  # torch (CPU here: the fake's device memory is host memory)
+        return a.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()
+    return np.ascontiguousarray(a).tobytes()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """``Loader(device="cuda:N")`` builds a CudaBackend on a fake runtime.
+
+    ``fake_gpu(**runtime_options)`` installs it and returns the list of
+    runtimes made so far (one per Loader, newest last)."""
+    made: list[FakeRuntime] = []
+
+    def install(**runtime_kw) -> list[FakeRuntime]:
+        def make(device, cfg, reader_factory=None, runtime=None):
+            made.append(FakeRuntime(**runtime_kw))
+            return backend_mod.make_backend(device, cfg, reader_factory, runtime=made[-1])
+
+        monkeypatch.setattr(gpuload.loader, "make_backend", make)
+        # What Loader(runtime=...) would do: no CUDA probe for a given runtime.
+        monkeypatch.setattr(
+            gpuload.loader,
+            "resolve_device",
+            lambda d, probe=True: "cpu" if d == "cpu" else resolve_device(d, probe=False),
+        )
+        return made
+
+    yield install
+    for rt in made:
+        assert not rt.streams, "a Loader left its streams running"
+        assert not rt.busy()
+
+
+def mismatched(got: dict, want: dict[str, bytes]) -> list[str]:
+    assert set(got) == set(want)
+    return [n for n in want if as_bytes(got[n]) != want[n]]
+
+
+# -- every byte --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reader", ["posix", "kvikio"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_every_dtype_world_rank_matches_oracle(tmp_path, rng, fake_gpu, reader, aligned, world):
+    path = build(tmp_path, rng, aligned=aligned)
+    kv = FakeKvikio(compat=False) if reader == "kvikio" else None  # GDS: reads must be aligned
+    made = fake_gpu(kvikio=kv)
+    with gpuload.Loader(device="cuda:0", framework="cupy", **SMALL) as ld:
+        assert ld.backend == reader
+        for rank in range(world):
+            got, report = ld.load(path, rank, world, rules=RULES, return_report=True)
+            want = expected(path, rank, world, dims_of(path))
+            assert not (bad := mismatched(got, want)), (rank, bad[:5])
+            plans = {t.name: t for t in ld.plan(path, rank, world, rules=RULES).plan.tensors}
+            for name, a in got.items():  # cupy dtypes: bf16 -> uint16, fp8 -> uint8
+                assert a.dtype == outputs.cupy_dtype(plans[name]), name
+                assert a.shape == plans[name].out_shape, name
+            assert report.bytes_useful == sum(len(b) for b in want.values())
+            assert report.backend == reader and report.read_s > 0
+    assert made[-1].bound_threads  # every worker made the device current first
+    if kv is not None:
+        assert kv.reads and all(off % 4096 == 0 for off, _ in kv.reads)
+
+
+def test_torch_results_dtypes_and_report_stages(tmp_path, rng, fake_gpu):
+    torch = pytest.importorskip("torch")
+    path = build(tmp_path, rng, aligned=False)
+    fake_gpu()
+    got, report = gpuload.load_sharded(
+        path, 1, 2, device="cuda:0", rules=RULES, return_report=True, **SMALL
+    )  # framework=None on a GPU: torch, since it imports here
+    want = expected(path, 1, 2, dims_of(path))
+    assert not mismatched(got, want)
+    for name, t in got.items():
+        tname = DTYPES[name.split(".")[0]].torch
+        assert t.dtype == (getattr(torch, tname) if tname else torch.uint8), name
+    assert report.strategies.get("covering") and report.staged_ops
+    assert report.h2d_s > 0 and report.gather_s > 0 and report.wait_s >= 0
+
+
+# -- budgets -------------------------------------------------------------------
+
+BIG = {  # 32-64 KiB each: larger than every staging budget below
+    "big.row": ("F32", (64, 256)),
+    "big.col": ("BF16", (128, 256)),
+    "big.wide": ("U8", (8, 8192)),  # column rows of 4 KiB and more: wider than tiny scratch
+}
+BIG_DIMS = {"big.row": 0, "big.col": 1, "big.wide": 1}
+BIG_RULES = {r"^big\.row$": 0, r"^big\.(col|wide)$": 1, **RULES}
+
+
+@pytest.mark.parametrize(
+    "reader,staging,scratch",
+    [
+        ("posix", 16 << 10, 512 << 20),  # pinned budget below every big tensor
+        ("posix", 24 << 10, 12 << 10),  # scratch below a row of big.wide: rows read directly
+        ("posix", 64 << 10, 40 << 10),
+        ("kvikio", 16 << 10, 40 << 10),  # kvikio: scratch is the only budget that counts
+        ("kvikio", 64 << 10, 512 << 20),
+    ],
+)
+def test_budgets_smaller_than_largest_tensor(tmp_path, rng, fake_gpu, reader, staging, scratch):
+    path = build(tmp_path, rng, aligned=False, extra=BIG)
+    dims = {**dims_of(path), **BIG_DIMS}
+    made = fake_gpu(kvikio=FakeKvikio() if reader == "kvikio" else None)
+    most = 0
+    settings = dict(staging_bytes=staging, device_scratch_bytes=scratch, chunk_bytes=1 << 20)
+    with gpuload.Loader(device="cuda:0", framework="cupy", threads=2, **settings) as ld:
+        rt = made[-1]
+        for rank, world in ((0, 1), (1, 2), (3, 4)):
+            got = ld.load(path, rank, world, rules=BIG_RULES)
+            want = expected(path, rank, world, dims)
+            assert not (bad := mismatched(got, want)), (rank, world, bad[:5])
+            most = max(most, sum(len(b) for b in want.values()))
+            del got
+    assert rt.host_peak <= staging  # pinned staging within its budget
+    assert rt.peak <= most + scratch  # device scratch (beside the results) within its budget
+    assert rt.host_live == 0 and rt.allocated == 0  # close() freed staging and scratch
+
+
+def test_kvikio_scratch_below_three_pages_is_a_plan_error(tmp_path, rng, fake_gpu):
+    path = build(tmp_path, rng, aligned=True)
+    fake_gpu(kvikio=FakeKvikio())
+    with (
+        gpuload.Loader(device="cuda:0", device_scratch_bytes=16 << 10, threads=3) as ld,
+        pytest.raises(PlanError, match="kvikio read needs"),
+    ):
+        ld.load(path, 0, 1)
+
+
+# -- ordering: the event wait is what keeps the bytes right ---------------------
+
+
+class RefillsWithoutWaiting(DevicePipeline):
+    """Broken on purpose: reuses a slot without waiting for its stream."""
+
+    def _reuse(self, slot):
+        return 0.0, 0.0
+
+
+class ReturnsBeforeStreamsFinish(DevicePipeline):
+    """Broken on purpose: returns without waiting for the streams."""
+
+    def _drain(self):
+        return 0.0, 0.0
+
+
+def run_pipeline(cls, path: Path, reader: str, rank: int = 1, world: int = 2):
+    """Drive one pipeline directly (no backend), on slow fake streams: every
+    queued item sleeps up to 3 ms, so a refill that does not wait lands
+    before the copy that should have read the old bytes."""
+    kv = FakeKvikio() if reader == "kvikio" else None
+    rt = FakeRuntime(max_delay=0.003, p_delay=1.0, seed=rank, kvikio=kv)
+    plan = gpuload.Loader(device="cpu", **SMALL).plan(path, rank, world, rules=RULES)
+    pipe = cls(rt, threads=1, staging_bytes=8 << 10, scratch_bytes=8 << 20, pin=True)
+    outputs = {t.name: rt.device_alloc(t.out_nbytes) for t in plan.plan.tensors}
+    files = plan.checkpoint.files
+    rd = KvikioReader(files, prefetch=False, kvikio=kv, threads=1) if kv else PosixReader(files)
+    try:
+        pipe.run(plan.plan, outputs, rd, LoadReport(str(path), rank, world, "cuda:0", reader))
+        busy_after_run = rt.busy()
+        pipe.close()  # waits for the streams, whatever run did
+        got = {t.name: rt.to_framework(outputs[t.name], t, "cupy") for t in plan.plan.tensors}
+    finally:
+        rd.close()
+        rt.close()
+    return mismatched(got, expected(path, rank, world, dims_of(path))), busy_after_run
+
+
+@pytest.mark.parametrize("reader", ["posix", "kvikio"])
+def test_refilling_a_slot_before_its_stream_is_done_corrupts_and_the_wait_prevents_it(
+    tmp_path, rng, reader
+):
+    path = build(tmp_path, rng, aligned=False)
+    # The broken pipeline must produce wrong bytes: this is what makes the
+    # test able to fail, and shows the fake runtime exposes the race.
+    bad, _ = run_pipeline(RefillsWithoutWaiting, path, reader)
+    assert bad, "without the event wait the fake streams should have read refilled slots"
+    # The same load, same timing, with the wait: every byte right.
+    bad, busy = run_pipeline(DevicePipeline, path, reader)
+    assert not bad and not busy
+
+
+def test_results_are_complete_when_run_returns(tmp_path, rng):
+    path = build(tmp_path, rng, aligned=True)
+    _, busy = run_pipeline(ReturnsBeforeStreamsFinish, path, "posix")
+    assert busy, "without the final wait, work is still queued when run returns"
+    _, busy = run_pipeline(DevicePipeline, path, "posix")
+    assert not busy
+
+
+# -- reuse, ownership, memory -----------------------------------------------------
+
+
+def test_reused_loader_keeps_slots_and_results_own_their_memory(tmp_path, rng, fake_gpu):
+    path = build(tmp_path, rng, aligned=False)
+    made = fake_gpu()
+    ld = gpuload.Loader(device="cuda:0", framework="cupy", **SMALL)
+    rt = made[-1]
+    streams = list(rt.streams)
+    first = ld.load(path, 0, 2, rules=RULES)
+    snapshot = {k: as_bytes(v) for k, v in first.items()}
+    staging_allocs, device_allocs = len(rt.host_allocs), len(rt.device_allocs)
+    second = ld.load(path, 1, 2, rules=RULES)
+    third = ld.load(path, 0, 2, rules=RULES)
+    assert rt.streams == streams  # streams made once per Loader
+    assert len(rt.host_allocs) == staging_allocs  # staging reused, not regrown
+    assert len(rt.device_allocs) == device_allocs + 2 * len(first)  # only the new results
+    assert {k: as_bytes(v) for k, v in first.items()} == snapshot  # not views of staging
+    assert not mismatched(second, expected(path, 1, 2, dims_of(path)))
+    assert {k: as_bytes(v) for k, v in third.items()} == snapshot
+    results = sum(a.nbytes for r in (first, second, third) for a in r.values())
+    ld.close()
+    assert rt.allocated == results and rt.host_live == 0  # close freed staging and scratch
+    del first, second, third
+    assert rt.allocated == 0  # results freed with their arrays: back to the baseline
+
+
+class CountingReader(PosixReader):
+    reads = 0
+
+    def readinto(self, file, offset, buffers):
+        CountingReader.reads += 1
+        super().readinto(file, offset, buffers)
+
+
+def test_results_that_do_not_fit_fail_before_any_read(tmp_path, rng, fake_gpu):
+    path = build(tmp_path, rng, aligned=True)
+    CountingReader.reads = 0
+    fake_gpu(total=4096)
+    with gpuload.Loader(device="cuda:0", reader_factory=CountingReader, **SMALL) as ld:
+        need = sum(t.out_nbytes for t in ld.plan(path, 0, 1).plan.tensors)
+        with pytest.raises(PlanError) as e:
+            ld.load(path, 0, 1)
+    assert f"need {need:,} bytes" in str(e.value) and "only 4,096 of 4,096 are free" in str(e.value)
+    assert "nothing was read" in str(e.value) and CountingReader.reads == 0
+
+
+def test_scratch_that_does_not_fit_fails_before_any_read(tmp_path, rng, fake_gpu):
+    path = build(tmp_path, rng, aligned=True)
+    CountingReader.reads = 0
+    with gpuload.Loader(device="cpu", **SMALL) as cpu:
+        need = sum(t.out_nbytes for t in cpu.plan(path, 1, 2, rules=RULES).plan.tensors)
+    fake_gpu(total=need + 1000)  # results fit; the slots' scratch does not
+    with (
+        gpuload.Loader(device="cuda:0", reader_factory=CountingReader, **SMALL) as ld,
+        pytest.raises(PlanError, match="results and device scratch need"),
+    ):
+        ld.load(path, 1, 2, rules=RULES)
+    assert CountingReader.reads == 0
+
+
+class FailingReader(PosixReader):
+    armed = True
+
+    def readinto(self, file, offset, buffers):
+        if FailingReader.armed and offset > 2000:
+            raise ReadError(f"{file}: injected failure at {offset}")
+        super().readinto(file, offset, buffers)
+
+
+def test_a_failed_read_raises_after_the_streams_stop(tmp_path, rng, fake_gpu):
+    path = build(tmp_path, rng, aligned=True)
+    FailingReader.armed = True
+    made = fake_gpu(max_delay=0.002, p_delay=1.0)
+    with gpuload.Loader(device="cuda:0", reader_factory=FailingReader, **SMALL) as ld:
+        with pytest.raises(ReadError, match="injected"):
+            ld.load(path, 0, 1)
+        assert not made[-1].busy()  # nothing still writes into the dropped results
+        FailingReader.armed = False
+        got = ld.load(path, 0, 1)
+    assert not mismatched(got, expected(path, 0, 1, {}))  # and the Loader still works
+
+
+class SignallingReader(PosixReader):
+    started = None  # a threading.Event, set at the first read
+
+    def readinto(self, file, offset, buffers):
+        SignallingReader.started.set()
+        super().readinto(file, offset, buffers)
+
+
+def test_a_second_load_while_one_runs_is_refused_without_touching_its_buffers(
+    tmp_path, rng, fake_gpu
+):
+    path = build(tmp_path, rng, aligned=True)
+    fake_gpu(max_delay=0.002, p_delay=1.0)
+    SignallingReader.started = threading.Event()
+    box = {}
+    with gpuload.Loader(device="cuda:0", reader_factory=SignallingReader, **SMALL) as ld:
+        t = threading.Thread(target=lambda: box.update(got=ld.load(path, 0, 1)))
+        t.start()
+        assert SignallingReader.started.wait(30)
+        with pytest.raises(RuntimeError, match="already loading"):
+            ld.load(path, 0, 1)  # refused before it could regrow the running load's slots
+        t.join()
+    assert not mismatched(box["got"], expected(path, 0, 1, {}))
+
+
+# -- backend choice and results ---------------------------------------------------
+
+
+def test_backend_choice_and_reasons(tmp_path, rng, fake_gpu):
+    path = build(tmp_path, rng, aligned=True)
+    fake_gpu(kvikio=FakeKvikio(compat=True))
+    with gpuload.Loader(device="cuda:0", threads=5) as ld:
+        assert ld.backend == "kvikio" and "auto" in ld.backend_reason
+        assert "compatibility mode" in ld.backend_reason
+        kv = ld._backend.runtime.kvikio()
+        ld.load(path, 0, 1)
+        assert kv.defaults.get("num_threads") == 5  # GPULOAD_THREADS sizes kvikio's pool
+    fake_gpu(kvikio=FakeKvikio(compat=False))
+    with gpuload.Loader(device="cuda:0", backend="kvikio") as ld:
+        assert "GPUDirect Storage" in ld.backend_reason
+    with gpuload.Loader(device="cuda:0", backend="posix") as ld:
+        assert ld.backend == "posix" and "backend='posix'" in ld.backend_reason
+    fake_gpu()  # no kvikio
+    with gpuload.Loader(device="cuda:0") as ld:
+        assert ld.backend == "posix" and "kvikio unusable" in ld.backend_reason
+    with pytest.raises(BackendUnavailable, match="kvikio"):
+        gpuload.Loader(device="cuda:0", backend="kvikio")
+
+
+def test_frameworks_on_a_gpu(monkeypatch):
+    assert outputs.resolve_framework(None, "cpu") == "numpy"
+    with pytest.raises(ValueError, match="host arrays"):
+        outputs.resolve_framework("numpy", "cuda:0")
+    with pytest.raises(ValueError, match="cuda"):
+        outputs.resolve_framework("cupy", "cpu")
+    assert outputs.resolve_framework("cupy", "cuda:1") == "cupy"
+
+    def no_torch():
+        raise BackendUnavailable("no torch")
+
+    monkeypatch.setattr(outputs, "_torch", no_torch)
+    assert outputs.resolve_framework(None, "cuda:0") == "cupy"
+
+
+def test_cuda_means_the_current_device_never_the_rank(monkeypatch):
+    monkeypatch.setattr(device_mod, "cuda_device_count", lambda: 4)
+    monkeypatch.setattr(device_mod, "current_cuda_device", lambda: 2)
+    assert device_mod.resolve_device("cuda") == "cuda:2"
+    assert device_mod.resolve_device(None) == "cuda:2"
+    assert device_mod.resolve_device("cuda:3") == "cuda:3"
+    with pytest.raises(BackendUnavailable, match="4 CUDA"):
+        device_mod.resolve_device("cuda:4")
+    # A caller-supplied runtime: the string is checked, CUDA is not probed.
+    assert device_mod.resolve_device(None, probe=False) == "cuda:0"
+    assert device_mod.resolve_device("cuda:5", probe=False) == "cuda:5"
+    with pytest.raises(ValueError, match="runtime"):
+        device_mod.resolve_device("cpu", probe=False)
+    rt = FakeRuntime()
+    b = CudaBackend("cuda:3", gpuload.Config(threads=1), runtime=rt)
+    assert b.index == 3 and b.device == "cuda:3"
+    b.close()
+    with pytest.raises(ValueError, match="resolved"):
+        CudaBackend("cuda", gpuload.Config(), runtime=rt)
+
+
+# -- splitting reads to fit slots ---------------------------------------------------
+
+
+def test_split_ops_deliver_the_same_bytes(tmp_path, rng):
+    path = build(tmp_path, rng, aligned=False, extra=BIG)
+    data = np.frombuffer(path.read_bytes(), np.uint8)
+    windows = rows_read_directly = 0
+    for rank, world, limit in ((0, 1, 97), (1, 2, 700), (3, 4, 4096), (1, 8, 5000), (0, 2, 9999)):
+        plan = gpuload.Loader(device="cpu", chunk_bytes=1 << 16, min_chunk_bytes=512).plan(
+            path, rank, world, rules=BIG_RULES
+        )
+        want = run_host(plan.plan, plan.plan.ops, data)
+        ops = []
+        for op in plan.plan.ops:
+            parts = split_op(op, limit)
+            assert all(part.length <= limit for part in parts)
+            if op.staged and len(parts) > 1:
+                windows += all(part.staged for part in parts)
+                rows_read_directly += not any(part.staged for part in parts)
+            ops += parts
+        assert sum(op.useful_bytes for op in ops) == plan.plan.bytes_useful
+        got = run_host(plan.plan, ops, data)
+        assert all(got[k].tobytes() == want[k].tobytes() for k in want), (rank, world, limit)
+    assert windows and rows_read_directly  # both ways of splitting a covering read ran
+
+
+def run_host(plan, ops, data: np.ndarray) -> dict[str, np.ndarray]:
+    """Execute ops with numpy: the reference for what a split must preserve."""
+    out = {t.name: np.zeros(t.out_nbytes, np.uint8) for t in plan.tensors}
+    for op in ops:
+        block = data[op.offset : op.offset + op.length]
+        for tensor, table in _piece_tables(op).items():
+            gather_host(block, out[tensor], table)
+    return out
+
+
+def test_import_and_fake_load_never_touch_cupy_or_numba_cuda(tmp_path, rng):
+    path = build(tmp_path, rng, aligned=True)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import gpuload
+        from fake_cuda import FakeRuntime
+        from gpuload.device_cuda import CudaBackend
+        ld = gpuload.Loader(device="cpu")
+        lp = ld.plan({str(path)!r}, 0, 1)
+        b = CudaBackend("cuda:0", ld.config, runtime=FakeRuntime())
+        bufs = b.allocate(lp.plan)
+        r = b.reader(lp.checkpoint.files, prefetch=True)
+        b.run(lp.plan, bufs, r, gpuload.LoadReport("x", 0, 1, "cuda:0", b.name), None)
+        r.close()
+        b.close()
+        bad = [m for m in sys.modules if m.startswith(("cupy", "kvikio", "numba.cuda"))]
+        assert not bad, bad
+        """
+    )
+    subprocess.run([sys.executable, "-W", "error", "-c", code], check=True, timeout=120)
