@@ -15,15 +15,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .dtypes import DTYPES, DType
-from .errors import HeaderError, IndexFileError
+from .errors import HeaderError, IndexFileError, ReadError
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap (HeaderTooLarge)
 U64_MAX = (1 << 64) - 1
+MAX_DIMS = 32  # numpy 1.x holds at most 32 dims (2.x: 64); no weight comes close
 INDEX_NAME = "model.safetensors.index.json"
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
@@ -84,16 +86,32 @@ class Checkpoint:
 # one file
 
 
-def _no_duplicates(file: str):
+def _no_duplicates(file: str, err: type[HeaderError]):
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in pairs:
             if k in out:
-                raise HeaderError(file, "duplicate key in header JSON", tensor=k)
+                raise err(file, "duplicate key in JSON", tensor=k)
             out[k] = v
         return out
 
     return hook
+
+
+class _Object(dict):
+    """A header JSON object that remembers its first duplicate key, so the
+    error can name the tensor whose entry repeats a key, not the key."""
+
+    duplicate: str | None = None
+
+
+def _header_object(pairs: list[tuple[str, Any]]) -> _Object:
+    out = _Object()
+    for k, v in pairs:
+        if k in out and out.duplicate is None:
+            out.duplicate = k
+        out[k] = v
+    return out
 
 
 def _reject_constant(value: str) -> Any:
@@ -105,13 +123,20 @@ def _is_int(x: Any) -> bool:
 
 
 def _checked_bits(file: str, name: str, shape: list[Any], dtype: DType) -> int:
-    """shape x bits with the u64 overflow guard of safetensors' ValidationOverflow."""
-    n = dtype.bits
+    """shape x bits with the u64 overflow guard of safetensors' ValidationOverflow.
+
+    The guard multiplies zero dims as 1: ``[0, 2**70]`` holds no bytes, but no
+    array can have that shape, and numpy or torch would fail on it later.
+    """
+    if len(shape) > MAX_DIMS:
+        raise HeaderError(file, f"shape has {len(shape)} dims, more than {MAX_DIMS}", name)
+    n = bound = dtype.bits
     for d in shape:
         if not _is_int(d) or d < 0:
             raise HeaderError(file, f"shape {shape!r} has a non-integer or negative dim", name)
         n *= d
-        if n > U64_MAX:
+        bound *= max(d, 1)
+        if bound > U64_MAX:
             raise HeaderError(file, f"shape {shape!r} x {dtype.name} overflows 64 bits", name)
     return n
 
@@ -119,6 +144,8 @@ def _checked_bits(file: str, name: str, shape: list[Any], dtype: DType) -> int:
 def _parse_entry(file: str, name: str, entry: Any, data_start: int) -> tuple[TensorInfo, int]:
     if not isinstance(entry, dict):
         raise HeaderError(file, f"entry is {type(entry).__name__}, not an object", name)
+    if getattr(entry, "duplicate", None) is not None:
+        raise HeaderError(file, f"duplicate key {entry.duplicate!r} in its entry", name)
     if set(entry) != _ENTRY_KEYS:
         missing, extra = _ENTRY_KEYS - set(entry), set(entry) - _ENTRY_KEYS
         raise HeaderError(
@@ -170,9 +197,7 @@ def parse_header_bytes(
         raise HeaderError(file, f"header truncated: have {len(prefix) - 8} of {n} bytes")
     try:
         text = bytes(prefix[8 : 8 + n]).decode("utf-8")
-        doc = json.loads(
-            text, object_pairs_hook=_no_duplicates(file), parse_constant=_reject_constant
-        )
+        doc = json.loads(text, object_pairs_hook=_header_object, parse_constant=_reject_constant)
     except UnicodeDecodeError as e:
         raise HeaderError(file, f"header is not UTF-8 ({e.reason} at byte {e.start})") from None
     except RecursionError:
@@ -181,6 +206,8 @@ def parse_header_bytes(
         raise HeaderError(file, f"header is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise HeaderError(file, f"header JSON is a {type(doc).__name__}, not an object")
+    if doc.duplicate is not None:
+        raise HeaderError(file, "duplicate key in header JSON", tensor=doc.duplicate)
 
     data_start = 8 + n
     metadata = doc.pop("__metadata__", None)
@@ -188,6 +215,8 @@ def parse_header_bytes(
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise HeaderError(file, "__metadata__ must map strings to strings", "__metadata__")
+    if getattr(metadata, "duplicate", None) is not None:
+        raise HeaderError(file, f"duplicate key {metadata.duplicate!r}", "__metadata__")
 
     entries = [_parse_entry(file, name, e, data_start) for name, e in doc.items()]
     # No holes, no overlaps: sorted by offset, each tensor starts where the
@@ -200,10 +229,20 @@ def parse_header_bytes(
         if begin > pos:
             raise HeaderError(file, f"hole: bytes [{pos}, {begin}) belong to no tensor", info.name)
         pos = begin + info.nbytes
-    if data_start + pos != file_size:
-        what = "trailing bytes after" if data_start + pos < file_size else "file ends before"
+    if data_start + pos < file_size:
         raise HeaderError(
-            file, f"{what} the data section (data ends at {data_start + pos}, file is {file_size})"
+            file,
+            f"trailing bytes after the data section (data ends at {data_start + pos}, "
+            f"file is {file_size})",
+        )
+    if data_start + pos > file_size:
+        # Name the first tensor that runs past the end of the file.
+        past = next(i for i, b in entries if data_start + b + i.nbytes > file_size)
+        raise HeaderError(
+            file,
+            f"file ends before the data section does (bytes [{past.start}, {past.end}) "
+            f"past the end of the {file_size}-byte file)",
+            past.name,
         )
     tensors = {info.name: info for info, _ in entries}
     return FileHeader(file, n, file_size, dict(metadata), tensors, identity)
@@ -223,17 +262,25 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
 def parse_header(path: str | os.PathLike[str]) -> FileHeader:
     """Read and validate the header of one ``.safetensors`` file."""
     file = os.fspath(path)
-    fd = os.open(file, os.O_RDONLY)
+    # O_NONBLOCK: opening a FIFO (or a device) named *.safetensors must not
+    # block forever; it is refused below. Reads of regular files ignore it.
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise HeaderError(file, "is not a regular file")
+        os.set_blocking(fd, True)
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        head = _pread_exact(fd, 8, 0)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        # Only read the JSON once its length passed the cheap checks, so a
-        # hostile length never makes us allocate.
-        body = b""
-        if 0 < n <= MAX_HEADER_BYTES and 8 + n <= st.st_size:
-            body = _pread_exact(fd, n, 8)
+        try:
+            head = _pread_exact(fd, 8, 0)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            # Only read the JSON once its length passed the cheap checks, so
+            # a hostile length never makes us allocate.
+            body = b""
+            if 0 < n <= MAX_HEADER_BYTES and 8 + n <= st.st_size:
+                body = _pread_exact(fd, n, 8)
+        except OSError as e:
+            raise ReadError(f"{file}: reading the header failed: {e.strerror}") from e
         return parse_header_bytes(file, head + body, st.st_size, identity)
     finally:
         os.close(fd)
@@ -247,7 +294,7 @@ def _read_json(path: Path, err: type[HeaderError]) -> Any:
     try:
         return json.loads(
             path.read_text(encoding="utf-8"),
-            object_pairs_hook=_no_duplicates(str(path)),
+            object_pairs_hook=_no_duplicates(str(path), err),
             parse_constant=_reject_constant,
         )
     except UnicodeDecodeError:
@@ -304,7 +351,9 @@ def _files_in_dir(root: Path) -> tuple[list[Path], dict[str, str] | None, Path |
     single = root / "model.safetensors"
     if single.is_file():
         return [single], None, None
-    found = sorted(root.glob("*.safetensors"))
+    # Regular files (or links to them) only: a directory or a FIFO that
+    # happens to match the pattern is not a checkpoint file.
+    found = sorted(p for p in root.glob("*.safetensors") if p.is_file())
     if not found:
         raise FileNotFoundError(f"{root}: no {INDEX_NAME} and no *.safetensors files")
     return found, None, None

@@ -46,6 +46,7 @@ class PosixReader:
         self._headers = {h.path: h for h in headers}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._closed = False
         self.prefetch = prefetch
 
     def _fd(self, file: str) -> int:
@@ -55,11 +56,17 @@ class PosixReader:
         with self._lock:  # open each file once, even when threads race here
             fd = self._fds.get(file)
             if fd is None:
+                if self._closed:  # never reopen behind close(): that fd would leak
+                    raise ReadError(f"{file}: the reader is closed")
                 try:
-                    fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    # O_NONBLOCK: a file replaced by a FIFO since its header
+                    # was parsed must fail the identity check, not block here.
+                    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+                    fd = os.open(file, flags)
                 except OSError as e:
                     raise ReadError(f"{file}: cannot open: {e.strerror}") from e
                 self._check(file, os.fstat(fd), fd)
+                os.set_blocking(fd, True)  # a regular file: plain blocking reads
                 self._fds[file] = fd
             return fd
 
@@ -70,7 +77,7 @@ class PosixReader:
                 os.close(fd)
             raise ReadError(
                 f"{file}: file changed since its header was read "
-                f"(size/inode/mtime {want[1:]} -> {_identity(st)[1:]})"
+                f"(inode/size/mtime {want[1:]} -> {_identity(st)[1:]})"
             )
 
     def advise(self, file: str, offset: int, length: int) -> None:
@@ -114,7 +121,7 @@ class PosixReader:
     def close(self) -> None:
         """Close every file; raise if one changed while it was being read."""
         with self._lock:
-            fds, self._fds = self._fds, {}
+            fds, self._fds, self._closed = self._fds, {}, True
         changed = None
         for file, fd in fds.items():
             try:

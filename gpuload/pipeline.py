@@ -13,7 +13,6 @@ the error is raised: a failed load returns nothing.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import queue
 import threading
 import time
@@ -36,6 +35,20 @@ def _piece_tables(op: ReadOp) -> dict[str, np.ndarray]:
             [p.src - op.offset, p.dst, p.rows, p.row_bytes, p.src_stride, p.dst_stride]
         )
     return {t: np.array(rows, np.int64).reshape(-1, NCOLS) for t, rows in by_tensor.items()}
+
+
+def _join(t: threading.Thread, patience: float = 1.0) -> None:
+    """Join ``t``, also when a Ctrl-C cut its ``start()`` short: the thread
+    may still be starting (``join`` refuses until it has)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            t.join()
+            return
+        except RuntimeError:  # not started yet
+            if time.monotonic() > deadline:  # start() was cut before the thread existed
+                return
+            time.sleep(0.001)
 
 
 class HostPipeline:
@@ -116,25 +129,51 @@ class HostPipeline:
                 self._slots.put(slot)
             return op.length, t2 - t1, t3 - t2, t1 - t0
 
-        pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="gpuload-read")
-        futures = [pool.submit(work, i) for i in range(len(ops))]
+        # Every op is queued before any thread starts, and the threads take
+        # them from there: the caller's thread only starts ``threads`` workers
+        # and waits. A Ctrl-C lands in that wait (or in a start), never half
+        # way through queueing thousands of futures, whose locks an
+        # asynchronous KeyboardInterrupt can leave broken.
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(ops)):
+            todo.put(i)
+        done: queue.SimpleQueue[tuple[int, float, float, float] | BaseException]
+        done = queue.SimpleQueue()
+
+        def worker() -> None:
+            while not stop.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put(work(i))
+                except BaseException as e:  # handed to the caller's thread
+                    stop.set()
+                    done.put(e)
+                    return
+
+        started: list[threading.Thread] = []
         try:
-            for fut in cf.as_completed(futures):
-                nbytes, read_s, gather_s, wait_s = fut.result()
+            for k in range(min(self.threads, len(ops))):
+                started.append(threading.Thread(target=worker, name=f"gpuload-read_{k}"))
+                started[-1].start()
+            for _ in range(len(ops)):
+                item = done.get()
+                if isinstance(item, BaseException):
+                    raise item
+                nbytes, read_s, gather_s, wait_s = item
                 report.read_s += read_s
                 report.gather_s += gather_s
                 report.wait_s += wait_s
                 if on_bytes is not None:
                     on_bytes(nbytes)
-        except BaseException:
-            # First error (or Ctrl-C): cancel what has not started, let the
-            # running ops finish so no thread writes after we return.
-            stop.set()
-            for f in futures:
-                f.cancel()
-            raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # First error (or Ctrl-C): no op starts after this; the running
+            # ones finish, so no thread writes into a buffer after we return.
+            stop.set()
+            for t in started:
+                _join(t)
         report.ops += len(ops)
         report.staged_ops += sum(op.staged for op in ops)
         report.bytes_read += plan.bytes_read
