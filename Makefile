@@ -23,6 +23,7 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check gpuload kernels tests bench
 	$(BIN)/ruff format --check gpuload kernels tests bench
+	$(BIN)/hadolint docker/Dockerfile
 
 test: lint
 	$(BIN)/python -m pytest -q --ignore=tests/cudasim

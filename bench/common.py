@@ -1,99 +1,12 @@
-"""Timing and reporting shared by the benchmarks: median of N runs after a
-warm-up, with the spread, and machine facts for the record."""
+"""Timing and reporting for the scripts in bench/. The timing and the machine
+record live in :mod:`gpuload.bench.timing` (``gpuload bench`` ships in the
+package); the table here is ``bench/cpu.py``'s."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import platform
-import statistics
-import sys
-import time
-from collections.abc import Callable
-from importlib import metadata
+from gpuload.bench.timing import GiB, Timing, machine, measure
 
-GiB = float(1 << 30)
-
-
-@dataclasses.dataclass
-class Timing:
-    name: str
-    nbytes: int  # bytes delivered per run
-    runs: list[float]
-    note: str = ""
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.runs)
-
-    @property
-    def gib_s(self) -> float:
-        return self.nbytes / GiB / self.median
-
-    @property
-    def spread(self) -> str:
-        return f"{min(self.runs):.3f}-{max(self.runs):.3f}"
-
-
-def measure(
-    name: str, nbytes: int, fn: Callable[[], object], runs: int, warmup: int = 1, note: str = ""
-) -> Timing:
-    """Run ``fn`` ``warmup`` times untimed, then ``runs`` times timed. Each
-    result is dropped before the next run so memory does not pile up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        del out
-    return Timing(name, nbytes, times, note)
-
-
-def machine() -> dict[str, object]:
-    def version(pkg: str) -> str | None:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(f.readline().split()[1]) * 1024
-    except OSError:
-        pass
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
-            )
-    except OSError:
-        pass
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "ram_bytes": mem,
-        "packages": {
-            p: version(p)
-            for p in (
-                "gpuload",
-                "numpy",
-                "numba",
-                "safetensors",
-                "ml_dtypes",
-                "torch",
-                "cupy-cuda12x",
-                "cupy-cuda13x",
-                "kvikio-cu12",
-                "kvikio-cu13",
-            )
-        },
-    }
+__all__ = ["GiB", "Timing", "machine", "markdown", "measure"]
 
 
 def markdown(rows: list[Timing], limit: Timing | None, peers: dict[str, str]) -> str:

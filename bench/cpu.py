@@ -18,14 +18,11 @@ the peer's bytes once before timing.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,53 +30,14 @@ from common import machine, markdown, measure  # noqa: E402
 
 import gpuload  # noqa: E402
 from gpuload import synth  # noqa: E402
+from gpuload.bench.contenders import get_slice_shard as _get_slice_shard  # noqa: E402
+from gpuload.bench.limits import pread_all  # noqa: E402
 from gpuload.verify import as_bytes  # noqa: E402
-
-
-def pread_all(files: list[str], buf: np.ndarray, threads: int, chunk: int = 64 << 20) -> int:
-    """The read limit: every byte of every file, in chunks, into one buffer."""
-    jobs, pos = [], 0
-    for f in files:
-        size = os.path.getsize(f)
-        jobs += [(f, off, pos + off, min(chunk, size - off)) for off in range(0, size, chunk)]
-        pos += size
-    fds = {f: os.open(f, os.O_RDONLY) for f in files}
-    mv = memoryview(buf)
-
-    def one(job):
-        f, off, at, n = job
-        got = 0
-        while got < n:
-            got += os.preadv(fds[f], [mv[at + got : at + n]], off + got)
-        return n
-
-    try:
-        with cf.ThreadPoolExecutor(threads) as pool:
-            return sum(pool.map(one, jobs))
-    finally:
-        for fd in fds.values():
-            os.close(fd)
 
 
 def get_slice_shard(files, lp) -> dict[str, np.ndarray]:
     """safetensors' own way to read part of a tensor: get_slice + numpy slicing."""
-    where = {t.name: t for t in lp.plan.tensors}
-    out = {}
-    for f in files:
-        with safe_open(f, framework="numpy") as st:
-            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-                sel = where[name].selection
-                sl = st.get_slice(name)
-                if sel.dim is None:
-                    out[name] = sl[:]
-                    continue
-                parts = []
-                for start, n in sel.ranges:
-                    idx = [slice(None)] * len(sel.shape)
-                    idx[sel.dim] = slice(start, start + n)
-                    parts.append(sl[tuple(idx)])
-                out[name] = parts[0] if len(parts) == 1 else np.concatenate(parts, sel.dim)
-    return out
+    return _get_slice_shard(files, {t.name: t.selection for t in lp.plan.tensors})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""``gpuload`` command line: inspect, plan, demo.
+"""``gpuload`` command line: inspect, plan, demo, bench.
 
 Human tables by default, ``--json`` for machines.
 """
@@ -206,6 +206,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpuload", description=__doc__)
     p.add_argument("--version", action="version", version=f"gpuload {__version__}")
@@ -235,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--world", type=int, default=2)
     s.add_argument("--dir", help="write the checkpoint here instead of a temp dir")
     s.set_defaults(fn=cmd_demo)
+
+    from .bench import add_arguments  # argparse only: the bench imports nothing heavy
+
+    s = sub.add_parser("bench", help="gpuload vs peers and the hardware limits, in one run")
+    add_arguments(s)
+    s.set_defaults(fn=cmd_bench)
     return p
 
 

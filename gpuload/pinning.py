@@ -103,7 +103,9 @@ class Mapping:
 
     def __init__(self, path: str, identity: tuple[int, int, int, int] | None = None) -> None:
         self.path = os.fspath(path)
-        fd = os.open(self.path, os.O_RDONLY)
+        # O_NONBLOCK: a FIFO swapped in for the file must not hang the open;
+        # the identity (a regular file's inode) check below then refuses it.
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
             now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -1,0 +1,377 @@
+"""``gpuload bench``: gpuload against its peers and the hardware limits, in one run.
+
+Scenarios, each warm (page cache) and cold (pages evicted before every run):
+
+* ``full``: the dense model, world=1;
+* ``shard``: the dense model at each world size, rank 0, and (warm) the mean
+  over all ranks; cold runs take rank 0 only, since every cold run rereads
+  from storage;
+* ``moe``: the MoE model at world=1 with routed experts ``cpu_resident``.
+
+Every contender's output is checked against the files (sampled for big
+models) before it is timed. Figures are the median of ``--runs`` (>= 3)
+after a warm-up, with the spread. Outputs: a Markdown table, a JSON record of
+every raw run and the machine, and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ..errors import GpuloadError
+from ..loader import Loader
+from ..pinning import mem_available
+from ..synth import cached_model
+from . import goals as _goals
+from .cold import cold_possible, evict
+from .contenders import Case, Contender, Ctx, Skip, all_contenders
+from .gpu import Gpu, PeakMemory, probe
+from .limits import PROBE_BYTES, device_timings, fio_available, fio_timing, pread_timing
+from .oracle import Mismatch, Oracle
+from .presets import PRESETS, BenchPreset, Model
+from .report import Group, Row
+from .timing import GiB, Timing, measure
+
+FULL, MOE = _goals.FULL, "MoE world=1, experts cpu_resident"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench's options, on ``p`` (``gpuload bench`` and ``bench/run.py``)."""
+    p.description = p.description or __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--preset", choices=sorted(PRESETS), help="default: 12gb on a GPU, else cpu-2gb")
+    p.add_argument("--device", default="auto", help="auto (a GPU when usable), cpu, cuda[:N]")
+    p.add_argument("--runs", type=int, help="timed runs per figure, >= 3 (default: preset's)")
+    p.add_argument("--warmup", type=int, help="untimed runs first (default: preset's)")
+    p.add_argument("--scenarios", default="full,shard,moe", help="comma list of full,shard,moe")
+    p.add_argument("--modes", default="warm,cold", help="comma list of warm,cold")
+    p.add_argument("--worlds", help="shard world sizes, comma list (default: 2,4,8)")
+    p.add_argument(
+        "--ranks", choices=("all", "0"), default="all",
+        help="shard: 'all' also times every rank for the mean (warm); '0': rank 0 only",
+    )  # fmt: skip
+    p.add_argument("--contenders", help="regex: run only contenders whose name matches")
+    p.add_argument("--threads", type=int, help="reader threads (gpuload and the pread limit)")
+    p.add_argument("--dense-gib", type=float, help="override the preset's dense model size")
+    p.add_argument("--moe-gib", type=float, help="override the preset's MoE model size")
+    p.add_argument("--dtype", help="override the preset's dtype (BF16, F16, ...)")
+    p.add_argument("--unaligned", action="store_true", help="odd tensor offsets in the files")
+    p.add_argument("--cache-dir", help="synthetic model cache (default ~/.cache/gpuload/synth)")
+    p.add_argument("--out", default=".", help="directory for the .md, .json and .png")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+def _csv(s: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    items = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [x for x in items if allowed and x not in allowed]
+    if bad or not items:
+        raise ValueError(f"{s!r}: expected a comma list of {', '.join(allowed or ('values',))}")
+    return items
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        gpu, why = (None, "--device cpu") if args.device == "cpu" else probe(
+            "cuda:0" if args.device == "auto" else args.device
+        )  # fmt: skip
+        if gpu is None and args.device not in ("auto", "cpu"):
+            raise GpuloadError(f"--device {args.device}: no usable CUDA device ({why})")
+        self.gpu: Gpu | None = gpu
+        self.device = gpu.device if gpu else "cpu"
+        self.no_gpu_reason = why
+        p = PRESETS[args.preset or ("12gb" if gpu else "cpu-2gb")]
+        self.preset: BenchPreset = p
+        self.runs = p.runs if args.runs is None else args.runs
+        self.warmup = p.warmup if args.warmup is None else args.warmup
+        if self.runs < 3 or self.warmup < 0:
+            raise ValueError(f"--runs {self.runs} --warmup {self.warmup}: need runs >= 3")
+        self.scenarios = _csv(args.scenarios, ("full", "shard", "moe"))
+        self.modes = _csv(args.modes, ("warm", "cold"))
+        self.worlds = [int(w) for w in _csv(args.worlds)] if args.worlds else list(p.worlds)
+        self.dtype = args.dtype or p.dtype
+        self.planner = Loader(device="cpu", progress=False)
+        self.threads = args.threads or self.planner.config.threads
+        self.groups: list[Group] = []
+        self.failed: list[str] = []
+        self.notes: list[str] = []
+        self._cases: dict[tuple, Case] = {}
+        self._limits: dict[tuple[str, str], list[Row]] = {}
+        self._device_rows: list[Row] | None = None
+        self.paths: dict[str, Path] = {}
+        self.files: dict[str, list[str]] = {}
+        self.oracles: dict[str, Oracle] = {}
+        self.models: dict[str, dict] = {}
+        self.skipped_everywhere: list[tuple[str, str]] = []
+        self.cold_reason: dict[str, str | None] = {}
+        self.fio_noted = False
+        self.checked: set[tuple[str, str, int, int]] = set()  # (contender, case) byte-checked
+
+    # -- set-up -------------------------------------------------------------
+
+    def say(self, msg: str) -> None:
+        print(msg, flush=True)
+
+    def model(self, key: str) -> None:
+        m: Model = self.preset.dense if key == "dense" else self.preset.moe
+        gib = self.args.dense_gib if key == "dense" else self.args.moe_gib
+        if gib is not None:
+            m = Model(m.preset, gib)
+        t0 = time.perf_counter()
+        path = cached_model(
+            m.preset, m.target_bytes, dtype=self.dtype, unaligned=self.args.unaligned,
+            cache_dir=self.args.cache_dir,
+        )  # fmt: skip
+        files = sorted(str(f) for f in path.glob("*.safetensors"))
+        self.paths[key], self.files[key], self.oracles[key] = path, files, Oracle(files)
+        size = sum(Path(f).stat().st_size for f in files)
+        self.models[key] = {"preset": m.preset, "path": str(path), "file_bytes": size}
+        self.say(
+            f"{key} model: {path} ({m.preset}, {size / GiB:.2f} GiB in {len(files)} files, "
+            f"{self.dtype}; ready in {time.perf_counter() - t0:.1f} s)"
+        )
+
+    def open_contenders(self) -> list[Contender]:
+        ctx = Ctx(self.device, self.threads, settings=dict(self.preset.settings))
+        if self.device == "cpu" and self.dtype not in ("F16", "F32", "F64"):
+            ctx.framework = "pt"  # safetensors.numpy cannot hold bf16 / fp8
+        rx = re.compile(self.args.contenders) if self.args.contenders else None
+        out = []
+        for c in all_contenders():
+            if rx is not None and not rx.search(c.name):
+                continue
+            try:
+                c.open(ctx)
+            except Skip as e:
+                self.skipped_everywhere.append((c.name, str(e)))
+                self.say(f"skip {c.name}: {e}")
+                continue
+            out.append(c)
+        return out
+
+    def case(self, scenario: str, key: str, rank: int, world: int) -> Case:
+        k = (scenario, key, rank, world)
+        if k not in self._cases:
+            lp = self.planner.plan(
+                self.paths[key], rank, world, cpu_resident=True if scenario == "moe" else None
+            )
+            sels = {t.name: t.selection for t in lp.plan.tensors} | dict(lp.resident)
+            o = self.oracles[key]
+            self._cases[k] = Case(
+                scenario, str(self.paths[key]), tuple(self.files[key]), rank, world, sels,
+                frozenset(lp.resident), sum(o.nbytes_of(n, s) for n, s in sels.items()),
+            )  # fmt: skip
+        return self._cases[k]
+
+    # -- limits -------------------------------------------------------------
+
+    def device_limits(self) -> list[Row]:
+        """H2D and D2D, measured once (the cache does not matter to them)."""
+        if self._device_rows is None:
+            self._device_rows = []
+            if self.gpu is not None:
+                for t in device_timings(self.gpu, self.runs, self.warmup, PROBE_BYTES):
+                    self._device_rows.append(Row("", "", t.name, "limit", [t], note=t.note))
+                self.gpu.release()
+        return self._device_rows
+
+    def read_limits(self, key: str, mode: str) -> list[Row]:
+        if (key, mode) in self._limits:
+            return self._limits[(key, mode)]
+        files, cold = self.files[key], mode == "cold"
+        total = sum(Path(f).stat().st_size for f in files)
+        before = (lambda: evict(files)) if cold else None
+        n, w, th = self.runs, self.warmup, self.threads
+        ts = [pread_timing(files, th, n, w, before=before, pinned=self.gpu)]
+        if self.gpu is None and not cold and 2 * total < mem_available():
+            ts.append(pread_timing(files, th, n, w, fresh=True))
+        why = fio_available()
+        if why is None:
+            try:
+                ts.append(fio_timing(files, th, n, w, cold=cold))
+            except (OSError, ValueError, KeyError) as e:  # a failed fio is a note, not a crash
+                self.notes.append(f"fio limit ({key}, {mode}) failed: {e}")
+        elif not self.fio_noted:
+            self.fio_noted = True
+            self.notes.append(f"fio limit skipped: {why}")
+        rows = [Row("", mode, t.name, "limit", [t], note=t.note) for t in ts]
+        self._limits[(key, mode)] = rows
+        return rows
+
+    # -- scenarios ----------------------------------------------------------
+
+    def group(self, title: str, mode: str, limits: list[Row], primary: str | None) -> Group:
+        g = Group(title, mode)
+        names = [r.name for r in limits]
+        g.limit = primary if primary in names else (names[0] if names else None)
+        g.rows = [Row(title, mode, r.name, r.kind, r.timings, r.note) for r in limits]
+        self.groups.append(g)
+        return g
+
+    def time_contender(
+        self, c: Contender, cases: list[Case], mode: str
+    ) -> tuple[list[Timing], int | None]:
+        """Time ``c`` on each case (one rank each); the first and last checked."""
+        cold, sync = mode == "cold", self.gpu.sync if self.gpu else None
+        timings, peak = [], None
+        for i, case in enumerate(cases):
+            before = (lambda f=case.files: evict(f)) if cold else None
+            oracle = self.oracles["moe" if case.scenario == "moe" else "dense"]
+            check, key = None, (c.name, case.scenario, case.rank, case.world)
+            if i in (0, len(cases) - 1) and key not in self.checked:  # once per case
+
+                def check(out, s=case.selections, o=oracle, key=key) -> None:
+                    o.check(out, s)  # raises Mismatch: then checked again next time
+                    self.checked.add(key)
+
+            fn = lambda case=case: c.load(case)  # noqa: E731
+            kw = {"before": before, "check": check, "sync": sync}
+            warm = self.warmup if i == 0 else 0  # later ranks reuse the warmed loader
+            if self.gpu is not None and not cold:
+                with PeakMemory(self.gpu) as pm:
+                    t = measure(c.name, case.nbytes, fn, self.runs, warm, **kw)
+                peak = max(peak or 0, pm.peak)
+            else:
+                t = measure(c.name, case.nbytes, fn, self.runs, warm, **kw)
+            t.extra["rank"], t.extra["world"] = case.rank, case.world
+            timings.append(t)
+        return timings, peak
+
+    def contender_rows(
+        self, c: Contender, cases: list[Case], mode: str, groups: list[Group]
+    ) -> None:
+        """Time ``c``; add a row to ``groups[0]`` (rank 0) and, when given,
+        ``groups[1]`` (the mean over every rank); a failure is noted in both."""
+        try:
+            timings, peak = self.time_contender(c, cases, mode)
+        except Exception as e:  # a crashing or wrong peer is reported, never fatal
+            wrong = isinstance(e, Mismatch)
+            why = f"FAILED the byte check: {e}" if wrong else f"error: {type(e).__name__}: {e}"
+            for g in groups:
+                g.skipped.append((c.name, why))
+            if wrong or c.kind == "gpuload":
+                self.failed.append(f"{c.name} in {groups[0].title} ({mode}): {why}")
+            self.say(f"  {c.name}: {why}")
+            return
+        finally:
+            if self.gpu is not None:
+                self.gpu.release()
+        for g, ts in zip(groups, (timings[:1], timings), strict=False):
+            row = Row(g.title, mode, c.name, c.kind, ts, c.api, peak)
+            g.rows.append(row)
+            peak_s = f", device peak {peak / GiB:.2f} GiB" if peak else ""
+            self.say(f"  {g.title}: {c.name}: {row.seconds:.3f} s, {row.gib_s:.2f} GiB/s{peak_s}")
+
+    def scenario(self, scenario: str, mode: str, contenders: list[Contender]) -> None:
+        key = "moe" if scenario == "moe" else "dense"
+        if mode == "cold" and self.cold_reason.get(key):
+            self.notes.append(f"{scenario}, cold: {self.cold_reason[key]}")
+            return
+        limits = self.read_limits(key, mode)
+        dev = self.device_limits()
+        h2d = [r for r in dev if r.name == "H2D pinned"]
+        d2d = [r for r in dev if r.name == "D2D copy"]
+        read = limits[0].name
+        if mode == "cold":  # storage-bound: fio when there is one
+            primary, extra = ("fio" if any(r.name == "fio" for r in limits) else read), h2d
+        elif scenario == "moe":  # mostly host-bound: the experts stay in RAM
+            primary, extra = read, h2d
+        else:
+            primary = h2d[0].name if h2d else read
+            extra = h2d + (d2d if scenario == "full" else [])
+        if scenario == "full":
+            plan = [(FULL, None, [(0, 1)])]
+        elif scenario == "moe":
+            plan = [(MOE, None, [(0, 1)])]
+        else:
+            plan = []
+            for w in self.worlds:
+                every = mode == "warm" and self.args.ranks == "all" and w > 1
+                mean = f"world={w}, mean over ranks" if every else None
+                plan.append(
+                    (f"world={w}, rank 0", mean, [(r, w) for r in range(w if every else 1)])
+                )
+        for title, mean_title, ranks in plan:
+            shown = extra + (limits if title in (FULL, MOE) or mode == "cold" else limits[:1])
+            groups = [self.group(title, mode, shown, primary)]
+            if mean_title:
+                groups.append(self.group(mean_title, mode, shown, primary))
+            self.say(f"{title} — {mode}:")
+            for c in contenders:
+                why = c.why_not(scenario)
+                if why:
+                    for g in groups:
+                        g.skipped.append((c.name, why))
+                    continue
+                cases = [self.case(scenario, key, r, w) for r, w in ranks]
+                self.contender_rows(c, cases, mode, groups)
+
+    # -- the whole run --------------------------------------------------------
+
+    def run(self) -> int:
+        p = self.preset
+        self.say(
+            f"gpuload bench: preset {p.name} ({p.about}); device {self.device}"
+            + ("" if self.gpu else f" (no GPU: {self.no_gpu_reason})")
+            + f"; {self.runs} runs after {self.warmup} warm-up; {self.threads} threads"
+        )
+        if p.device == "cuda" and self.gpu is None:
+            self.notes.append(f"preset {p.name} is meant for a GPU; ran on the CPU")
+        keys = ["dense"] if {"full", "shard"} & set(self.scenarios) else []
+        keys += ["moe"] if "moe" in self.scenarios else []
+        for k in keys:
+            self.model(k)
+        need = sum(m["file_bytes"] for m in self.models.values())
+        if "warm" in self.modes and need > 0.8 * mem_available():
+            self.notes.append(
+                f"the models' files ({need / GiB:.1f} GiB) exceed 80% of available RAM "
+                f"({mem_available() / GiB:.1f} GiB): warm runs partly read storage"
+            )
+        self.cold_reason = (
+            {k: cold_possible(self.files[k]) for k in keys} if "cold" in self.modes else {}
+        )
+        contenders = self.open_contenders()
+        try:
+            for mode in self.modes:
+                for s in self.scenarios:
+                    self.scenario(s, mode, contenders)
+        finally:
+            for c in contenders:
+                c.close()
+        return self.write()
+
+    def write(self) -> int:
+        from .output import write_outputs
+
+        return write_outputs(self)
+
+
+def command(args: argparse.Namespace) -> str:
+    """The run's command line, every option spelled out (reproducible)."""
+    parts = ["gpuload", "bench"]
+    for k, v in sorted(vars(args).items()):
+        if k in ("fn", "cmd") or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts += [flag] if v is True else [flag, str(v)]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    return Bench(args).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gpuload bench")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (GpuloadError, ValueError, FileNotFoundError) as e:
+        print(f"gpuload bench: error: {e}", file=sys.stderr)
+        return 2
