@@ -215,7 +215,11 @@ class CupyRuntime:
             return self.cupy.cuda.Stream(non_blocking=True)
 
     def destroy_stream(self, stream: Any) -> None:
-        pass  # cupy destroys a stream when its object is collected
+        # The gather keeps a table buffer per stream until told otherwise; the
+        # pipeline calls this after draining, so no launch still reads it.
+        # cupy destroys the stream itself when its object is collected.
+        with self._device:
+            self._kernels.release_stream(stream)
 
     def event(self, *, timing: bool) -> Any:
         with self._device:

@@ -49,7 +49,7 @@ class PosixReader:
         self._closed = False
         self.prefetch = prefetch
 
-    def _fd(self, file: str) -> int:
+    def fd(self, file: str) -> int:
         fd = self._fds.get(file)
         if fd is not None:
             return fd
@@ -85,11 +85,11 @@ class PosixReader:
         if self.prefetch and hasattr(os, "posix_fadvise"):
             # A hint: some filesystems refuse it, and reads work regardless.
             with contextlib.suppress(OSError):
-                os.posix_fadvise(self._fd(file), offset, length, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(self.fd(file), offset, length, os.POSIX_FADV_WILLNEED)
 
     def readinto(self, file: str, offset: int, buffers: Sequence[memoryview]) -> None:
         """Fill ``buffers`` in order from the file range starting at ``offset``."""
-        fd = self._fd(file)
+        fd = self.fd(file)
         bufs = [b for b in buffers if len(b)]
         pos = offset
         while bufs:

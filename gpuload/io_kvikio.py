@@ -98,7 +98,7 @@ class KvikioReader:
         with self._lock:
             f = self._files.get(file)
             if f is None:
-                self._posix._fd(file)  # opens and checks the identity first
+                self._posix.fd(file)  # opens and checks the identity first
                 try:
                     f = self._files[file] = self._kvikio.CuFile(file, "r")
                 except Exception as e:

@@ -27,7 +27,7 @@ from .report import LoadReport
 _ZERO = np.zeros(0, np.uint8)
 
 
-def _piece_tables(op: ReadOp) -> dict[str, np.ndarray]:
+def piece_tables(op: ReadOp) -> dict[str, np.ndarray]:
     """The op's pieces as per-destination piece tables, offsets relative to the op."""
     by_tensor: dict[str, list[list[int]]] = {}
     for p in op.pieces:
@@ -122,7 +122,7 @@ class HostPipeline:
                 block = slot[: op.length]
                 reader.readinto(op.file, op.offset, [memoryview(block)])
                 t2 = time.perf_counter()
-                for tensor, table in _piece_tables(op).items():
+                for tensor, table in piece_tables(op).items():
                     gather_host(block, outputs[tensor], table)
                 t3 = time.perf_counter()
             finally:

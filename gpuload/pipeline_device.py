@@ -32,7 +32,7 @@ no stream touches a result or a staging buffer after ``run`` returns.
 
 Budgets: pinned bytes <= ``staging_bytes`` and scratch bytes <=
 ``device_scratch_bytes``, whatever the plan says: an op longer than a slot
-is split here (:func:`split_op`), down to single bytes if it must be.
+is split here (:func:`gpuload.split.split_op`), down to single bytes if it must be.
 
 Report: ``read_s`` and ``wait_s`` (for a slot and its stream) are
 reader-thread seconds; ``h2d_s`` and ``gather_s`` are GPU seconds between
@@ -54,9 +54,10 @@ import numpy as np
 
 from .errors import PlanError
 from .kernels import SRC_OFF
-from .pipeline import _piece_tables
-from .plan import PAGE, Piece, Plan, ReadOp, TensorPlan
+from .pipeline import piece_tables
+from .plan import PAGE, Plan, ReadOp, TensorPlan
 from .report import LoadReport
+from .split import aligned_span, fit_ops
 
 MAX_SLOTS = 16
 GROW = 64 << 10  # slot sizes grow in steps of this, so similar plans reuse them
@@ -171,7 +172,12 @@ class DevicePipeline:
             for s in self.slots:
                 s.scratch = self.rt.device_alloc(scratch)
             self.scratch_size = scratch
-        return self._fit(plan.ops, device_reads)
+        return fit_ops(
+            plan.ops,
+            host_bytes=self.host_size,
+            scratch_bytes=self.scratch_size,
+            device_reads=device_reads,
+        )
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -183,18 +189,6 @@ class DevicePipeline:
             yield
         finally:
             self._busy.release()
-
-    def _fit(self, ops, device_reads: bool) -> list[ReadOp]:
-        out: list[ReadOp] = []
-        for op in ops:
-            if device_reads:
-                fits = aligned_span(op)[1] <= self.scratch_size
-                limit = self.scratch_size - 2 * PAGE  # worst-case widening to pages
-            else:
-                limit = self.host_size if not op.staged else min(self.host_size, self.scratch_size)
-                fits = op.length <= limit
-            out.extend([op] if fits else split_op(op, limit))
-        return out
 
     # -- running -----------------------------------------------------------
 
@@ -345,7 +339,7 @@ class DevicePipeline:
                 rt.h2d(outputs[p.tensor], p.dst, slot.host, p.src - op.offset, p.row_bytes, s)
             rt.record(slot.marks[1], s)
         if op.staged:
-            for tensor, table in _piece_tables(op).items():
+            for tensor, table in piece_tables(op).items():
                 table[:, SRC_OFF] += pad  # where the op's first byte landed in scratch
                 rt.gather(slot.scratch, outputs[tensor], table, s)
         rt.record(slot.marks[2], s)
@@ -380,94 +374,4 @@ def _grow(need: int, cap: int) -> int:
     return min(cap, -(-need // GROW) * GROW)
 
 
-# --------------------------------------------------------------------------
-# fitting reads to slots (pure: integers in, ReadOps out)
-
-
-def aligned_span(op: ReadOp) -> tuple[int, int]:
-    """``(start, length)`` of ``op`` widened to whole 4 KiB pages: what a
-    kvikio read fetches so that GDS can DMA it (the extra bytes are dropped)."""
-    lo = op.offset - op.offset % PAGE
-    hi = -(-(op.offset + op.length) // PAGE) * PAGE
-    return lo, hi - lo
-
-
-def split_op(op: ReadOp, limit: int) -> list[ReadOp]:
-    """``op`` as reads of at most ``limit`` bytes that deliver the same bytes.
-
-    A direct op is cut at page boundaries where it can be (gaps between its
-    pieces are never read alone). A staged op is cut into windows of whole
-    rows; if a single row is longer than ``limit`` its rows are read
-    directly instead, so nothing is indivisible.
-    """
-    if limit < 1:
-        raise PlanError(f"cannot split a read of {op.file} into reads of {limit} bytes")
-    if op.length <= limit:
-        return [op]
-    if not op.staged:
-        return _pack_runs(op.file, list(op.pieces), limit)
-    if max(p.row_bytes for p in op.pieces) > limit:
-        rows = [p.row_range(r, 1) for p in op.pieces for r in range(p.rows)]
-        runs = [
-            dataclasses.replace(r, src_stride=r.row_bytes, dst_stride=r.row_bytes) for r in rows
-        ]
-        return _pack_runs(op.file, sorted(runs, key=lambda r: r.src), limit)
-    out = []
-    first = [0] * len(op.pieces)  # next row of each piece not yet in a window
-    while True:
-        left = [i for i, p in enumerate(op.pieces) if first[i] < p.rows]
-        if not left:
-            return out
-        lo = min(op.pieces[i].src + first[i] * op.pieces[i].src_stride for i in left)
-        parts = []
-        for i in left:
-            p = op.pieces[i]
-            start = p.src + first[i] * p.src_stride
-            room = lo + limit - start - p.row_bytes  # bytes past this row's end still free
-            if room < 0:
-                continue
-            n = (
-                p.rows - first[i]
-                if p.rows == 1
-                else min(p.rows - first[i], room // p.src_stride + 1)
-            )
-            parts.append(p.row_range(first[i], n))
-            first[i] += n
-        hi = max(q.src_end for q in parts)
-        out.append(ReadOp(op.file, lo, hi - lo, tuple(parts), staged=True))
-
-
-def _cut(run: Piece, limit: int) -> list[Piece]:
-    """A contiguous run as parts of at most ``limit`` bytes, cut on pages when possible."""
-    parts, pos, end = [], run.src, run.src_end
-    while pos < end:
-        nxt = min(end, pos + limit)
-        if nxt < end and nxt - nxt % PAGE > pos:
-            nxt -= nxt % PAGE
-        n = nxt - pos
-        parts.append(Piece(run.tensor, pos, 1, n, n, run.dst + pos - run.src, n))
-        pos = nxt
-    return parts
-
-
-def _pack_runs(file: str, runs: list[Piece], limit: int) -> list[ReadOp]:
-    """Direct reads of at most ``limit`` bytes over contiguous runs sorted by
-    source offset; a read starts at a run, so gaps alone are never read."""
-    out: list[ReadOp] = []
-    cur: list[Piece] = []
-    lo = pos = 0
-    for run in runs:
-        for part in _cut(run, limit):
-            if cur and (part.src < pos or part.src_end - lo > limit):
-                out.append(ReadOp(file, lo, pos - lo, tuple(cur), staged=False))
-                cur = []
-            if not cur:
-                lo = part.src
-            cur.append(part)
-            pos = part.src_end
-    if cur:
-        out.append(ReadOp(file, lo, pos - lo, tuple(cur), staged=False))
-    return out
-
-
-__all__ = ["DevicePipeline", "Runtime", "Slot", "aligned_span", "split_op"]
+__all__ = ["DevicePipeline", "Runtime", "Slot"]

@@ -39,7 +39,15 @@ from numba import config, cuda
 from .host import DST_OFF, DST_STRIDE, ROW_BYTES, ROWS, SRC_OFF, SRC_STRIDE, _check
 from .layout import FIRST_TILE, WCOLS, widest_word, word_table
 
-__all__ = ["DEFAULT_LAUNCH", "Launch", "gather", "variants", "word_size"]
+__all__ = [
+    "DEFAULT_LAUNCH",
+    "Launch",
+    "gather",
+    "release_stream",
+    "variants",
+    "word_size",
+    "workspace_bytes",
+]
 
 _DTYPES = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
 _SIM = bool(config.ENABLE_CUDASIM)
@@ -186,15 +194,30 @@ def _as_stream(stream: Any):
         return cuda.default_stream()
     if isinstance(stream, Stream):
         return stream
+    return cuda.external_stream(_handle(stream))
+
+
+def _handle(stream: Any) -> int:
+    """The raw handle of a stream ``gather`` accepts (or of ``_as_stream``'s
+    result), read without a CUDA call, so no context is made current."""
+    if stream is None:
+        return 0
     if isinstance(stream, int):
-        return cuda.external_stream(stream)
+        return stream
+    if not _SIM:
+        from numba.cuda.cudadrv.driver import Stream
+
+        if isinstance(stream, Stream):
+            return int(stream)
     proto = getattr(stream, "__cuda_stream__", None)  # CUDA stream protocol: (version, handle)
     if proto is not None:
-        return cuda.external_stream(int((proto() if callable(proto) else proto)[1]))
+        return int((proto() if callable(proto) else proto)[1])
     for attr in ("ptr", "cuda_stream"):  # cupy.cuda.Stream, torch.cuda.Stream
         handle = getattr(stream, attr, None)
         if isinstance(handle, int):
-            return cuda.external_stream(handle)
+            return handle
+    if _SIM:
+        return id(stream)  # the simulator's streams have no handle: identity stands in
     raise TypeError(f"stream must be 0, a CUDA stream or its handle, got {type(stream).__name__}")
 
 
@@ -203,11 +226,11 @@ def _upload(pieces: np.ndarray, stream: Any):
     # A buffer per stream, reused: the copy is queued behind the previous
     # launch on the same stream, so it cannot overwrite a table still in use,
     # and no per-launch allocation means no deferred cuMemFree, which would
-    # synchronize the device every few launches.
+    # synchronize the device every few launches. ``release_stream`` frees it.
     if _SIM:
-        key: tuple[int, ...] = (0,)  # launches are synchronous: one buffer serves all
+        key: tuple[int, ...] = (0, _handle(stream))  # one simulated device
     else:
-        key = (cuda.get_current_device().id, int(stream))
+        key = (cuda.get_current_device().id, _handle(stream))
         if key[1] == 2:  # CU_STREAM_PER_THREAD: one handle, a stream per host thread
             key += (threading.get_ident(),)
     buf = _workspaces.get(key)
@@ -218,6 +241,32 @@ def _upload(pieces: np.ndarray, stream: Any):
     view = buf[: pieces.size]
     view.copy_to_device(pieces, stream=stream)
     return view
+
+
+def release_stream(stream: Any) -> None:
+    """Free the device buffer that ``gather`` keeps for the piece tables of ``stream``.
+
+    Call it once the stream's work is done and before the stream is
+    destroyed; otherwise the buffer lives as long as the process. ``stream``
+    is anything ``gather`` accepts. A stream that never ran a gather is a
+    no-op, and a later gather on the same stream allocates afresh.
+
+    Notes
+    -----
+    The buffer is found by the stream's handle alone, without a CUDA call;
+    Numba frees it through its deferred deallocation, which may flush pending
+    frees on this thread, so call it with the stream's device current.
+    Releasing the per-thread default stream (handle 2) frees every thread's
+    buffer for it.
+    """
+    handle = _handle(stream)
+    for key in [k for k in list(_workspaces) if k[1] == handle]:
+        _workspaces.pop(key, None)
+
+
+def workspace_bytes() -> int:
+    """Device bytes held for piece tables, over all streams (see ``release_stream``)."""
+    return sum(buf.nbytes for buf in list(_workspaces.values()))
 
 
 DEFAULT_LAUNCH = Launch()

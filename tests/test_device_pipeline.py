@@ -33,9 +33,10 @@ from gpuload.dtypes import DTYPES
 from gpuload.errors import BackendUnavailable, PlanError, ReadError
 from gpuload.io import PosixReader
 from gpuload.io_kvikio import KvikioReader
-from gpuload.pipeline import _piece_tables
-from gpuload.pipeline_device import DevicePipeline, split_op
+from gpuload.pipeline import piece_tables
+from gpuload.pipeline_device import DevicePipeline
 from gpuload.report import LoadReport
+from gpuload.split import split_op
 
 SHAPES = {
     "scalar": ((), None),
@@ -474,7 +475,7 @@ def run_host(plan, ops, data: np.ndarray) -> dict[str, np.ndarray]:
     out = {t.name: np.zeros(t.out_nbytes, np.uint8) for t in plan.tensors}
     for op in ops:
         block = data[op.offset : op.offset + op.length]
-        for tensor, table in _piece_tables(op).items():
+        for tensor, table in piece_tables(op).items():
             gather_host(block, out[tensor], table)
     return out
 

@@ -1,4 +1,5 @@
-"""Planner invariants: pieces cover the selection exactly, reads respect caps.
+"""Planner invariants: pieces cover the selection exactly, reads respect caps;
+splitting a read to fit a buffer (``gpuload.split``) keeps its bytes.
 
 Plans are executed in memory against a random "file" and compared with numpy
 slicing of the tensor, so the planner is checked for bytes, not for shape.
@@ -17,8 +18,9 @@ from hypothesis import strategies as st
 from gpuload.checkpoint import TensorInfo
 from gpuload.dtypes import DTYPES
 from gpuload.errors import PlanError
-from gpuload.plan import CostModel, KiB, Piece, PlanOptions, ReadOp, plan_reads
+from gpuload.plan import PAGE, CostModel, KiB, Piece, PlanOptions, ReadOp, plan_reads
 from gpuload.selection import Selection
+from gpuload.split import aligned_span, fit_ops, split_op
 
 BYTE_DTYPES = ["U8", "BF16", "F32", "F64", "C64"]
 
@@ -42,11 +44,12 @@ def expected_bytes(data: np.ndarray, sel: Selection) -> bytes:
     return np.concatenate(parts, axis=sel.dim).tobytes() if parts else b""
 
 
-def run_plan(plan, file_bytes: np.ndarray) -> dict[str, np.ndarray]:
-    """Execute a plan in memory, counting writes so double writes show up."""
-    out = {t.name: np.zeros(t.out_nbytes, np.uint8) for t in plan.tensors}
-    hits = {t.name: np.zeros(t.out_nbytes, np.int32) for t in plan.tensors}
-    for op in plan.ops:
+def execute(sizes: dict[str, int], ops, file_bytes: np.ndarray):
+    """Execute ``ops`` in memory into zeroed outputs of ``sizes`` bytes; returns
+    the outputs and how many times each of their bytes was written."""
+    out = {name: np.zeros(n, np.uint8) for name, n in sizes.items()}
+    hits = {name: np.zeros(n, np.int32) for name, n in sizes.items()}
+    for op in ops:
         block = file_bytes[op.offset : op.offset + op.length].copy()
         for p in op.pieces:
             rel = np.array(
@@ -58,6 +61,12 @@ def run_plan(plan, file_bytes: np.ndarray) -> dict[str, np.ndarray]:
                 hits[p.tensor][
                     p.dst + r * p.dst_stride : p.dst + r * p.dst_stride + p.row_bytes
                 ] += 1
+    return out, hits
+
+
+def run_plan(plan, file_bytes: np.ndarray) -> dict[str, np.ndarray]:
+    """Execute a plan in memory, counting writes so double writes show up."""
+    out, hits = execute({t.name: t.out_nbytes for t in plan.tensors}, plan.ops, file_bytes)
     for name, h in hits.items():
         assert (h == 1).all(), f"{name}: bytes written {h.min()}..{h.max()} times"
     return out
@@ -191,3 +200,99 @@ def test_bad_pieces_and_ops_cannot_exist():
         ReadOp("f", 104, 8, (p,), staged=False)  # piece outside the read
     with pytest.raises(ValueError):
         PlanOptions(chunk_bytes=KiB, min_chunk_bytes=2 * KiB)
+
+
+# -- splitting reads to fit a buffer (gpuload.split) ----------------------------------
+
+
+@st.composite
+def op_and_limit(draw):
+    """Any valid read, direct or staged, unaligned, with gaps; and any budget."""
+    staged = draw(st.booleans())
+    base = draw(st.integers(0, 2 * PAGE))
+    pieces = []
+    if staged:  # pieces of any rows and strides, interleaved or overlapping in the file
+        for i in range(draw(st.integers(1, 4))):
+            rows, row = draw(st.integers(1, 8)), draw(st.integers(1, 300))
+            src, stride = base + draw(st.integers(0, 600)), row + draw(st.integers(0, 300))
+            dst, dst_stride = draw(st.integers(0, 50)), row + draw(st.integers(0, 50))
+            pieces.append(Piece(f"t{i}", src, rows, row, stride, dst, dst_stride))
+    else:  # ordered contiguous runs across page boundaries, gaps between them
+        pos = base
+        for i in range(draw(st.integers(1, 4))):
+            pos += draw(st.integers(0, 300))
+            n = draw(st.integers(1, PAGE + 300))
+            pieces.append(Piece(f"t{i}", pos, 1, n, n, draw(st.integers(0, 50)), n))
+            pos += n
+    lo = min(p.src for p in pieces)
+    lo -= draw(st.integers(0, min(lo, 100)))  # bytes before the first piece
+    hi = max(p.src_end for p in pieces) + draw(st.integers(0, 100))
+    op = ReadOp("f", lo, hi - lo, tuple(pieces), staged)
+    return op, draw(st.integers(1, op.length + 8))
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=op_and_limit())
+def test_split_op_delivers_exactly_the_bytes_of_the_op(case):
+    op, limit = case
+    parts = split_op(op, limit)
+    assert parts == [op] or op.length > limit
+    for part in parts:  # within the budget, never outside the original range
+        assert part.file == op.file and part.length <= limit
+        assert op.offset <= part.offset and part.offset + part.length <= op.offset + op.length
+    sizes = {p.tensor: p.dst_end for p in op.pieces}
+    file_bytes = np.random.default_rng(limit).integers(
+        0, 256, op.offset + op.length, dtype=np.uint8
+    )
+    want, want_hits = execute(sizes, [op], file_bytes)
+    got, got_hits = execute(sizes, parts, file_bytes)
+    for name in sizes:  # every byte the op writes, written once more, and nothing else
+        np.testing.assert_array_equal(got_hits[name], want_hits[name])
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_aligned_span_widens_to_whole_pages():
+    run = Piece("t", 5000, 1, 100, 100, 0, 100)
+    assert aligned_span(ReadOp("f", 5000, 100, (run,), staged=False)) == (PAGE, PAGE)
+    whole = Piece("t", PAGE, 1, PAGE, PAGE, 0, PAGE)
+    assert aligned_span(ReadOp("f", PAGE, PAGE, (whole,), staged=False)) == (PAGE, PAGE)
+    straddle = Piece("t", PAGE - 1, 1, 2, 2, 0, 2)
+    assert aligned_span(ReadOp("f", PAGE - 1, 2, (straddle,), staged=False)) == (0, 2 * PAGE)
+
+
+def test_direct_op_is_split_on_page_boundaries():
+    run = Piece("t", 100, 1, 3 * PAGE, 3 * PAGE, 0, 3 * PAGE)
+    parts = split_op(ReadOp("f", 100, 3 * PAGE, (run,), staged=False), PAGE + 50)
+    assert [(p.offset, p.length) for p in parts] == [
+        (100, PAGE - 100),
+        (PAGE, PAGE),
+        (2 * PAGE, PAGE),
+        (3 * PAGE, 100),
+    ]
+    assert [p.pieces[0].dst for p in parts] == [0, PAGE - 100, 2 * PAGE - 100, 3 * PAGE - 100]
+
+
+def test_staged_op_splits_into_row_windows_or_direct_rows():
+    piece = Piece("t", 0, 6, 100, 300, 0, 100)  # 6 rows of 100 bytes, 300 apart
+    op = ReadOp("f", 0, 5 * 300 + 100, (piece,), staged=True)
+    windows = split_op(op, 700)  # three whole rows fit 700 bytes
+    assert [(w.offset, w.length, w.staged) for w in windows] == [(0, 700, True), (900, 700, True)]
+    rows = split_op(op, 99)  # a row is longer than the budget: rows are read directly
+    assert not any(r.staged for r in rows) and max(r.length for r in rows) <= 99
+    assert sum(r.useful_bytes for r in rows) == op.useful_bytes
+    with pytest.raises(PlanError, match="reads of 0 bytes"):
+        split_op(op, 0)
+
+
+def test_fit_ops_respects_each_buffer():
+    run = Piece("t", 1, 1, 4 * PAGE, 4 * PAGE, 0, 4 * PAGE)
+    direct = ReadOp("f", 1, 4 * PAGE, (run,), staged=False)
+    staged = ReadOp("f", 0, 2000, (Piece("u", 0, 10, 100, 200, 0, 100),), staged=True)
+    posix = fit_ops([direct, staged], host_bytes=PAGE, scratch_bytes=500, device_reads=False)
+    assert all(op.length <= PAGE for op in posix)
+    assert all(op.length <= 500 for op in posix if op.pieces[0].tensor == "u")
+    assert sum(op.useful_bytes for op in posix) == direct.useful_bytes + staged.useful_bytes
+    # kvikio reads whole pages into scratch: 4 pages + 1 byte span 5 pages.
+    assert fit_ops([direct], host_bytes=0, scratch_bytes=5 * PAGE, device_reads=True) == [direct]
+    kvikio = fit_ops([direct], host_bytes=0, scratch_bytes=4 * PAGE, device_reads=True)
+    assert len(kvikio) > 1 and all(aligned_span(op)[1] <= 4 * PAGE for op in kvikio)
