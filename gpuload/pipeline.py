@@ -23,6 +23,7 @@ import numpy as np
 from .kernels import NCOLS, gather_host
 from .plan import Plan, ReadOp
 from .report import LoadReport
+from .workers import run_jobs
 
 _ZERO = np.zeros(0, np.uint8)
 
@@ -35,20 +36,6 @@ def piece_tables(op: ReadOp) -> dict[str, np.ndarray]:
             [p.src - op.offset, p.dst, p.rows, p.row_bytes, p.src_stride, p.dst_stride]
         )
     return {t: np.array(rows, np.int64).reshape(-1, NCOLS) for t, rows in by_tensor.items()}
-
-
-def _join(t: threading.Thread, patience: float = 1.0) -> None:
-    """Join ``t``, also when a Ctrl-C cut its ``start()`` short: the thread
-    may still be starting (``join`` refuses until it has)."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            t.join()
-            return
-        except RuntimeError:  # not started yet
-            if time.monotonic() > deadline:  # start() was cut before the thread existed
-                return
-            time.sleep(0.001)
 
 
 class HostPipeline:
@@ -95,12 +82,9 @@ class HostPipeline:
 
     def _run(self, plan, outputs, reader, report, on_bytes) -> None:
         ops = plan.ops
-        stop = threading.Event()
         discard = memoryview(self._discard)
 
         def work(i: int) -> tuple[int, float, float, float]:
-            if stop.is_set():
-                return 0, 0.0, 0.0, 0.0
             op = ops[i]
             ahead = i + self.threads  # hint the range a thread will take next
             if ahead < len(ops):
@@ -129,51 +113,17 @@ class HostPipeline:
                 self._slots.put(slot)
             return op.length, t2 - t1, t3 - t2, t1 - t0
 
-        # Every op is queued before any thread starts, and the threads take
-        # them from there: the caller's thread only starts ``threads`` workers
-        # and waits. A Ctrl-C lands in that wait (or in a start), never half
-        # way through queueing thousands of futures, whose locks an
-        # asynchronous KeyboardInterrupt can leave broken.
-        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for i in range(len(ops)):
-            todo.put(i)
-        done: queue.SimpleQueue[tuple[int, float, float, float] | BaseException]
-        done = queue.SimpleQueue()
+        def add(result: tuple[int, float, float, float]) -> None:
+            nbytes, read_s, gather_s, wait_s = result
+            report.read_s += read_s
+            report.gather_s += gather_s
+            report.wait_s += wait_s
+            if on_bytes is not None:
+                on_bytes(nbytes)
 
-        def worker() -> None:
-            while not stop.is_set():
-                try:
-                    i = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    done.put(work(i))
-                except BaseException as e:  # handed to the caller's thread
-                    stop.set()
-                    done.put(e)
-                    return
-
-        started: list[threading.Thread] = []
-        try:
-            for k in range(min(self.threads, len(ops))):
-                started.append(threading.Thread(target=worker, name=f"gpuload-read_{k}"))
-                started[-1].start()
-            for _ in range(len(ops)):
-                item = done.get()
-                if isinstance(item, BaseException):
-                    raise item
-                nbytes, read_s, gather_s, wait_s = item
-                report.read_s += read_s
-                report.gather_s += gather_s
-                report.wait_s += wait_s
-                if on_bytes is not None:
-                    on_bytes(nbytes)
-        finally:
-            # First error (or Ctrl-C): no op starts after this; the running
-            # ones finish, so no thread writes into a buffer after we return.
-            stop.set()
-            for t in started:
-                _join(t)
+        # On the first error (or Ctrl-C) no op starts after it and the running
+        # ones finish: no thread writes into a buffer after we return.
+        run_jobs(len(ops), self.threads, work, add, name="gpuload-read")
         report.ops += len(ops)
         report.staged_ops += sum(op.staged for op in ops)
         report.bytes_read += plan.bytes_read

@@ -58,6 +58,7 @@ from .pipeline import piece_tables
 from .plan import PAGE, Plan, ReadOp, TensorPlan
 from .report import LoadReport
 from .split import aligned_span, fit_ops
+from .workers import run_jobs
 
 MAX_SLOTS = 16
 GROW = 64 << 10  # slot sizes grow in steps of this, so similar plans reuse them
@@ -213,14 +214,6 @@ class DevicePipeline:
         free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         for s in self.slots:
             free.put(s)
-        # Every op is queued before a thread starts (as in the host pipeline):
-        # a Ctrl-C lands in the caller's wait below, never half way through
-        # queueing, and the cleanup always runs.
-        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for i in range(len(ops)):
-            todo.put(i)
-        done: queue.SimpleQueue[tuple | BaseException] = queue.SimpleQueue()
-        stop = threading.Event()
 
         def work(i: int) -> tuple[int, float, float, float, float]:
             op = ops[i]
@@ -246,48 +239,26 @@ class DevicePipeline:
                 free.put(slot)
             return nread, t2 - t1, h2d_s, gather_s, t1 - t0
 
-        def worker() -> None:
-            try:
-                self.rt.bind_thread()
-                while not stop.is_set():
-                    try:
-                        i = todo.get_nowait()
-                    except queue.Empty:
-                        return
-                    done.put(work(i))
-            except BaseException as e:  # handed to the caller's thread
-                stop.set()
-                done.put(e)
+        def add(result: tuple[int, float, float, float, float]) -> None:
+            nbytes, read_s, h2d_s, gather_s, wait_s = result
+            report.bytes_read += nbytes
+            report.read_s += read_s
+            report.h2d_s += h2d_s
+            report.gather_s += gather_s
+            report.wait_s += wait_s
+            if on_bytes is not None:
+                on_bytes(nbytes)
 
-        started: list[threading.Thread] = []
-        ok = False
         try:
-            for k in range(min(self.threads, len(ops))):
-                started.append(threading.Thread(target=worker, name=f"gpuload-dev_{k}"))
-                started[-1].start()
-            for _ in range(len(ops)):
-                item = done.get()
-                if isinstance(item, BaseException):
-                    raise item
-                nbytes, read_s, h2d_s, gather_s, wait_s = item
-                report.bytes_read += nbytes
-                report.read_s += read_s
-                report.h2d_s += h2d_s
-                report.gather_s += gather_s
-                report.wait_s += wait_s
-                if on_bytes is not None:
-                    on_bytes(nbytes)
-            ok = True
-        finally:
-            # First error (or Ctrl-C): no op starts after this, the running
-            # ones finish, then the streams drain: nothing writes into the
-            # results or staging after we return.
-            stop.set()
-            for t in started:
-                _join(t)
-            if not ok:
-                with contextlib.suppress(Exception):  # the first error is the one raised
-                    self._drain()
+            run_jobs(
+                len(ops), self.threads, work, add, name="gpuload-dev", setup=self.rt.bind_thread
+            )
+        except BaseException:
+            # The threads are joined; drain the streams too, so nothing writes
+            # into the results or staging after we return.
+            with contextlib.suppress(Exception):  # the first error is the one raised
+                self._drain()
+            raise
         h2d_s, gather_s = self._drain()
         report.h2d_s += h2d_s
         report.gather_s += gather_s
@@ -354,19 +325,6 @@ class DevicePipeline:
             self.rt.destroy_stream(slot.stream)
         self.slots = []
         self.host_size = self.scratch_size = 0
-
-
-def _join(t: threading.Thread) -> None:
-    """Join ``t``, also when a Ctrl-C cut its ``start()`` short."""
-    deadline = time.monotonic() + 1.0
-    while True:
-        try:
-            t.join()
-            return
-        except RuntimeError:  # not started yet, or never will be
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.001)
 
 
 def _grow(need: int, cap: int) -> int:
