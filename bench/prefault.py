@@ -21,7 +21,6 @@ cache: read the evicted GiB/s as this machine's storage, not a drive's.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import json
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpuload import pinning
 from gpuload.checkpoint import open_checkpoint
 from gpuload.config import Config
 from gpuload.selection import Selection
@@ -71,16 +71,8 @@ def write_experts(path: Path, size_gib: float) -> int:
 
 
 def evict(path: Path) -> float:
-    """Drop the file's pages; returns the fraction still resident."""
-    gc.collect()  # a live mapping keeps its pages
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    got, total = pf.residency(path)
-    return got / total
+    """Drop the file's pages; the fraction still resident."""
+    return pinning.evict([path])
 
 
 def timed(fn) -> float:

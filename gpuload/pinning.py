@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import gc
 import mmap
 import os
 import resource
@@ -180,6 +181,27 @@ def residency(
         return 0, 0
     start = offset - offset % PAGE
     return m.mincore(start, end), -(-(end - start) // PAGE)
+
+
+def evict(files: Sequence[str | os.PathLike[str]]) -> float:
+    """Drop ``files`` from the page cache (``fsync``, then
+    ``posix_fadvise(DONTNEED)``); returns the largest fraction of any file's
+    pages still resident afterwards (0.0: fully evicted). On tmpfs the pages
+    are the file and stay; pages a live mapping holds stay too, so our own
+    dead mappings are collected first."""
+    gc.collect()
+    worst = 0.0
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        resident, total = residency(f)
+        if total:
+            worst = max(worst, resident / total)
+    return worst
 
 
 # --------------------------------------------------------------------------

@@ -17,10 +17,11 @@ import pytest
 
 from gpuload import synth
 from gpuload.bench import contenders, goals, limits, oracle, presets
-from gpuload.bench.cold import cold_possible, evict
+from gpuload.bench.cold import cold_possible
 from gpuload.bench.report import Group, Row
 from gpuload.bench.timing import Timing, measure
 from gpuload.cli import build_parser, main
+from gpuload.pinning import evict
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"

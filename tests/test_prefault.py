@@ -82,14 +82,9 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
-def evict(path: Path) -> None:
-    gc.collect()  # pages mapped by a live mapping are not dropped
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+def evict(path: Path) -> float:
+    """Drop the file's pages; the fraction still resident."""
+    return pinning.evict([path])
 
 
 def owner(a: np.ndarray):

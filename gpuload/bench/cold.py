@@ -10,31 +10,13 @@ the bench drops every result before it evicts.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
-from ..pinning import residency
+from ..pinning import evict
 
 # Evicted means at most this fraction of a file's pages stayed resident (the
 # header page, re-read by whoever opened the file last, and a few stragglers).
 MAX_RESIDENT = 0.02
-
-
-def evict(files: Sequence[str]) -> float:
-    """Drop ``files`` from the page cache; returns the largest fraction of
-    any file's pages still resident afterwards (0.0 = fully evicted)."""
-    worst = 0.0
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        resident, total = residency(f)
-        if total:
-            worst = max(worst, resident / total)
-    return worst
 
 
 def cold_possible(files: Sequence[str]) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .cold import evict
+from ..pinning import evict
 from .timing import Timing, measure
 
 CHUNK = 64 << 20

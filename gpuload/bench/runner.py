@@ -25,10 +25,10 @@ from pathlib import Path
 
 from ..errors import GpuloadError
 from ..loader import Loader
-from ..pinning import mem_available
+from ..pinning import evict, mem_available
 from ..synth import cached_model
 from . import goals as _goals
-from .cold import cold_possible, evict
+from .cold import cold_possible
 from .contenders import Case, Contender, Ctx, Skip, all_contenders
 from .gpu import Gpu, PeakMemory, probe
 from .limits import PROBE_BYTES, device_timings, fio_available, fio_timing, pread_timing
