@@ -154,7 +154,7 @@ class CostModel:
 
 @dataclasses.dataclass(frozen=True)
 class PlanOptions:
-    chunk_bytes: int = 64 * MiB  # cap on one read
+    chunk_bytes: int = 16 * MiB  # cap on one read (GPULOAD_CHUNK_BYTES default)
     min_chunk_bytes: int = 4 * MiB  # never split a range into reads smaller than this
     coalesce_gap: int = 256 * KiB  # merge neighbouring reads across gaps up to this
     cost: CostModel = CostModel()

@@ -10,7 +10,7 @@ from gpuload import config
 def test_defaults_and_every_flag_parses():
     c = config.from_env({})
     assert (c.prefetch, c.prefault, c.backend, c.pin) == (True, "auto", "auto", True)
-    assert c.chunk_bytes == 64 << 20 and c.staging_bytes == 256 << 20
+    assert c.chunk_bytes == 16 << 20 and c.staging_bytes == 256 << 20 and c.threads == 8
     c = config.from_env(
         {
             "GPULOAD_PREFETCH": "0",
