@@ -8,8 +8,6 @@ bytes. Every loaded byte is compared with safetensors + numpy slicing.
 
 from __future__ import annotations
 
-import json
-import math
 import subprocess
 import sys
 import textwrap
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import carrier, oracle, write_raw
+from conftest import RULES, expected_shards, write_matrix
 from fake_cuda import FakeKvikio, FakeRuntime
 from gpuload.kernels import gather_host
 
@@ -38,49 +36,7 @@ from gpuload.pipeline_device import DevicePipeline
 from gpuload.report import LoadReport
 from gpuload.split import split_op
 
-SHAPES = {
-    "scalar": ((), None),
-    "empty": ((0, 96), None),
-    "vec": ((96,), 0),
-    "row": ((24, 96), 0),
-    "col": ((24, 96), 1),
-    "exp1": ((2, 24, 96), 1),
-    "exp2": ((2, 24, 96), 2),
-}
-RULES = {r"\.(vec|row)$": 0, r"\.(col|exp1)$": 1, r"\.exp2$": 2}
 SMALL = dict(chunk_bytes=4096, min_chunk_bytes=512, threads=3)
-
-
-def build(tmp_path: Path, rng, *, aligned: bool, extra: dict | None = None) -> Path:
-    """Every dtype x shape (plus ``extra`` name -> (dtype, shape)) in one file;
-    unaligned files put every tensor at an odd offset."""
-    tensors = {}
-    for dname, d in DTYPES.items():
-        for kind, (shape, _) in SHAPES.items():
-            if not (d.packed and not shape):  # a lone F4/F6 scalar fills no byte
-                tensors[f"{dname}.{kind}"] = (dname, shape)
-    tensors.update(extra or {})
-    header, data, pos = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, (dname, shape) in tensors.items():
-        raw = rng.bytes(math.prod(shape) * DTYPES[dname].bits // 8)
-        header[name] = {"dtype": dname, "shape": list(shape), "data_offsets": [pos, pos + len(raw)]}
-        data.append(raw)
-        pos += len(raw)
-    text = json.dumps(header).encode()
-    pad = (-len(text) % 8) + (0 if aligned else 3)
-    return write_raw(tmp_path / "model.safetensors", text, b"".join(data), pad=pad)
-
-
-def expected(path: Path, rank: int, world: int, dims: dict[str, int | None]) -> dict[str, bytes]:
-    out = {}
-    for name, (dname, shape, raw) in oracle(path).items():
-        full, dim = carrier(dname, shape, raw), dims.get(name)
-        out[name] = (full if dim is None else np.split(full, world, axis=dim)[rank]).tobytes()
-    return out
-
-
-def dims_of(path: Path) -> dict[str, int | None]:
-    return {n: SHAPES.get(n.split(".")[-1], (None, None))[1] for n in oracle(path)}
 
 
 def as_bytes(a) -> bytes:
@@ -129,14 +85,14 @@ def mismatched(got: dict, want: dict[str, bytes]) -> list[str]:
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_every_dtype_world_rank_matches_oracle(tmp_path, rng, fake_gpu, reader, aligned, world):
-    path = build(tmp_path, rng, aligned=aligned)
+    path = write_matrix(tmp_path, rng, aligned=aligned)
     kv = FakeKvikio(compat=False) if reader == "kvikio" else None  # GDS: reads must be aligned
     made = fake_gpu(kvikio=kv)
     with gpuload.Loader(device="cuda:0", framework="cupy", **SMALL) as ld:
         assert ld.backend == reader
         for rank in range(world):
             got, report = ld.load(path, rank, world, rules=RULES, return_report=True)
-            want = expected(path, rank, world, dims_of(path))
+            want = expected_shards(path, rank, world)
             assert not (bad := mismatched(got, want)), (rank, bad[:5])
             plans = {t.name: t for t in ld.plan(path, rank, world, rules=RULES).plan.tensors}
             for name, a in got.items():  # cupy dtypes: bf16 -> uint16, fp8 -> uint8
@@ -151,12 +107,12 @@ def test_every_dtype_world_rank_matches_oracle(tmp_path, rng, fake_gpu, reader, 
 
 def test_torch_results_dtypes_and_report_stages(tmp_path, rng, fake_gpu):
     torch = pytest.importorskip("torch")
-    path = build(tmp_path, rng, aligned=False)
+    path = write_matrix(tmp_path, rng, aligned=False)
     fake_gpu()
     got, report = gpuload.load_sharded(
         path, 1, 2, device="cuda:0", rules=RULES, return_report=True, **SMALL
     )  # framework=None on a GPU: torch, since it imports here
-    want = expected(path, 1, 2, dims_of(path))
+    want = expected_shards(path, 1, 2)
     assert not mismatched(got, want)
     for name, t in got.items():
         tname = DTYPES[name.split(".")[0]].torch
@@ -187,8 +143,7 @@ BIG_RULES = {r"^big\.row$": 0, r"^big\.(col|wide)$": 1, **RULES}
     ],
 )
 def test_budgets_smaller_than_largest_tensor(tmp_path, rng, fake_gpu, reader, staging, scratch):
-    path = build(tmp_path, rng, aligned=False, extra=BIG)
-    dims = {**dims_of(path), **BIG_DIMS}
+    path = write_matrix(tmp_path, rng, aligned=False, extra=BIG)
     made = fake_gpu(kvikio=FakeKvikio() if reader == "kvikio" else None)
     most = 0
     settings = dict(staging_bytes=staging, device_scratch_bytes=scratch, chunk_bytes=1 << 20)
@@ -196,7 +151,7 @@ def test_budgets_smaller_than_largest_tensor(tmp_path, rng, fake_gpu, reader, st
         rt = made[-1]
         for rank, world in ((0, 1), (1, 2), (3, 4)):
             got = ld.load(path, rank, world, rules=BIG_RULES)
-            want = expected(path, rank, world, dims)
+            want = expected_shards(path, rank, world, BIG_DIMS)
             assert not (bad := mismatched(got, want)), (rank, world, bad[:5])
             most = max(most, sum(len(b) for b in want.values()))
             del got
@@ -206,7 +161,7 @@ def test_budgets_smaller_than_largest_tensor(tmp_path, rng, fake_gpu, reader, st
 
 
 def test_kvikio_scratch_below_three_pages_is_a_plan_error(tmp_path, rng, fake_gpu):
-    path = build(tmp_path, rng, aligned=True)
+    path = write_matrix(tmp_path, rng, aligned=True)
     fake_gpu(kvikio=FakeKvikio())
     with (
         gpuload.Loader(device="cuda:0", device_scratch_bytes=16 << 10, threads=3) as ld,
@@ -251,14 +206,14 @@ def run_pipeline(cls, path: Path, reader: str, rank: int = 1, world: int = 2):
     finally:
         rd.close()
         rt.close()
-    return mismatched(got, expected(path, rank, world, dims_of(path))), busy_after_run
+    return mismatched(got, expected_shards(path, rank, world)), busy_after_run
 
 
 @pytest.mark.parametrize("reader", ["posix", "kvikio"])
 def test_refilling_a_slot_before_its_stream_is_done_corrupts_and_the_wait_prevents_it(
     tmp_path, rng, reader
 ):
-    path = build(tmp_path, rng, aligned=False)
+    path = write_matrix(tmp_path, rng, aligned=False)
     # The broken pipeline must produce wrong bytes: this is what makes the
     # test able to fail, and shows the fake runtime exposes the race.
     bad, _ = run_pipeline(RefillsWithoutWaiting, path, reader)
@@ -269,7 +224,7 @@ def test_refilling_a_slot_before_its_stream_is_done_corrupts_and_the_wait_preven
 
 
 def test_results_are_complete_when_run_returns(tmp_path, rng):
-    path = build(tmp_path, rng, aligned=True)
+    path = write_matrix(tmp_path, rng, aligned=True)
     _, busy = run_pipeline(ReturnsBeforeStreamsFinish, path, "posix")
     assert busy, "without the final wait, work is still queued when run returns"
     _, busy = run_pipeline(DevicePipeline, path, "posix")
@@ -280,7 +235,7 @@ def test_results_are_complete_when_run_returns(tmp_path, rng):
 
 
 def test_reused_loader_keeps_slots_and_results_own_their_memory(tmp_path, rng, fake_gpu):
-    path = build(tmp_path, rng, aligned=False)
+    path = write_matrix(tmp_path, rng, aligned=False)
     made = fake_gpu()
     ld = gpuload.Loader(device="cuda:0", framework="cupy", **SMALL)
     rt = made[-1]
@@ -294,7 +249,7 @@ def test_reused_loader_keeps_slots_and_results_own_their_memory(tmp_path, rng, f
     assert len(rt.host_allocs) == staging_allocs  # staging reused, not regrown
     assert len(rt.device_allocs) == device_allocs + 2 * len(first)  # only the new results
     assert {k: as_bytes(v) for k, v in first.items()} == snapshot  # not views of staging
-    assert not mismatched(second, expected(path, 1, 2, dims_of(path)))
+    assert not mismatched(second, expected_shards(path, 1, 2))
     assert {k: as_bytes(v) for k, v in third.items()} == snapshot
     results = sum(a.nbytes for r in (first, second, third) for a in r.values())
     ld.close()
@@ -312,7 +267,7 @@ class CountingReader(PosixReader):
 
 
 def test_results_that_do_not_fit_fail_before_any_read(tmp_path, rng, fake_gpu):
-    path = build(tmp_path, rng, aligned=True)
+    path = write_matrix(tmp_path, rng, aligned=True)
     CountingReader.reads = 0
     fake_gpu(total=4096)
     with gpuload.Loader(device="cuda:0", reader_factory=CountingReader, **SMALL) as ld:
@@ -324,7 +279,7 @@ def test_results_that_do_not_fit_fail_before_any_read(tmp_path, rng, fake_gpu):
 
 
 def test_scratch_that_does_not_fit_fails_before_any_read(tmp_path, rng, fake_gpu):
-    path = build(tmp_path, rng, aligned=True)
+    path = write_matrix(tmp_path, rng, aligned=True)
     CountingReader.reads = 0
     with gpuload.Loader(device="cpu", **SMALL) as cpu:
         need = sum(t.out_nbytes for t in cpu.plan(path, 1, 2, rules=RULES).plan.tensors)
@@ -347,7 +302,7 @@ class FailingReader(PosixReader):
 
 
 def test_a_failed_read_raises_after_the_streams_stop(tmp_path, rng, fake_gpu):
-    path = build(tmp_path, rng, aligned=True)
+    path = write_matrix(tmp_path, rng, aligned=True)
     FailingReader.armed = True
     made = fake_gpu(max_delay=0.002, p_delay=1.0)
     with gpuload.Loader(device="cuda:0", reader_factory=FailingReader, **SMALL) as ld:
@@ -356,7 +311,7 @@ def test_a_failed_read_raises_after_the_streams_stop(tmp_path, rng, fake_gpu):
         assert not made[-1].busy()  # nothing still writes into the dropped results
         FailingReader.armed = False
         got = ld.load(path, 0, 1)
-    assert not mismatched(got, expected(path, 0, 1, {}))  # and the Loader still works
+    assert not mismatched(got, expected_shards(path, 0, 1))  # and the Loader still works
 
 
 class SignallingReader(PosixReader):
@@ -370,7 +325,7 @@ class SignallingReader(PosixReader):
 def test_a_second_load_while_one_runs_is_refused_without_touching_its_buffers(
     tmp_path, rng, fake_gpu
 ):
-    path = build(tmp_path, rng, aligned=True)
+    path = write_matrix(tmp_path, rng, aligned=True)
     fake_gpu(max_delay=0.002, p_delay=1.0)
     SignallingReader.started = threading.Event()
     box = {}
@@ -381,14 +336,14 @@ def test_a_second_load_while_one_runs_is_refused_without_touching_its_buffers(
         with pytest.raises(RuntimeError, match="already loading"):
             ld.load(path, 0, 1)  # refused before it could regrow the running load's slots
         t.join()
-    assert not mismatched(box["got"], expected(path, 0, 1, {}))
+    assert not mismatched(box["got"], expected_shards(path, 0, 1))
 
 
 # -- backend choice and results ---------------------------------------------------
 
 
 def test_backend_choice_and_reasons(tmp_path, rng, fake_gpu):
-    path = build(tmp_path, rng, aligned=True)
+    path = write_matrix(tmp_path, rng, aligned=True)
     fake_gpu(kvikio=FakeKvikio(compat=True))
     with gpuload.Loader(device="cuda:0", threads=5) as ld:
         assert ld.backend == "kvikio" and "auto" in ld.backend_reason
@@ -448,7 +403,7 @@ def test_cuda_means_the_current_device_never_the_rank(monkeypatch):
 
 
 def test_split_ops_deliver_the_same_bytes(tmp_path, rng):
-    path = build(tmp_path, rng, aligned=False, extra=BIG)
+    path = write_matrix(tmp_path, rng, aligned=False, extra=BIG)
     data = np.frombuffer(path.read_bytes(), np.uint8)
     windows = rows_read_directly = 0
     for rank, world, limit in ((0, 1, 97), (1, 2, 700), (3, 4, 4096), (1, 8, 5000), (0, 2, 9999)):
@@ -481,7 +436,7 @@ def run_host(plan, ops, data: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def test_import_and_fake_load_never_touch_cupy_or_numba_cuda(tmp_path, rng):
-    path = build(tmp_path, rng, aligned=True)
+    path = write_matrix(tmp_path, rng, aligned=True)
     code = textwrap.dedent(
         f"""
         import sys

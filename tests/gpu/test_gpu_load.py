@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import gc
 import glob
-import json
-import math
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
-from conftest import carrier, oracle, write_raw
+from conftest import RULES as MATRIX_RULES
+from conftest import expected_shards, write_matrix
 
 import gpuload
 from gpuload.dtypes import DTYPES
@@ -29,16 +27,7 @@ from gpuload.outputs import cupy_dtype
 
 pytestmark = pytest.mark.gpu
 
-SHAPES = {
-    "scalar": ((), None),
-    "empty": ((0, 96), None),
-    "vec": ((96,), 0),
-    "row": ((24, 96), 0),
-    "col": ((24, 96), 1),
-    "exp1": ((2, 24, 96), 1),
-    "exp2": ((2, 24, 96), 2),
-}
-RULES = {r"\.(vec|row)$": 0, r"\.(col|exp1)$": 1, r"\.exp2$": 2, r"^big\.row": 0, r"^big\.col": 1}
+RULES = {**MATRIX_RULES, r"^big\.row": 0, r"^big\.col": 1}
 SMALL = dict(chunk_bytes=4096, min_chunk_bytes=512, threads=3)
 MiB = 1 << 20
 
@@ -80,33 +69,6 @@ def backend(request, cupy):
     return request.param
 
 
-def build(path, rng, *, aligned: bool, extra: dict | None = None):
-    tensors = {
-        f"{d}.{k}": (d, shape)
-        for d, dt in DTYPES.items()
-        for k, (shape, _) in SHAPES.items()
-        if not (dt.packed and not shape)
-    }
-    tensors.update(extra or {})
-    header, data, pos = {}, [], 0
-    for name, (dname, shape) in tensors.items():
-        raw = rng.bytes(math.prod(shape) * DTYPES[dname].bits // 8)
-        header[name] = {"dtype": dname, "shape": list(shape), "data_offsets": [pos, pos + len(raw)]}
-        data.append(raw)
-        pos += len(raw)
-    text = json.dumps(header).encode()
-    return write_raw(path, text, b"".join(data), pad=(-len(text) % 8) + (0 if aligned else 3))
-
-
-def expected(path, rank: int, world: int) -> dict[str, bytes]:
-    dims = {k: d for k, (_, d) in SHAPES.items()} | {"row": 0, "col": 1}
-    out = {}
-    for name, (dname, shape, raw) in oracle(path).items():
-        full, dim = carrier(dname, shape, raw), dims.get(name.split(".")[-1])
-        out[name] = (full if dim is None else np.split(full, world, axis=dim)[rank]).tobytes()
-    return out
-
-
 def host_bytes(a) -> bytes:
     if hasattr(a, "detach"):  # torch
         import torch
@@ -127,12 +89,12 @@ def check(got: dict, want: dict[str, bytes], device: int) -> None:
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_every_dtype_world_rank_matches_oracle(tmp_path, rng, cupy, backend, aligned, world):
-    path = build(tmp_path / "m.safetensors", rng, aligned=aligned)
+    path = write_matrix(tmp_path, rng, aligned=aligned)
     with gpuload.Loader(device="cuda:0", framework="cupy", backend=backend, **SMALL) as ld:
         assert ld.backend == backend, ld.backend_reason
         for rank in range(world):
             got, report = ld.load(path, rank, world, rules=RULES, return_report=True)
-            check(got, expected(path, rank, world), 0)
+            check(got, expected_shards(path, rank, world), 0)
             plans = {t.name: t for t in ld.plan(path, rank, world, rules=RULES).plan.tensors}
             for name, a in got.items():
                 assert a.dtype == cupy_dtype(plans[name]) and a.shape == plans[name].out_shape
@@ -143,11 +105,11 @@ def test_torch_results_by_dlpack(tmp_path, rng, cupy, backend):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("this torch build has no CUDA")
-    path = build(tmp_path / "m.safetensors", rng, aligned=False)
+    path = write_matrix(tmp_path, rng, aligned=False)
     got = gpuload.load_sharded(
         path, 1, 2, device="cuda", rules=RULES, framework="torch", backend=backend, **SMALL
     )
-    check(got, expected(path, 1, 2), cupy.cuda.runtime.getDevice())
+    check(got, expected_shards(path, 1, 2), cupy.cuda.runtime.getDevice())
     for name, t in got.items():
         tname = DTYPES[name.split(".")[0]].torch
         assert t.dtype == (getattr(torch, tname) if tname else torch.uint8), name
@@ -158,15 +120,15 @@ BIG = {"big.row": ("BF16", (2048, 4096)), "big.col": ("F32", (1024, 4096))}  # 1
 
 
 def test_budgets_smaller_than_largest_tensor_and_reuse(tmp_path, rng, cupy, backend):
-    path = build(tmp_path / "m.safetensors", rng, aligned=False, extra=BIG)
+    path = write_matrix(tmp_path, rng, aligned=False, extra=BIG)
     settings = dict(staging_bytes=4 * MiB, device_scratch_bytes=3 * MiB, threads=4)
     with gpuload.Loader(device="cuda:0", framework="cupy", backend=backend, **settings) as ld:
         first = ld.load(path, 0, 2, rules=RULES)
         snapshot = {k: host_bytes(v) for k, v in first.items()}
-        check(first, expected(path, 0, 2), 0)
+        check(first, expected_shards(path, 0, 2), 0)
         for rank, world in ((1, 2), (3, 4), (0, 1)):  # reused: slots, streams, scratch
             got, report = ld.load(path, rank, world, rules=RULES, return_report=True)
-            check(got, expected(path, rank, world), 0)
+            check(got, expected_shards(path, rank, world), 0)
             assert report.read_s > 0
             if world > 1:  # big.col's column shard is gathered
                 assert report.staged_ops and report.gather_s > 0
@@ -177,7 +139,7 @@ def test_budgets_smaller_than_largest_tensor_and_reuse(tmp_path, rng, cupy, back
 
 
 def test_device_memory_returns_to_baseline(tmp_path, rng, cupy):
-    path = build(tmp_path / "m.safetensors", rng, aligned=True, extra=BIG)
+    path = write_matrix(tmp_path, rng, aligned=True, extra=BIG)
     rt = cupy.cuda.runtime
     warm = gpuload.load_sharded(path, 0, 1, device="cuda:0", framework="cupy", rules=RULES)
     del warm  # kernels compiled, numba's small table buffers made
@@ -202,7 +164,7 @@ class CountingReader(PosixReader):
 
 
 def test_out_of_device_memory_fails_before_io(tmp_path, rng, cupy):
-    path = build(tmp_path / "m.safetensors", rng, aligned=True, extra=BIG)
+    path = write_matrix(tmp_path, rng, aligned=True, extra=BIG)
     cupy.get_default_memory_pool().free_all_blocks()
     free = cupy.cuda.runtime.memGetInfo()[0]
     hog, n = None, free - 16 * MiB  # leave less than the 32 MiB of results
@@ -227,7 +189,7 @@ def test_cuda_means_the_current_device(tmp_path, rng, cupy):
     n = cupy.cuda.runtime.getDeviceCount()
     if n < 2:
         pytest.skip("needs two GPUs to tell the current device from device 0")
-    path = build(tmp_path / "m.safetensors", rng, aligned=True)
+    path = write_matrix(tmp_path, rng, aligned=True)
     with cupy.cuda.Device(n - 1):
         got = gpuload.load_sharded(path, 0, 2, device="cuda", framework="cupy", rules=RULES)
-    check(got, expected(path, 0, 2), n - 1)
+    check(got, expected_shards(path, 0, 2), n - 1)
