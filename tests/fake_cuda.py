@@ -24,6 +24,7 @@ not page aligned. Neither imports cupy or numba.cuda.
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import random
@@ -131,11 +132,15 @@ class FakeRuntime:
         self._seed = seed
         self._kvikio = kvikio
         self._lock = threading.Lock()
-        self.allocated = self.peak = 0  # live device bytes, and their high-water mark
+        self._allocated = self.peak = 0  # live device bytes, and their high-water mark
         self.host_peak = 0
         self.device_allocs: list[int] = []
         self.host_allocs: list[tuple[int, bool]] = []
-        self.host_live = 0  # live staging bytes
+        self._host_live = 0  # live staging bytes
+        # Frees from finalizers, settled under the lock by the next reader.
+        # A finalizer can run inside any allocation (the cyclic GC), also one
+        # made while this thread holds the lock: taking it there deadlocks.
+        self._freed: collections.deque[tuple[int, bool]] = collections.deque()
         self.streams: list[FakeStream] = []
         self.bound_threads: set[int] = set()
         self.gathers = 0
@@ -144,20 +149,39 @@ class FakeRuntime:
     # -- memory ------------------------------------------------------------
 
     def _free(self, n: int, host: bool = False) -> None:
-        with self._lock:
+        self._freed.append((n, host))  # no lock: see __init__
+
+    def _settle(self) -> None:
+        """Apply the frees finalizers queued (the caller holds the lock)."""
+        while self._freed:
+            n, host = self._freed.popleft()
             if host:
-                self.host_live -= n
+                self._host_live -= n
             else:
-                self.allocated -= n
+                self._allocated -= n
+
+    @property
+    def allocated(self) -> int:
+        with self._lock:
+            self._settle()
+            return self._allocated
+
+    @property
+    def host_live(self) -> int:
+        with self._lock:
+            self._settle()
+            return self._host_live
 
     def device_alloc(self, nbytes: int) -> FakeDeviceBuffer:
         with self._lock:
-            if self.allocated + nbytes > self.total:
+            self._settle()
+            if self._allocated + nbytes > self.total:
                 raise FakeOutOfMemory(f"fake device: {nbytes} bytes do not fit")
-            self.allocated += nbytes
+            self._allocated += nbytes
             self.device_allocs.append(nbytes)
-            garbage = self._rng.integers(0, 256, nbytes, dtype=np.uint8)
-            self.peak = max(self.peak, self.allocated)
+            self.peak = max(self.peak, self._allocated)
+            seed = int(self._rng.integers(1 << 63))
+        garbage = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
         # Freed when the bytes die: results handed out are views of them.
         weakref.finalize(garbage, self._free, nbytes)
         return FakeDeviceBuffer(garbage)
@@ -165,15 +189,17 @@ class FakeRuntime:
     def host_alloc(self, nbytes: int, *, pinned: bool) -> np.ndarray:
         a = np.empty(nbytes, np.uint8)
         with self._lock:
+            self._settle()
             self.host_allocs.append((nbytes, pinned))
-            self.host_live += nbytes
-            self.host_peak = max(self.host_peak, self.host_live)
+            self._host_live += nbytes
+            self.host_peak = max(self.host_peak, self._host_live)
         weakref.finalize(a, self._free, nbytes, True)
         return a
 
     def mem_info(self) -> tuple[int, int]:
         with self._lock:
-            return self.total - self.allocated, self.total
+            self._settle()
+            return self.total - self._allocated, self.total
 
     def release_cached(self) -> None:
         pass
