@@ -112,10 +112,14 @@ class CudaBackend:
         results = sum(t.out_nbytes for t in plan.tensors)
         extra = self._pipeline.growth(plan, device_reads=self.device_reads)
         self._fits(results + extra, "results and device scratch" if extra else "results")
+        buffers: dict[str, Any] = {}
         try:
             self._pipeline.prepare(plan, device_reads=self.device_reads)
-            return {t.name: self.runtime.device_alloc(t.out_nbytes) for t in plan.tensors}
+            for t in plan.tensors:
+                buffers[t.name] = self.runtime.device_alloc(t.out_nbytes)
+            return buffers
         except MemoryError as e:
+            buffers.clear()  # free what was taken now, not when the traceback dies
             free, total = self.runtime.mem_info()
             raise PlanError(
                 f"out of memory on {self.device} allocating {results + extra:,} bytes "

@@ -201,13 +201,21 @@ class Loader:
         backend.check_memory(sum(t.out_nbytes for t in plan.tensors))  # before any I/O
         buffers = backend.allocate(plan)
         bar = self._progress(plan.bytes_read)
-        reader = backend.reader(ckpt.files, prefetch=self.config.prefetch)
         try:
-            backend.run(plan, buffers, reader, report, bar.update if bar is not None else None)
+            reader = backend.reader(ckpt.files, prefetch=self.config.prefetch)
+            try:
+                backend.run(plan, buffers, reader, report, bar.update if bar is not None else None)
+            finally:
+                reader.close()  # raises if a file changed while we read it
+        except BaseException:
+            # The traceback keeps the frames that saw ``buffers`` alive, so the
+            # results would wait for the cyclic GC: on a GPU, gigabytes a retry
+            # needs. Emptying the dict frees them now.
+            buffers.clear()
+            raise
         finally:
             if bar is not None:
                 bar.close()
-            reader.close()  # raises if a file changed while we read it
         result = backend.convert(buffers, list(plan.tensors), self.framework)
         if lp.resident:
             # Zero-copy host arrays over the checkpoint's mapping, prefaulted

@@ -8,6 +8,7 @@ bytes. Every loaded byte is compared with safetensors + numpy slicing.
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -312,6 +313,24 @@ def test_a_failed_read_raises_after_the_streams_stop(tmp_path, rng, fake_gpu):
         FailingReader.armed = False
         got = ld.load(path, 0, 1)
     assert not mismatched(got, expected_shards(path, 0, 1))  # and the Loader still works
+
+
+def test_a_failed_load_frees_its_results_at_once(tmp_path, rng, fake_gpu):
+    # The caller keeps the exception (and so its traceback's frames) alive;
+    # the results must not wait for it, nor for the cyclic GC.
+    path = write_matrix(tmp_path, rng, aligned=True)
+    FailingReader.armed = True
+    made = fake_gpu()
+    gc.disable()
+    try:
+        ld = gpuload.Loader(device="cuda:0", reader_factory=FailingReader, **SMALL)
+        with ld, pytest.raises(ReadError, match="injected") as failure:
+            ld.load(path, 0, 1)
+        assert made[-1].allocated == 0, "a failed load's results outlived it"
+        assert failure.value.__traceback__ is not None
+    finally:
+        gc.enable()
+        FailingReader.armed = False
 
 
 class SignallingReader(PosixReader):
