@@ -128,7 +128,8 @@ class Loader:
         if cpu_resident is True:
             cpu_resident = _resident.PRESET_EXPERTS
         resident_of = name_filter(cpu_resident or None)
-        sharder = Sharder(ckpt.config, rules, **sharding)
+        shapes = {name: info.shape for name, info in ckpt.tensors.items()}
+        sharder = Sharder(ckpt.config, rules, shapes=shapes, **sharding)
         items: list[tuple[TensorInfo, Selection]] = []
         resident: dict[str, Selection] = {}
         unknown, skipped, excluded = [], [], 0

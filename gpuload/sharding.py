@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import scales
 from .errors import ShardingError
 from .selection import Selection
 
@@ -300,6 +301,14 @@ class Sharder:
         like ``torch.chunk``: ``per = ceil(size / world)``, rank ``r`` takes
         ``[r * per, min(size, (r + 1) * per))``, possibly nothing. Head counts
         must still divide (a head cannot be cut).
+    shapes
+        Every tensor's shape in the checkpoint (name -> shape). With it, a
+        quantization scale no caller rule claims (``X.weight_scale_inv``,
+        ``X.weight_scale``, ...) follows the shard of its weight ``X.weight``
+        (see :mod:`gpuload.scales`).
+    weight_block_size
+        ``(out, in)`` elements per quantization block of block-scaled weights;
+        default: ``quantization_config.weight_block_size`` in the config.
     """
 
     def __init__(
@@ -313,8 +322,12 @@ class Sharder:
         qkv_sections: tuple[int, int, int] | None = None,
         expert_parallel: bool = False,
         allow_uneven: bool = False,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        weight_block_size: tuple[int, int] | None = None,
     ) -> None:
         config = dict(config or {})
+        self.shapes = dict(shapes or {})
+        self.blocks = scales.block_sizes(config, weight_block_size)
         self.family = MODEL_TYPES.get(str(config.get("model_type")), "generic")
         self.num_heads = _count("num_heads", num_heads, config, "num_attention_heads", "n_head")
         kv = _count("num_kv_heads", num_kv_heads, config, "num_key_value_heads")
@@ -368,6 +381,10 @@ class Sharder:
             raise ValueError(f"need world >= 1 and 0 <= rank < world, got {rank=}, {world=}")
         shape = tuple(shape)
         rule, spec = self._match(name, shape)
+        if spec is None and (weight := scales.weight_of(name, self.shapes)) is not None:
+            wshape = tuple(self.shapes[weight])
+            sel = self.select(weight, wshape, rank, world)
+            return scales.follow(name, shape, weight, wshape, sel, self.blocks)
         if spec is None:
             if len(shape) <= 1:  # norms, biases and scalars no rule claimed
                 return Selection.whole(shape, "replicated", "1-d" if shape else "scalar")
