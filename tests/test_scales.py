@@ -10,12 +10,11 @@ Any scale a rank got that does not belong to its weight elements shows.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import oracle, write_raw
+from conftest import write_tensors
 
 import gpuload
 from gpuload.errors import ShardingError
@@ -70,18 +69,6 @@ def dequant(w: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.asarray(w, np.float32) * expand(np.asarray(s, np.float32), w.shape)
 
 
-def serialize(path: Path, tensors: dict[str, np.ndarray], dtypes: dict[str, str]) -> None:
-    header, data, pos = {}, [], 0
-    for name, a in tensors.items():
-        raw = np.ascontiguousarray(a).tobytes()
-        header[name] = {"dtype": dtypes[name], "shape": list(a.shape)}
-        header[name]["data_offsets"] = [pos, pos + len(raw)]
-        data.append(raw)
-        pos += len(raw)
-    write_raw(path, header, b"".join(data))
-    assert set(oracle(path)) == set(tensors)  # the safetensors package reads it back
-
-
 @pytest.fixture(scope="module")
 def fp8_model(tmp_path_factory):
     """An FP8 checkpoint and, beside it, the same names holding weight * scale."""
@@ -102,7 +89,7 @@ def fp8_model(tmp_path_factory):
     for d, ts, dt in ((quant, tensors, dtypes), (exact, products, dict.fromkeys(products, "F32"))):
         d.mkdir()
         (d / "config.json").write_text(json.dumps(CONFIG))
-        serialize(d / "model.safetensors", ts, dt)
+        write_tensors(d / "model.safetensors", ts, dt)
     return quant, exact
 
 
