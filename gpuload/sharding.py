@@ -7,187 +7,34 @@ ordered table of ``(regex, spec)`` rules per model family, searched with
 consulted before the built-in table. Sharding counts elements, not bytes;
 dtype widths and sub-byte packing are the planner's business.
 
-Stacked MoE expert tensors (one tensor for all experts, e.g.
-``mlp.experts.gate_up_proj`` or vLLM's ``w13``) are assumed to be laid out
-``[E, out, in]``: experts on dim 0, output features on dim 1.
+The specs and tables live in :mod:`gpuload.rules`; this module applies them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import scales
 from .errors import ShardingError
+from .rules import (
+    MODEL_TYPES,
+    RULE_TABLES,
+    Expert,
+    FusedQKV,
+    Heads,
+    Replicate,
+    Spec,
+    Split,
+    Vocab,
+)
+from .rules import VISION as _VISION
 from .selection import Selection
 
-
-@dataclasses.dataclass(frozen=True)
-class Replicate:
-    """Every rank takes the whole tensor."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """Split ``dim`` (negative counts from the end) evenly over the ranks.
-
-    ``sections`` fuses tensors along ``dim``: a count of equal sections or a
-    tuple of sizes. Each section is split on its own and the rank's parts sit
-    side by side: a fused ``gate_up`` is ``Split(0, sections=2)``.
-    """
-
-    dim: int
-    sections: int | tuple[int, ...] = 1
-
-    def __post_init__(self) -> None:
-        s = self.sections
-        if isinstance(s, int) and s < 1 or isinstance(s, tuple) and (not s or min(s) < 1):
-            raise ValueError(f"sections={s!r} has to be a count >= 1 or positive sizes")
-
-
-@dataclasses.dataclass(frozen=True)
-class Heads:
-    """Split dim 0 by whole attention heads; ``kv=True`` counts key/value heads,
-    each replicated on ``world // kv_heads`` consecutive ranks when the world
-    is larger (vLLM's QKVParallelLinear)."""
-
-    kv: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class FusedQKV:
-    """A fused q | k | v tensor along ``dim``, each section split by heads."""
-
-    dim: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Vocab:
-    """Dim 0 over the vocabulary as vLLM's VocabParallelEmbedding: padded to a
-    multiple of ``pad_to``, ``padded // world`` rows a rank, so the last ranks
-    hold the padding and get fewer real rows. ``pad_to=1``: a plain split.
-    With ``allow_uneven``, ``ceil(padded / world)`` rows a rank."""
-
-    pad_to: int = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Expert:
-    """A MoE expert tensor: ``inner`` under tensor parallelism, whole experts
-    under expert parallelism. ``stacked=False``: one expert, its index read
-    from ``experts.<e>.`` in the name. ``stacked=True``: all experts in one
-    ``[E, out, in]`` tensor that ``inner`` indexes; expert parallelism takes a
-    dim-0 block of it."""
-
-    inner: Replicate | Split | Heads | FusedQKV | Vocab
-    stacked: bool = False
-
-
-Spec = Replicate | Split | Heads | FusedQKV | Vocab | Expert
-Table = tuple[tuple[str, Spec], ...]
-
-# ---------------------------------------------------------------------------
-# Built-in rule tables. Ordered; first match wins. Patterns are re.search'd.
-# ---------------------------------------------------------------------------
-
-_EMBED: Table = (
-    (r"(^|\.)embed_tokens\.weight$", Vocab()),
-    (r"(^|\.)lm_head\.weight$", Vocab()),
-)
-_ATTN: Table = (
-    (r"\.self_attn\.q_proj\.(weight|bias)$", Heads()),
-    (r"\.self_attn\.[kv]_proj\.(weight|bias)$", Heads(kv=True)),
-    (r"\.self_attn\.o_proj\.weight$", Split(1)),
-    (r"\.self_attn\.o_proj\.bias$", Replicate()),
-)
-_MLP: Table = (
-    (r"\.mlp\.(gate|up)_proj\.(weight|bias)$", Split(0)),
-    (r"\.mlp\.down_proj\.weight$", Split(1)),
-    (r"\.mlp\.down_proj\.bias$", Replicate()),
-)
-_NORMS: Table = ((r"(norm|(^|\.)ln_\w+)\.(weight|bias)$", Replicate()),)
-_PHI3: Table = (
-    (r"\.self_attn\.qkv_proj\.(weight|bias)$", FusedQKV()),
-    (r"\.mlp\.gate_up_proj\.(weight|bias)$", Split(0, sections=2)),
-)
-_MIXTRAL_MOE: Table = (
-    (r"\.block_sparse_moe\.gate\.weight$", Replicate()),
-    (r"\.block_sparse_moe\.experts\.\d+\.w[13]\.weight$", Expert(Split(0))),
-    (r"\.block_sparse_moe\.experts\.\d+\.w2\.weight$", Expert(Split(1))),
-)
-_ROUTED_EXPERTS: Table = (  # Qwen-MoE and DeepSeek name them alike
-    (r"\.mlp\.experts\.\d+\.(gate|up)_proj\.weight$", Expert(Split(0))),
-    (r"\.mlp\.experts\.\d+\.down_proj\.weight$", Expert(Split(1))),
-    (r"\.mlp\.gate\.weight$", Replicate()),
-)
-_STACKED_EXPERTS: Table = (  # [E, out, in]
-    (r"\.experts\.(gate_up_proj|w13)(_weight|\.weight)?$", Expert(Split(1, 2), stacked=True)),
-    (r"\.experts\.(gate_proj|up_proj|w1|w3)(_weight|\.weight)?$", Expert(Split(1), stacked=True)),
-    (r"\.experts\.(down_proj|w2)(_weight|\.weight)?$", Expert(Split(2), stacked=True)),
-)
-_QWEN_SHARED: Table = (
-    (r"\.mlp\.shared_expert\.(gate|up)_proj\.weight$", Split(0)),
-    (r"\.mlp\.shared_expert\.down_proj\.weight$", Split(1)),
-    (r"\.mlp\.shared_expert_gate\.weight$", Replicate()),
-)
-_DEEPSEEK: Table = (
-    (r"\.self_attn\.q_b_proj\.weight$", Heads()),
-    (r"\.self_attn\.kv_b_proj\.weight$", Heads()),  # MLA: split by query heads
-    (r"\.self_attn\.(q_a_proj|kv_a_proj_with_mqa)\.weight$", Replicate()),
-    (r"\.mlp\.shared_experts\.(gate|up)_proj\.weight$", Split(0)),
-    (r"\.mlp\.shared_experts\.down_proj\.weight$", Split(1)),
-    (r"\.mlp\.gate\.e_score_correction_bias$", Replicate()),
-    (r"\.shared_head\.head\.weight$", Vocab()),  # V3 multi-token-prediction head
-)
-_GPT2: Table = (  # Conv1D weights are stored [in, out]
-    (r"(^|\.)wte\.weight$", Vocab()),
-    (r"(^|\.)wpe\.weight$", Replicate()),
-    (r"\.attn\.c_attn\.weight$", Split(1, sections=3)),
-    (r"\.attn\.c_attn\.bias$", Split(0, sections=3)),
-    (r"\.(attn|mlp)\.c_proj\.weight$", Split(0)),
-    (r"\.(attn|mlp)\.c_proj\.bias$", Replicate()),
-    (r"\.mlp\.c_fc\.weight$", Split(1)),
-    (r"\.mlp\.c_fc\.bias$", Split(0)),
-    (r"\.attn\.(masked_)?bias$", Replicate()),  # old causal-mask buffers
-)
-
-
-def _union(*tables: Table) -> Table:
-    """Every rule of ``tables`` once, in order; a pattern the families map to
-    different specs is left out, so no family's choice wins by accident."""
-    specs: dict[str, set[Spec]] = {}
-    for table in tables:
-        for pattern, spec in table:
-            specs.setdefault(pattern, set()).add(spec)
-    return tuple((p, next(iter(s))) for p, s in specs.items() if len(s) == 1)
-
-
-_LLAMA = _EMBED + _ATTN + _MLP + _NORMS
-_MOE_ATTN = _EMBED + _ATTN
-_FAMILIES: Mapping[str, Table] = {
-    "llama": _LLAMA,  # also Mistral, Qwen2, Qwen3, Gemma 1-3
-    "phi3": _EMBED + _PHI3 + _ATTN + _MLP + _NORMS,
-    "mixtral": _MOE_ATTN + _MIXTRAL_MOE + _STACKED_EXPERTS + _NORMS,
-    "qwen_moe": _MOE_ATTN + _ROUTED_EXPERTS + _QWEN_SHARED + _MLP + _STACKED_EXPERTS + _NORMS,
-    "deepseek": _MOE_ATTN + _DEEPSEEK + _ROUTED_EXPERTS + _MLP + _STACKED_EXPERTS + _NORMS,
-    "gpt2": _GPT2 + _NORMS,
+_COMPILED = {
+    f: tuple((p, re.compile(p), s) for p, s in _VISION + t) for f, t in RULE_TABLES.items()
 }
-RULE_TABLES: Mapping[str, Table] = {
-    **_FAMILIES,
-    "generic": _union(*_FAMILIES.values()),  # unknown or missing model_type
-}
-MODEL_TYPES: Mapping[str, str] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), "llama"),
-    **dict.fromkeys(("gemma", "gemma2", "gemma3_text"), "llama"),
-    "phi3": "phi3",
-    "mixtral": "mixtral",
-    **dict.fromkeys(("qwen2_moe", "qwen3_moe"), "qwen_moe"),
-    **dict.fromkeys(("deepseek_v2", "deepseek_v3"), "deepseek"),
-    "gpt2": "gpt2",
-}
-_COMPILED = {f: tuple((p, re.compile(p), s) for p, s in t) for f, t in RULE_TABLES.items()}
 _SHORTHANDS: Mapping[str, Spec] = {"replicate": Replicate(), "row": Split(0), "column": Split(1)}
 _EXPERT_INDEX = re.compile(r"(^|\.)experts\.(\d+)\.")
 
@@ -328,6 +175,14 @@ class Sharder:
         config = dict(config or {})
         self.shapes = dict(shapes or {})
         self.blocks = scales.block_sizes(config, weight_block_size)
+        # Multimodal configs (Gemma 3, LLaVA, Mistral 3) keep the text model's
+        # type and head counts in text_config; top-level keys win.
+        text = config.get("text_config")
+        if isinstance(text, Mapping):
+            top_type = str(config.get("model_type"))
+            config = {**text, **config}
+            if top_type not in MODEL_TYPES:
+                config["model_type"] = text.get("model_type")
         self.family = MODEL_TYPES.get(str(config.get("model_type")), "generic")
         self.num_heads = _count("num_heads", num_heads, config, "num_attention_heads", "n_head")
         kv = _count("num_kv_heads", num_kv_heads, config, "num_key_value_heads")
