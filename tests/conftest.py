@@ -10,6 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors
+from hypothesis import HealthCheck, settings
+
+# CI machines are slower and busier than the development ones: a property
+# test is judged by what it finds, never by how long examples take to build.
+settings.register_profile("gpuload", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("gpuload")
 
 
 def write_raw(path: Path, header: dict | bytes, data: bytes = b"", pad: int = 0) -> Path:
