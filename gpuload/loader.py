@@ -23,7 +23,7 @@ from . import resident as _resident
 from .backend import make_backend
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .device import resolve_device
-from .errors import PlanError
+from .errors import PlanError, ShardingError
 from .outputs import resident_as, resolve_framework
 from .plan import Plan, PlanOptions, plan_reads
 from .report import LoadReport
@@ -137,7 +137,10 @@ class Loader:
             if keep is not None and not keep(name):
                 excluded += 1
                 continue
-            sel = sharder.select(name, info.shape, rank, world)
+            try:
+                sel = sharder.select(name, info.shape, rank, world)
+            except ShardingError as e:  # the sharder knows names, not files
+                raise ShardingError(f"{info.file}: {e}") from None
             if sel is None:
                 skipped.append(name)
                 continue

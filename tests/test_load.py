@@ -112,6 +112,7 @@ def test_bad_rank_world_and_uneven_split(tmp_path, rng):
         gpuload.load_sharded(path, 0, 5, device="cpu", rules=RULES)
     msg = str(e.value)
     assert "5" in msg and ("24" in msg or "96" in msg or "8" in msg)
+    assert msg.startswith(f"{path}: '")  # the file, then the tensor
 
 
 def test_unknown_tensors_are_replicated_and_reported(tmp_path, rng):
