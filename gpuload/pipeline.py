@@ -14,7 +14,6 @@ the error is raised: a failed load returns nothing.
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from collections.abc import Callable
 
@@ -23,7 +22,7 @@ import numpy as np
 from .kernels import NCOLS, gather_host
 from .plan import Plan, ReadOp
 from .report import LoadReport
-from .workers import run_jobs
+from .workers import Busy, run_jobs
 
 _ZERO = np.zeros(0, np.uint8)
 
@@ -48,7 +47,7 @@ class HostPipeline:
         self._slot_size = 0
         self._slot_count = 0
         self._discard = _ZERO
-        self._busy = threading.Lock()
+        self._busy = Busy()
 
     def _ensure_staging(self, plan: Plan) -> None:
         need = plan.max_staged_bytes
@@ -70,15 +69,9 @@ class HostPipeline:
         on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         """Fill ``outputs`` (name -> uint8 buffer) by executing ``plan``."""
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(
-                "this Loader is already loading in another thread; use one Loader per thread"
-            )
-        try:
+        with self._busy():
             self._ensure_staging(plan)
             self._run(plan, outputs, reader, report, on_bytes)
-        finally:
-            self._busy.release()
 
     def _run(self, plan, outputs, reader, report, on_bytes) -> None:
         ops = plan.ops

@@ -45,9 +45,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -58,7 +57,7 @@ from .pipeline import piece_tables
 from .plan import PAGE, Plan, ReadOp, TensorPlan
 from .report import LoadReport
 from .split import aligned_span, fit_ops
-from .workers import run_jobs
+from .workers import Busy, run_jobs
 
 MAX_SLOTS = 16
 GROW = 64 << 10  # slot sizes grow in steps of this, so similar plans reuse them
@@ -112,7 +111,7 @@ class DevicePipeline:
         self.scratch_cap = scratch_bytes // count
         self.host_size = 0  # current per-slot sizes (grow, never shrink)
         self.scratch_size = 0
-        self._busy = threading.Lock()
+        self._busy = Busy()
         self.slots = [
             Slot(s, runtime.event(timing=False), tuple(runtime.event(timing=True) for _ in "abc"))
             for s in (runtime.stream() for _ in range(count))
@@ -154,7 +153,7 @@ class DevicePipeline:
     def prepare(self, plan: Plan, *, device_reads: bool) -> list[ReadOp]:
         """Grow the slots for ``plan`` (allocating before any I/O) and return its
         ops, each fitting a slot."""
-        with self._exclusive():  # never free buffers a running load's streams use
+        with self._busy():  # never free buffers a running load's streams use
             return self._prepare(plan, device_reads)
 
     def _prepare(self, plan: Plan, device_reads: bool) -> list[ReadOp]:
@@ -180,17 +179,6 @@ class DevicePipeline:
             device_reads=device_reads,
         )
 
-    @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(
-                "this Loader is already loading in another thread; use one Loader per thread"
-            )
-        try:
-            yield
-        finally:
-            self._busy.release()
-
     # -- running -----------------------------------------------------------
 
     def run(
@@ -202,7 +190,7 @@ class DevicePipeline:
         on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         """Fill ``outputs`` (name -> device buffer) by executing ``plan``."""
-        with self._exclusive():
+        with self._busy():
             device_reads = getattr(reader, "into", "host") == "device"
             ops = self._prepare(plan, device_reads)
             self._run(ops, outputs, reader, report, on_bytes, device_reads)

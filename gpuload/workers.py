@@ -3,10 +3,11 @@ caller's thread. Both pipelines (host and device) run their read ops here."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -80,3 +81,32 @@ def run_jobs(
         stop.set()
         for t in started:
             join(t)
+
+
+class Busy:
+    """One run at a time: ``with busy():`` raises RuntimeError while another
+    thread is inside.
+
+    It records the owning thread rather than holding a lock across the run:
+    a Ctrl-C landing between taking a lock and entering its ``try`` would
+    leave the lock held and the Loader refusing every later load. Here such
+    a leftover names the interrupted thread, which may simply go again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # held only to test-and-set the owner
+        self._owner: int | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner not in (None, me):
+                raise RuntimeError(
+                    "this Loader is already loading in another thread; use one Loader per thread"
+                )
+            self._owner = me
+        try:
+            yield
+        finally:
+            self._owner = None

@@ -99,6 +99,33 @@ def test_one_loader_from_two_threads_raises_a_clear_error_then_works(model):
     assert gpuload_threads() == [] and fds() == fds0
 
 
+def test_a_ctrl_c_between_taking_and_guarding_the_busy_mark_does_not_wedge_the_loader(model):
+    """The window a lock cannot close: KeyboardInterrupt right after the
+    busy mark is taken and before its try. Simulated by entering the mark and
+    never leaving it, as that interrupt would."""
+    loader = gpuload.Loader(device="cpu", **SMALL)
+    busy = loader._backend._pipeline._busy
+    stuck = [busy()]
+    stuck[0].__enter__()  # taken, and never released
+    for rank in (0, 1):  # the interrupted thread goes again
+        assert as_bytes(loader.load(model, rank, 2, rules=RULES)) == expected(model, rank, 2)
+    stuck.append(busy())
+    stuck[1].__enter__()
+    box = {}
+
+    def other():  # while the mark names another thread, this one is refused
+        try:
+            loader.load(model, 0, 2, rules=RULES)
+        except RuntimeError as e:
+            box["error"] = e
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(30)
+    assert "already loading" in str(box.get("error"))
+    loader.close()
+
+
 MANY_OPS = dict(chunk_bytes=64, min_chunk_bytes=64, staging_bytes=4096, threads=4)
 
 
