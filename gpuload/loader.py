@@ -70,8 +70,8 @@ class Loader:
         ``"cpu"``, ``"cuda"``/``"cuda:N"``, or None: the current CUDA device
         when a GPU backend is usable, else ``"cpu"``.
     framework
-        ``"numpy"`` (default on the CPU), ``"torch"`` (default on a GPU when
-        installed) or ``"cupy"`` (GPU only).
+        ``"numpy"`` (default on the CPU), ``"torch"`` (default on a GPU when a
+        CUDA build is installed) or ``"cupy"`` (GPU only).
     reader_factory
         ``callable(headers, prefetch=bool) -> reader`` building the reader for
         each load (default :class:`~gpuload.io.PosixReader`); tests wrap the
@@ -95,7 +95,7 @@ class Loader:
         self.config = _config.get().replace(**settings)
         # A caller-supplied CUDA runtime (the CPU tests' fake) needs no probe.
         self.device = resolve_device(device, probe=runtime is None)
-        self.framework = resolve_framework(framework, self.device)
+        self.framework = resolve_framework(framework, self.device, probe=runtime is None)
         self._backend = make_backend(self.device, self.config, reader_factory, runtime=runtime)
         self.backend, self.backend_reason = self._backend.name, self._backend.reason
         self.last_report: LoadReport | None = None

@@ -13,8 +13,8 @@ cupy has no bfloat16 or float8 dtypes, so cupy results of those dtypes are
 F8 family (packed F4/F6: ``uint8`` bytes, as everywhere). ``arr.view(...)``
 or ``torch.from_dlpack(arr).view(torch.bfloat16)`` recovers the real type.
 
-Defaults: ``numpy`` on the CPU; on a GPU ``torch`` when it imports, else
-``cupy``.
+Defaults: ``numpy`` on the CPU; on a GPU ``torch`` when a CUDA build of it
+sees the device, else ``cupy``.
 """
 
 from __future__ import annotations
@@ -31,14 +31,20 @@ from .plan import TensorPlan
 FRAMEWORKS = ("numpy", "torch", "cupy")
 
 
-def resolve_framework(framework: str | None, device: str) -> str:
-    """The framework results come back in, for a resolved device string."""
+def resolve_framework(framework: str | None, device: str, *, probe: bool = True) -> str:
+    """The framework results come back in, for a resolved device string.
+
+    Decided before any I/O: torch on a GPU needs a CUDA build that sees the
+    device (DLPack import asks torch for the device's stream), else a load
+    would read everything and fail handing it over. ``probe=False`` skips
+    that CUDA check (a caller-supplied runtime: the CPU tests' fake GPU).
+    """
     on_gpu = device != "cpu"
     if framework is None:
         if not on_gpu:
             return "numpy"
         try:
-            _torch()
+            _torch(cuda=probe)
         except BackendUnavailable:
             return "cupy"
         return "torch"
@@ -52,17 +58,24 @@ def resolve_framework(framework: str | None, device: str) -> str:
     if framework == "cupy" and not on_gpu:
         raise ValueError("framework='cupy' returns GPU arrays: use a 'cuda' device")
     if framework == "torch":
-        _torch()
+        _torch(cuda=on_gpu and probe)
     return framework
 
 
-def _torch():
+def _torch(*, cuda: bool = False):
     try:
-        return importlib.import_module("torch")
+        torch = importlib.import_module("torch")
     except ImportError:
         raise BackendUnavailable(
             "framework='torch' needs PyTorch: pip install 'gpuload[torch]'"
         ) from None
+    if cuda and not torch.cuda.is_available():
+        raise BackendUnavailable(
+            f"framework='torch' on a GPU needs a CUDA build of PyTorch that sees the device; "
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) does not: "
+            "install a CUDA build or use framework='cupy'"
+        )
+    return torch
 
 
 def to_numpy(buf: np.ndarray, t: TensorPlan) -> np.ndarray:

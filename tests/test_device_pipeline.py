@@ -60,6 +60,12 @@ def fake_gpu(monkeypatch):
             return backend_mod.make_backend(device, cfg, reader_factory, runtime=made[-1])
 
         monkeypatch.setattr(gpuload.loader, "make_backend", make)
+        # The fake device takes torch's CPU tensors: no CUDA build needed.
+        monkeypatch.setattr(
+            gpuload.loader,
+            "resolve_framework",
+            lambda f, d, probe=True: outputs.resolve_framework(f, d, probe=False),
+        )
         # What Loader(runtime=...) would do: no CUDA probe for a given runtime.
         monkeypatch.setattr(
             gpuload.loader,
@@ -390,11 +396,23 @@ def test_frameworks_on_a_gpu(monkeypatch):
         outputs.resolve_framework("cupy", "cpu")
     assert outputs.resolve_framework("cupy", "cuda:1") == "cupy"
 
-    def no_torch():
+    def no_torch(**_):
         raise BackendUnavailable("no torch")
 
     monkeypatch.setattr(outputs, "_torch", no_torch)
     assert outputs.resolve_framework(None, "cuda:0") == "cupy"
+
+
+def test_torch_without_cuda_is_refused_before_any_read(monkeypatch):
+    # A CPU build of torch cannot take CUDA memory by DLPack: the default on
+    # a GPU falls back to cupy, and asking for torch fails at once.
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert outputs.resolve_framework(None, "cuda:0") == "cupy"
+    with pytest.raises(BackendUnavailable, match="CUDA build of PyTorch"):
+        outputs.resolve_framework("torch", "cuda:0")
+    assert outputs.resolve_framework("torch", "cpu") == "torch"
+    assert outputs.resolve_framework("torch", "cuda:0", probe=False) == "torch"
 
 
 def test_cuda_means_the_current_device_never_the_rank(monkeypatch):
