@@ -196,7 +196,14 @@ class CupyRuntime:
         with self._device:
             if nbytes == 0:
                 return cp.ndarray((0,), cp.uint8)
-            mem = cp.cuda.memory.Memory(nbytes)  # cudaMalloc: outside the pool
+            try:
+                mem = cp.cuda.memory.Memory(nbytes)  # cudaMalloc: outside the pool
+            except cp.cuda.runtime.CUDARuntimeError as e:
+                # Only cupy's pool says OutOfMemoryError; a bare cudaMalloc
+                # says cudaErrorMemoryAllocation. The callers catch MemoryError.
+                if e.status != cp.cuda.runtime.errorMemoryAllocation:
+                    raise
+                raise cp.cuda.memory.OutOfMemoryError(nbytes, -1) from e
             return cp.ndarray((nbytes,), cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
 
     def host_alloc(self, nbytes: int, *, pinned: bool) -> np.ndarray:

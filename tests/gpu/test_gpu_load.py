@@ -171,7 +171,7 @@ def test_out_of_device_memory_fails_before_io(tmp_path, rng, cupy):
     while hog is None and n > 0:
         try:
             hog = cupy.cuda.memory.Memory(n)
-        except cupy.cuda.memory.OutOfMemoryError:
+        except (cupy.cuda.memory.OutOfMemoryError, cupy.cuda.runtime.CUDARuntimeError):
             n -= 64 * MiB
     try:
         CountingReader.reads = 0
