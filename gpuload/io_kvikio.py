@@ -39,10 +39,13 @@ def describe_kvikio(kvikio: Any) -> str:
     version = getattr(kvikio, "__version__", "?")
     d = kvikio.defaults
     try:
-        if hasattr(d, "is_compat_mode_preferred"):
+        if hasattr(d, "is_compat_mode_preferred"):  # kvikio >= 25.04
             compat = bool(d.is_compat_mode_preferred())
-        else:  # kvikio < 24.12
-            compat = bool(d.compat_mode())
+        else:  # 24.12 - 25.02: the configured kvikio.CompatMode (OFF 0, ON 1, AUTO 2)
+            mode = int(d.compat_mode())
+            if mode == 2:
+                return f"kvikio {version}, compatibility mode auto (GDS where cuFile works)"
+            compat = mode == 1
     except Exception as e:  # a half-installed cuFile: say so, kvikio falls back itself
         return f"kvikio {version}, GDS state unknown ({e})"
     if compat:
@@ -56,7 +59,7 @@ def set_threads(kvikio: Any, n: int) -> None:
     reset rebuilds kvikio's pool."""
     d = kvikio.defaults
     with _threads_lock:
-        if hasattr(d, "set") and hasattr(d, "get"):  # kvikio >= 25.02
+        if hasattr(d, "set") and hasattr(d, "get"):  # kvikio >= 25.04
             if d.get("num_threads") != n:
                 d.set("num_threads", n)
         elif d.get_num_threads() != n:

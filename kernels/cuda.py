@@ -208,7 +208,9 @@ def _handle(stream: Any) -> int:
         from numba.cuda.cudadrv.driver import Stream
 
         if isinstance(stream, Stream):
-            return int(stream)
+            # numba-cuda 0.30 returns an int *subclass* (a CUstream_flags
+            # member) for the default stream, which int() warns about.
+            return int(stream.__int__())
     proto = getattr(stream, "__cuda_stream__", None)  # CUDA stream protocol: (version, handle)
     if proto is not None:
         return int((proto() if callable(proto) else proto)[1])

@@ -494,3 +494,19 @@ def test_import_and_fake_load_never_touch_cupy_or_numba_cuda(tmp_path, rng):
         """
     )
     subprocess.run([sys.executable, "-W", "error", "-c", code], check=True, timeout=120)
+
+
+def test_kvikio_mode_is_described_on_every_api_generation():
+    from types import SimpleNamespace
+
+    from gpuload.io_kvikio import describe_kvikio
+
+    def kv(**defaults):
+        return SimpleNamespace(__version__="x", defaults=SimpleNamespace(**defaults))
+
+    assert "GPUDirect" in describe_kvikio(kv(is_compat_mode_preferred=lambda: False))
+    assert "compatibility mode" in describe_kvikio(kv(is_compat_mode_preferred=lambda: True))
+    # 24.12 - 25.02: compat_mode() is the configured CompatMode, AUTO (2) by default.
+    assert "GPUDirect" in describe_kvikio(kv(compat_mode=lambda: 0))
+    assert "compatibility mode (no GDS" in describe_kvikio(kv(compat_mode=lambda: 1))
+    assert "compatibility mode auto" in describe_kvikio(kv(compat_mode=lambda: 2))
