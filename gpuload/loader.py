@@ -224,7 +224,10 @@ class Loader:
         if lp.resident:
             # Zero-copy host arrays over the checkpoint's mapping, prefaulted
             # and pinned: they stay on the CPU whatever the device.
-            arrays, report.prefault = _resident.map_resident(ckpt, lp.resident, self.config)
+            gpu = int(self.device.split(":")[1]) if self.device != "cpu" else None
+            arrays, report.prefault = _resident.map_resident(
+                ckpt, lp.resident, self.config, device=gpu
+            )
             result.update(resident_as(arrays, self.framework))
         report.seconds = time.perf_counter() - t0
         self.last_report = report

@@ -21,6 +21,7 @@ Pinning, best first:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -78,12 +79,15 @@ class _Release:
         self.locked: list[tuple[int, int]] = []
 
     def unpin(self) -> None:
-        for p in self.cuda_ptrs:
-            self.cuda.hostUnregister(p)
-        self.cuda_ptrs.clear()
-        for a, n in self.locked:
+        # Every piece, even when one refuses (a context torn down at exit):
+        # a piece left registered would outlive the munmap that follows.
+        ptrs, self.cuda_ptrs = self.cuda_ptrs, []
+        for p in ptrs:
+            with contextlib.suppress(Exception):
+                self.cuda.hostUnregister(p)
+        locked, self.locked = self.locked, []
+        for a, n in locked:
             libc().munlock(a, n)
-        self.locked.clear()
 
     def __call__(self) -> None:
         try:
@@ -217,9 +221,9 @@ def _pieces(ranges: Ranges) -> list[tuple[int, int]]:
     return out
 
 
-def _cuda_runtime():
-    """(runtime, "") when cupy and a device that takes read-only registrations
-    are present, else (None, why not)."""
+def _cuda_runtime(device: int | None = None):
+    """(runtime, "") when cupy and a device (``device``, else the current
+    one) that takes read-only registrations are present, else (None, why not)."""
     try:
         from cupy.cuda import runtime
     except ImportError:
@@ -227,7 +231,7 @@ def _cuda_runtime():
     try:
         if runtime.getDeviceCount() < 1:
             return None, "no CUDA device"
-        dev = runtime.getDevice()
+        dev = runtime.getDevice() if device is None else device
         if not runtime.deviceGetAttribute(_ATTR_REGISTER_READ_ONLY, dev):
             return None, f"device {dev} cannot register read-only host memory"
     except runtime.CUDARuntimeError as e:
@@ -235,16 +239,27 @@ def _cuda_runtime():
     return runtime, ""
 
 
-def _cuda_pin(m: Mapping, ranges: Ranges, runtime) -> str | None:
+def _on_device(device: int | None):
+    """Registration runs in ``device``'s context: without it, a process
+    loading for cuda:3 would create a context (hundreds of MiB) on cuda:0."""
+    if device is None:
+        return contextlib.nullcontext()
+    from cupy.cuda import Device
+
+    return Device(device)
+
+
+def _cuda_pin(m: Mapping, ranges: Ranges, runtime, device: int | None = None) -> str | None:
     """Register every piece; on a refusal undo them all and say why."""
     m._release.cuda = runtime
-    for off, n in _pieces(ranges):
-        try:
-            runtime.hostRegister(m.addr + off, n, _CUDA_REGISTER_FLAGS)
-        except runtime.CUDARuntimeError as e:
-            m._release.unpin()
-            return f"cudaHostRegister refused ({e})"
-        m._release.cuda_ptrs.append(m.addr + off)
+    with _on_device(device):
+        for off, n in _pieces(ranges):
+            try:
+                runtime.hostRegister(m.addr + off, n, _CUDA_REGISTER_FLAGS)
+            except runtime.CUDARuntimeError as e:
+                m._release.unpin()
+                return f"cudaHostRegister refused ({e})"
+            m._release.cuda_ptrs.append(m.addr + off)
     return None
 
 
@@ -290,17 +305,20 @@ def _mlock(m: Mapping, ranges: Ranges) -> str | None:
     return None
 
 
-def pin(mappings: Sequence[tuple[Mapping, Ranges]]) -> tuple[str | None, str]:
+def pin(
+    mappings: Sequence[tuple[Mapping, Ranges]], device: int | None = None
+) -> tuple[str | None, str]:
     """Pin page-aligned ranges of each mapping until it is released.
 
+    ``device``: the CUDA device the pins are for (default: the current one).
     Returns ``(method, reason)``: method is "cuda", "mlock" or None (not
     pinned); reason says why not, or why CUDA fell back to mlock. All or
     nothing: a failure part-way undoes what was pinned.
     """
-    runtime, why = _cuda_runtime()
+    runtime, why = _cuda_runtime(device)
     if runtime is not None:
         for m, ranges in mappings:
-            refused = _cuda_pin(m, ranges, runtime)
+            refused = _cuda_pin(m, ranges, runtime, device)
             if refused:
                 for m2, _ in mappings:
                     m2._release.unpin()

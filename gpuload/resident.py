@@ -190,8 +190,10 @@ def _prefault(
     jobs: Sequence[tuple[pinning.Mapping, Iterable[tuple[int, int]]]],
     cfg: config.Config,
     keep: bool = False,
+    device: int | None = None,
 ) -> PrefaultReport:
-    """Prefault (per the gate) and pin byte ranges of mapped files."""
+    """Prefault (per the gate) and pin byte ranges of mapped files (for
+    CUDA ``device``, default the current one)."""
     spans = [(m, _page_ranges(rs, m.size)) for m, rs in jobs]
     nbytes = sum(e - s for _, sp in spans for s, e in sp)
     pages = sum(-(-(e - s) // PAGE) for _, sp in spans for s, e in sp)
@@ -221,7 +223,7 @@ def _prefault(
 
     t1, rep.pin_reason = time.perf_counter(), "pinning off (GPULOAD_PIN=0 or pin=False)"
     if cfg.pin:
-        rep.pin_method, rep.pin_reason = pinning.pin(spans)
+        rep.pin_method, rep.pin_reason = pinning.pin(spans, device)
     rep.pinned, rep.pin_seconds = rep.pin_method is not None, time.perf_counter() - t1
     if keep and rep.pinned:  # a standalone prefault: the report holds the pins
         rep._keep = tuple(m for m, _ in spans)
@@ -267,12 +269,17 @@ def _array(base: np.ndarray, info: TensorInfo, sel: Selection) -> np.ndarray:
 
 
 def map_resident(
-    checkpoint: Checkpoint, selections: Mapping[str, Selection], cfg: config.Config | None = None
+    checkpoint: Checkpoint,
+    selections: Mapping[str, Selection],
+    cfg: config.Config | None = None,
+    *,
+    device: int | None = None,
 ) -> tuple[dict[str, np.ndarray], PrefaultReport]:
     """Host arrays for ``selections``, backed by the checkpoint's files.
 
     Each file is mapped once, read-only; the selected tensors' bytes are
-    prefaulted (per ``cfg.prefault``) and pinned (per ``cfg.pin``).
+    prefaulted (per ``cfg.prefault``) and pinned (per ``cfg.pin``) for CUDA
+    ``device`` (default: the current device).
 
     Returns
     -------
@@ -302,7 +309,7 @@ def map_resident(
         if info.file not in maps:
             maps[info.file] = pinning.Mapping(info.file, headers[info.file].identity)
         ranges.setdefault(info.file, []).append(_byte_range(info, sel))
-    report = _prefault([(maps[f], rs) for f, rs in ranges.items()], cfg)
+    report = _prefault([(maps[f], rs) for f, rs in ranges.items()], cfg, device=device)
     bases = {f: np.asarray(m) for f, m in maps.items()}
     arrays = {}
     for name, sel in selections.items():

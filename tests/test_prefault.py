@@ -440,7 +440,7 @@ def test_pin_without_cuda_mlocks_or_says_why(ddir):
 
 def test_pin_refused_by_rlimit(ddir, monkeypatch):
     path, _ = three(ddir, size=MiB)
-    monkeypatch.setattr(pinning, "_cuda_runtime", lambda: (None, "no CUDA (test)"))
+    monkeypatch.setattr(pinning, "_cuda_runtime", lambda device=None: (None, "no CUDA (test)"))
     monkeypatch.setattr(pinning, "mlock_allowance", lambda: 4096)
     rep = pf.prefault(path, pin=True, setting=True)
     assert not rep.pinned and "RLIMIT_MEMLOCK allows 4096" in rep.pin_reason
@@ -471,7 +471,7 @@ class FakeRuntime:
 def test_cuda_registration_contract(ddir, monkeypatch):
     path, _ = three(ddir)
     fake = FakeRuntime(path)
-    monkeypatch.setattr(pinning, "_cuda_runtime", lambda: (fake, ""))
+    monkeypatch.setattr(pinning, "_cuda_runtime", lambda device=None: (fake, ""))
     monkeypatch.setattr(pinning, "PIN_PIECE_BYTES", MiB)
     ck = open_checkpoint(path)
     arrays, rep = pf.map_resident(ck, {"b": Selection.whole(ck.tensors["b"].shape)})
@@ -489,13 +489,66 @@ def test_cuda_registration_contract(ddir, monkeypatch):
 def test_cuda_refusal_falls_back(ddir, monkeypatch):
     path, _ = three(ddir, size=MiB)
     fake = FakeRuntime(path, refuse_at=2)
-    monkeypatch.setattr(pinning, "_cuda_runtime", lambda: (fake, ""))
+    monkeypatch.setattr(pinning, "_cuda_runtime", lambda device=None: (fake, ""))
     monkeypatch.setattr(pinning, "PIN_PIECE_BYTES", 256 << 10)
     rep = pf.prefault(path, pin=True, setting=True)
     assert not fake.registered  # what was registered was undone
     assert "cudaHostRegister refused" in rep.pin_reason
     assert rep.pin_method in ("mlock", None)
     rep.release()
+
+
+def test_pins_are_made_in_the_loads_device_context(ddir, monkeypatch):
+    # A process loading for cuda:3 must not create a context on cuda:0.
+    path, _ = three(ddir)
+    fake, seen = FakeRuntime(path), []
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            seen.append(("enter", self.index, len(fake.registered)))
+
+        def __exit__(self, *exc):
+            seen.append(("exit", self.index, len(fake.registered)))
+
+    def runtime(device=None):
+        seen.append(("check", device))
+        return fake, ""
+
+    monkeypatch.setattr(pinning, "_cuda_runtime", runtime)
+    monkeypatch.setattr(pinning, "_on_device", lambda d: Device(d) if d is not None else Device(-1))
+    ck = open_checkpoint(path)
+    sel = {"b": Selection.whole(ck.tensors["b"].shape)}
+    arrays, rep = pf.map_resident(ck, sel, Config(), device=3)
+    assert rep.pin_method == "cuda"
+    n = len(fake.registered)
+    assert seen == [("check", 3), ("enter", 3, 0), ("exit", 3, n)]  # every piece inside
+    del arrays
+    gc.collect()
+
+
+def test_unpin_goes_on_past_a_piece_that_refuses(ddir, monkeypatch):
+    path, _ = three(ddir)
+    fake = FakeRuntime(path)
+    monkeypatch.setattr(pinning, "_cuda_runtime", lambda device=None: (fake, ""))
+    monkeypatch.setattr(pinning, "PIN_PIECE_BYTES", 64 << 10)
+    ck = open_checkpoint(path)
+    arrays, rep = pf.map_resident(ck, {"b": Selection.whole(ck.tensors["b"].shape)}, Config())
+    assert len(fake.registered) > 2
+    first = min(fake.registered)
+    real = fake.hostUnregister
+
+    def unregister(ptr):
+        if ptr == first:
+            raise fake.CUDARuntimeError("cudaErrorContextIsDestroyed")
+        real(ptr)
+
+    fake.hostUnregister = unregister
+    del arrays, ck
+    gc.collect()
+    assert list(fake.registered) == [first]  # only the piece that refused
 
 
 @pytest.mark.gpu
