@@ -8,8 +8,10 @@ STAMP := $(VENV)/.installed
 # torch is optional for users; the tests use it for framework="torch". The
 # development machines ship a CPU wheel of 2.13.0; TORCH= skips it.
 TORCH ?= torch==2.13.0
+# The GPU extra test-gpu installs: cu12 (CUDA 12 drivers) or cu13.
+CUDA ?= cu12
 
-.PHONY: install test lint demo bench-cpu clean
+.PHONY: install test test-gpu lint demo bench-cpu clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,12 @@ test: lint
 	$(BIN)/python -m pytest -q --ignore=tests/cudasim
 	# Numba reads NUMBA_ENABLE_CUDASIM at import: the simulator tier runs alone.
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -q tests/cudasim
+
+# A CPU build of torch cannot take device memory: pass a CUDA one, e.g.
+# make test-gpu CUDA=cu13 TORCH=torch (else the torch GPU tests skip).
+test-gpu: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[$(CUDA),test,bench]' $(TORCH)
+	$(BIN)/python -m pytest -q -m gpu tests
 
 demo: $(STAMP)
 	$(BIN)/gpuload demo
