@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -279,8 +280,17 @@ class CupyRuntime:
         return int(free), int(total)
 
     def release_cached(self) -> None:
+        """Give allocator caches back to the driver: cupy's pool, and torch's
+        when this process already uses CUDA through torch (memory torch keeps
+        cached counts as used in cudaMemGetInfo). Called only when a load
+        would not fit otherwise."""
         with self._device:
             self.cupy.get_default_memory_pool().free_all_blocks()
+            torch = sys.modules.get("torch")  # never imported for this
+            cuda = getattr(torch, "cuda", None)
+            if cuda is not None and cuda.is_initialized():
+                with cuda.device(self.index):
+                    cuda.empty_cache()
 
     def to_framework(self, buf: Any, tensor: TensorPlan, framework: str) -> Any:
         with self._device:

@@ -185,6 +185,24 @@ def test_out_of_device_memory_fails_before_io(tmp_path, rng, cupy):
         del hog
 
 
+def test_memory_torch_keeps_cached_is_given_back_for_a_load(tmp_path, rng, cupy):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    path = write_matrix(tmp_path, rng, aligned=True, extra=BIG)
+    cupy.get_default_memory_pool().free_all_blocks()
+    free = cupy.cuda.runtime.memGetInfo()[0]
+    # torch caches all but 16 MiB of the device: free to torch, used to CUDA.
+    cached = torch.empty(free - 16 * MiB, dtype=torch.uint8, device="cuda:0")
+    del cached
+    assert torch.cuda.memory_reserved(0) >= free - 16 * MiB
+    try:
+        got = gpuload.load_sharded(path, 0, 1, device="cuda:0", framework="cupy", rules=RULES)
+        check(got, expected_shards(path, 0, 1), 0)
+    finally:
+        torch.cuda.empty_cache()
+
+
 def test_cuda_means_the_current_device(tmp_path, rng, cupy):
     n = cupy.cuda.runtime.getDeviceCount()
     if n < 2:
