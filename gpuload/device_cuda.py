@@ -186,6 +186,11 @@ class CupyRuntime:
         # a load. The caller's current device is left alone: work on device
         # N runs inside ``with Device(N)`` or on reader threads bound to it.
         self._kernels = importlib.import_module("gpuload.kernels.cuda")
+        if (problem := self._kernels.compiler_problem()) is not None:
+            raise BackendUnavailable(
+                f"the GPU path cannot run: {problem}; "
+                "pip install 'gpuload[cu12]' (or [cu13]), which brings numba-cuda and NVVM"
+            )
 
     def bind_thread(self) -> None:
         # cudaSetDevice makes the device's primary context current on this

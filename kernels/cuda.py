@@ -42,6 +42,7 @@ from .layout import FIRST_TILE, WCOLS, widest_word, word_table
 __all__ = [
     "DEFAULT_LAUNCH",
     "Launch",
+    "compiler_problem",
     "gather",
     "release_stream",
     "variants",
@@ -143,6 +144,20 @@ def _kernel(word: int):
                 kernel = _cache[word] = cuda.jit(sig)(_gather_body)
                 _compiles[word] = _compiles.get(word, 0) + 1
     return kernel
+
+
+def compiler_problem() -> str | None:
+    """Why Numba cannot compile the kernels here (no libNVVM), or None.
+
+    Checked when a GPU Loader is made, so that a missing compiler fails
+    there and not at the first gather, half way through a load's reads."""
+    if _SIM:
+        return None
+    from numba.cuda.cudadrv import nvvm
+
+    if nvvm.is_available():
+        return None
+    return "Numba finds no libNVVM to compile the gather kernels"
 
 
 def variants() -> dict[int, int]:

@@ -9,6 +9,7 @@ bytes. Every loaded byte is compared with safetensors + numpy slicing.
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -510,3 +511,18 @@ def test_kvikio_mode_is_described_on_every_api_generation():
     assert "GPUDirect" in describe_kvikio(kv(compat_mode=lambda: 0))
     assert "compatibility mode (no GDS" in describe_kvikio(kv(compat_mode=lambda: 1))
     assert "compatibility mode auto" in describe_kvikio(kv(compat_mode=lambda: 2))
+
+
+def test_a_missing_kernel_compiler_is_named():
+    # A GPU Loader asks this before any load (CupyRuntime); here libNVVM is
+    # made to look absent, in a fresh process so numba.cuda stays out of this one.
+    code = textwrap.dedent(
+        """
+        from numba.cuda.cudadrv import nvvm
+        nvvm.is_available = lambda: False
+        from gpuload.kernels import cuda
+        assert "libNVVM" in cuda.compiler_problem(), cuda.compiler_problem()
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
