@@ -187,12 +187,14 @@ def residency(
     return m.mincore(start, end), -(-(end - start) // PAGE)
 
 
-def evict(files: Sequence[str | os.PathLike[str]]) -> float:
-    """Drop ``files`` from the page cache (``fsync``, then
-    ``posix_fadvise(DONTNEED)``); returns the largest fraction of any file's
-    pages still resident afterwards (0.0: fully evicted). On tmpfs the pages
-    are the file and stay; pages a live mapping holds stay too, so our own
-    dead mappings are collected first."""
+def evict(files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> float:
+    """Drop ``files`` (one path or several) from the page cache (``fsync``,
+    then ``posix_fadvise(DONTNEED)``); returns the largest fraction of any
+    file's pages still resident afterwards (0.0: fully evicted). On tmpfs the
+    pages are the file and stay; pages a live mapping holds stay too, so our
+    own dead mappings are collected first."""
+    if isinstance(files, str | os.PathLike):
+        files = [files]  # not its characters
     gc.collect()
     worst = 0.0
     for f in files:

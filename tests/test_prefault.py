@@ -83,8 +83,9 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def evict(path: Path) -> float:
-    """Drop the file's pages; the fraction still resident."""
-    return pinning.evict([path])
+    """Drop the file's pages; the fraction still resident (one path, not a
+    list: pinning.evict takes either)."""
+    return pinning.evict(path)
 
 
 def owner(a: np.ndarray):
