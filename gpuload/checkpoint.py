@@ -77,6 +77,7 @@ class Checkpoint:
     files: tuple[FileHeader, ...]
     tensors: dict[str, TensorInfo]
     config: dict[str, Any]
+    config_path: str | None = None  # where ``config`` came from (None: no config.json)
 
     def file_bytes(self) -> int:
         return sum(f.size for f in self.files)
@@ -421,4 +422,5 @@ def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         if not isinstance(doc, dict):
             raise HeaderError(str(cfg), "config.json is not a JSON object")
         config = doc
-    return Checkpoint(None if root is None else str(root), tuple(headers), tensors, config)
+    root_str = None if root is None else str(root)
+    return Checkpoint(root_str, tuple(headers), tensors, config, str(cfg) if config else None)

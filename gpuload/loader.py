@@ -129,7 +129,10 @@ class Loader:
             cpu_resident = _resident.PRESET_EXPERTS
         resident_of = name_filter(cpu_resident or None)
         shapes = {name: info.shape for name, info in ckpt.tensors.items()}
-        sharder = Sharder(ckpt.config, rules, shapes=shapes, **sharding)
+        try:
+            sharder = Sharder(ckpt.config, rules, shapes=shapes, **sharding)
+        except ShardingError as e:  # a bad value in config.json
+            raise ShardingError(f"{ckpt.config_path}: {e}") from None
         items: list[tuple[TensorInfo, Selection]] = []
         resident: dict[str, Selection] = {}
         unknown, skipped, excluded = [], [], 0

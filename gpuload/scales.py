@@ -57,7 +57,8 @@ def block_sizes(config: Mapping[str, Any], given: Any = None) -> tuple[int, int]
         or len(sizes) != 2
         or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes)
     ):
-        raise ValueError(f"{where}={sizes!r} has to be two positive ints [out, in]")
+        bad = ValueError if given is not None else ShardingError  # the caller's, or the file's
+        raise bad(f"{where}={sizes!r} has to be two positive ints [out, in]")
     return sizes[0], sizes[1]
 
 

@@ -64,13 +64,17 @@ def _as_spec(value: Any, where: str) -> Spec:
 
 
 def _count(label: str, value: Any, config: Mapping[str, Any], *keys: str) -> int | None:
-    """``value`` if given, else the first of ``keys`` in the config; a positive int."""
+    """``value`` if given, else the first of ``keys`` in the config; a positive int.
+
+    A bad argument is the caller's ValueError; a bad config.json value is
+    bad input, a ShardingError (the loader adds the file's path)."""
+    bad = ValueError
     for key in keys if value is None else ():
-        label, value = f"config.json {key}", config.get(key)
+        label, value, bad = f"config.json {key}", config.get(key), ShardingError
         if value is not None:
             break
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{label}={value!r} has to be a positive int")
+        raise bad(f"{label}={value!r} has to be a positive int")
     return value
 
 

@@ -6,6 +6,7 @@ the split dimension, computed here independently of gpuload's sharding code.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -113,6 +114,21 @@ def test_bad_rank_world_and_uneven_split(tmp_path, rng):
     msg = str(e.value)
     assert "5" in msg and ("24" in msg or "96" in msg or "8" in msg)
     assert msg.startswith(f"{path}: '")  # the file, then the tensor
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        ({"num_attention_heads": "eight"}, "num_attention_heads='eight'"),
+        ({"quantization_config": {"weight_block_size": [128]}}, "weight_block_size"),
+    ],
+)
+def test_bad_config_values_are_errors_naming_config_json(tmp_path, rng, config, match):
+    path = write_matrix(tmp_path, rng)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ShardingError, match=match) as e:
+        gpuload.load_sharded(path, 0, 2, device="cpu")
+    assert str(e.value).startswith(f"{tmp_path / 'config.json'}: ")
 
 
 def test_unknown_tensors_are_replicated_and_reported(tmp_path, rng):

@@ -154,6 +154,8 @@ def test_a_block_size_the_shapes_leave_open_needs_it_said():
         s.select("x.weight_scale_inv", (2, 1), 1, 3)
     with pytest.raises(ValueError, match="two positive ints"):
         Sharder({}, shapes=shapes, weight_block_size=(0, 8))
+    with pytest.raises(ShardingError, match="config.json quantization_config.weight_block_size"):
+        Sharder({"quantization_config": {"weight_block_size": [128, True]}}, shapes=shapes)
 
 
 def test_nvfp4_group_scales_follow_a_packed_weight():

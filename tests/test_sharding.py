@@ -184,8 +184,10 @@ def test_head_counts_from_config_and_kwargs():
     for key in ("num_local_experts", "num_experts", "n_routed_experts"):
         assert Sharder({key: 64}).num_experts == 64
     assert Sharder({"num_local_experts": 8}, num_experts=16).num_experts == 16
-    with pytest.raises(ValueError, match="num_attention_heads=0"):
-        Sharder({"num_attention_heads": 0})
+    with pytest.raises(ShardingError, match="config.json num_attention_heads=0"):
+        Sharder({"num_attention_heads": 0})  # the file's fault: a GpuloadError
+    with pytest.raises(ValueError, match="num_heads=0"):
+        Sharder(num_heads=0)  # the caller's
     with pytest.raises(ValueError, match="qkv_sections"):
         Sharder(qkv_sections=(4, 2))
 
