@@ -311,7 +311,8 @@ def load_sharded(
         Also return the :class:`~gpuload.report.LoadReport` (stage breakdown).
     **kwargs
         Sharding options (``num_heads``, ``num_kv_heads``, ``num_experts``,
-        ``qkv_sections``, ``expert_parallel``, ``allow_uneven``) and the
+        ``qkv_sections``, ``expert_parallel``, ``allow_uneven``,
+        ``weight_block_size``) and the
         keyword twins of the ``GPULOAD_*`` flags (``threads``,
         ``chunk_bytes``, ``prefetch``...).
 
