@@ -36,7 +36,7 @@ test: lint
 # make test-gpu CUDA=cu13 TORCH=torch (else the torch GPU tests skip).
 test-gpu: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[$(CUDA),test,bench]' $(TORCH)
-	$(BIN)/python -m pytest -q -m gpu tests
+	$(BIN)/python -m pytest -q -m gpu --ignore=tests/cudasim tests
 
 demo: $(STAMP)
 	$(BIN)/gpuload demo
