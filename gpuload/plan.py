@@ -318,29 +318,39 @@ def _strided_ops(file: str, pieces: list[Piece], opts: PlanOptions) -> tuple[lis
 
 def _coalesce(ops: list[ReadOp], opts: PlanOptions) -> list[ReadOp]:
     """Merge neighbouring reads of one kind when the gap is small and the
-    result stays under the cap: fewer, larger I/Os for small tensors."""
+    result stays under the cap: fewer, larger I/Os for small tensors.
+
+    Groups are collected first and each merged read is built once: merging
+    pairwise rebuilt (and re-validated) the growing read at every step,
+    quadratic in the pieces of a checkpoint of many small tensors."""
     out: list[ReadOp] = []
+    group: list[ReadOp] = []
     for op in ops:
-        if out:
-            prev = out[-1]
-            end = prev.offset + prev.length
-            gap = op.offset - end
+        if group:
+            first, last = group[0], group[-1]
+            gap = op.offset - (last.offset + last.length)
             if (
-                prev.file == op.file
-                and prev.staged == op.staged
+                first.file == op.file
+                and first.staged == op.staged
                 and 0 <= gap <= opts.coalesce_gap
-                and op.offset + op.length - prev.offset <= opts.chunk_bytes
+                and op.offset + op.length - first.offset <= opts.chunk_bytes
             ):
-                out[-1] = ReadOp(
-                    prev.file,
-                    prev.offset,
-                    op.offset + op.length - prev.offset,
-                    prev.pieces + op.pieces,
-                    prev.staged,
-                )
+                group.append(op)
                 continue
-        out.append(op)
+            out.append(_merged(group))
+        group = [op]
+    if group:
+        out.append(_merged(group))
     return out
+
+
+def _merged(group: list[ReadOp]) -> ReadOp:
+    if len(group) == 1:
+        return group[0]
+    first, last = group[0], group[-1]
+    pieces = tuple(p for op in group for p in op.pieces)
+    length = last.offset + last.length - first.offset
+    return ReadOp(first.file, first.offset, length, pieces, first.staged)
 
 
 def plan_reads(
