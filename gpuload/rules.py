@@ -80,6 +80,8 @@ Table = tuple[tuple[str, Spec], ...]
 
 # ---------------------------------------------------------------------------
 # Built-in rule tables. Ordered; first match wins. Patterns are re.search'd.
+# A pattern may match indices (\d+) but never a particular one: the Sharder
+# remembers a match for every name that differs only in layer or expert index.
 # ---------------------------------------------------------------------------
 
 _EMBED: Table = (

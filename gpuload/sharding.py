@@ -37,6 +37,7 @@ _COMPILED = {
 }
 _SHORTHANDS: Mapping[str, Spec] = {"replicate": Replicate(), "row": Split(0), "column": Split(1)}
 _EXPERT_INDEX = re.compile(r"(^|\.)experts\.(\d+)\.")
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")  # a whole dotted component of digits: layer, expert
 
 
 def expert_block(num_experts: int, rank: int, world: int) -> tuple[int, int]:
@@ -206,6 +207,12 @@ class Sharder:
             self._caller = tuple(_compile_rule(p, v) for p, v in rules.items())
         elif rules is not None and self._rule_fn is None:
             raise TypeError(f"rules has to be a dict or a callable, got {type(rules).__name__}")
+        # A checkpoint repeats a few tensor shapes over layers and experts
+        # (DeepSeek-V3: ~94k tensors). The built-in match depends on a name
+        # only up to its layer and expert indices, and a split only on
+        # (spec, shape, rank, world): both are remembered.
+        self._matched: dict[str, tuple[str | None, Spec | None]] = {}
+        self._applied: dict[tuple[Any, ...], Selection | None] = {}
 
     def select(self, name: str, shape: tuple[int, ...], rank: int, world: int) -> Selection | None:
         """The part of tensor ``name`` that ``rank`` of ``world`` owns.
@@ -257,14 +264,29 @@ class Sharder:
         if self._rule_fn is not None and (value := self._rule_fn(name, shape)) is not None:
             label = getattr(self._rule_fn, "__name__", type(self._rule_fn).__name__)
             return f"callable:{label}", _as_spec(value, f"rules({name!r})")
-        for pattern, regex, spec in _COMPILED[self.family]:
-            if regex.search(name):
-                return pattern, spec
-        return None, None
+        key = _INDEX.sub("#", name)  # built-in patterns never name a particular index
+        hit = self._matched.get(key)
+        if hit is None:
+            hit = next(
+                (
+                    (pattern, spec)
+                    for pattern, regex, spec in _COMPILED[self.family]
+                    if regex.search(name)
+                ),
+                (None, None),
+            )
+            self._matched[key] = hit
+        return hit
 
     def _apply(self, spec, rule, name, shape, rank, world) -> Selection | None:
-        if isinstance(spec, Expert):
+        if isinstance(spec, Expert):  # expert parallelism reads the index in the name
             return self._expert(spec, rule, name, shape, rank, world)
+        key = (spec, rule, shape, rank, world)
+        if key not in self._applied:  # errors are raised, never remembered
+            self._applied[key] = self._split(spec, rule, name, shape, rank, world)
+        return self._applied[key]
+
+    def _split(self, spec, rule, name, shape, rank, world) -> Selection | None:
         if isinstance(spec, Replicate):
             return Selection.whole(shape, "replicated", rule)
         dim = spec.dim if isinstance(spec, Split | FusedQKV) else 0

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpuload import synth
 from gpuload.errors import ShardingError
 from gpuload.selection import Selection
 from gpuload.sharding import (
@@ -590,3 +591,21 @@ def test_row_column_selections_partition_the_dim(dims, world, column, uneven):
     assert sizes == sorted(sizes, reverse=True) and max(sizes) <= per
     if not uneven:
         assert sizes == [shape[dim] // world] * world
+
+
+@pytest.mark.parametrize("preset", [p for p in synth.PRESETS if p.startswith("tiny")])
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_remembered_matches_and_splits_equal_fresh_ones(preset, expert_parallel):
+    # Sharder remembers built-in matches by name up to its indices and splits
+    # by (spec, shape, rank, world): a warm Sharder must answer every tensor
+    # as a fresh one does, across layers, experts and ranks.
+    spec = synth.get_spec(preset)
+    config = spec.config()
+    warm = Sharder(config, expert_parallel=expert_parallel)
+    for world in (1, 2, 4):
+        for rank in range(world):
+            for name, shape in spec.tensors():
+                fresh = Sharder(config, expert_parallel=expert_parallel)
+                assert warm.select(name, shape, rank, world) == fresh.select(
+                    name, shape, rank, world
+                ), (name, rank, world)
