@@ -22,6 +22,7 @@ from typing import Any
 
 from .dtypes import DTYPES, DType
 from .errors import HeaderError, IndexFileError, ReadError
+from .gcpause import paused
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap (HeaderTooLarge)
 U64_MAX = (1 << 64) - 1
@@ -360,6 +361,7 @@ def _files_in_dir(root: Path) -> tuple[list[Path], dict[str, str] | None, Path |
     return found, None, None
 
 
+@paused()  # many small acyclic objects: see gpuload.gcpause
 def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Checkpoint:
     """Parse a checkpoint: a ``.safetensors`` file, a list of them, or a model
     directory (with ``model.safetensors.index.json`` and ``config.json``).

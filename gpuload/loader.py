@@ -24,6 +24,7 @@ from .backend import make_backend
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .device import resolve_device
 from .errors import PlanError, ShardingError
+from .gcpause import paused
 from .outputs import resident_as, resolve_framework
 from .plan import Plan, PlanOptions, plan_reads
 from .report import LoadReport
@@ -110,6 +111,7 @@ class Loader:
             chunk_bytes=chunk, min_chunk_bytes=min(self.config.min_chunk_bytes, chunk)
         )
 
+    @paused()  # many small acyclic objects: see gpuload.gcpause
     def plan(
         self,
         path: PathLike,
