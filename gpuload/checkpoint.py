@@ -402,11 +402,12 @@ def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                 raise HeaderError(h.path, f"also stored in {tensors[name].file}", name)
             tensors[name] = info
     if weight_map is not None and index is not None:
+        names = {h.path: Path(h.path).name for h in headers}  # once per file, not per tensor
         for name, fname in weight_map.items():
             info = tensors.get(name)
             if info is None:
                 raise IndexFileError(str(index), f"listed in {fname!r} but found in no file", name)
-            if Path(info.file).name != fname:
+            if names[info.file] != fname:
                 raise IndexFileError(
                     str(index), f"listed in {fname!r} but stored in {info.file}", name
                 )
