@@ -20,6 +20,8 @@ GPULOAD_MIN_CHUNK_BYTES    size (4MiB)                smallest piece a large ran
                                                       split into (the floor)
 GPULOAD_DEVICE_SCRATCH_BYTES size (512MiB)            device scratch budget (GPU path)
 GPULOAD_PROGRESS           0 | 1 | auto (auto)        tqdm bar for loads over a few secs
+GPULOAD_GATHER             auto | device | zerocopy   how covering reads reach a GPU
+                           | pack (auto)              (gpuload.transfer); auto: cost model
 =========================  =========================  ==================================
 
 Sizes accept a plain byte count or a suffix: ``K``/``KiB``, ``M``/``MiB``,
@@ -36,6 +38,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 MiB = 1 << 20
+_GATHERS = ("auto", "device", "zerocopy", "pack")  # gpuload.transfer.GATHERS and auto
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
@@ -120,6 +123,10 @@ class Config:
     min_chunk_bytes: int = 4 * MiB
     device_scratch_bytes: int = 512 * MiB
     progress: bool | Literal["auto"] = "auto"
+    # GPU loads: how a covering read's segments reach the device. "auto" lets
+    # gpuload.transfer.GatherModel choose per tensor; forcing one is for
+    # tests, benchmarks and machines where the model's constants are off.
+    gather: Literal["auto", "device", "zerocopy", "pack"] = "auto"
 
     def __post_init__(self) -> None:
         # Validate at construction (keywords arrive here unparsed), so a bad
@@ -133,6 +140,7 @@ class Config:
         for f in ("staging_bytes", "chunk_bytes", "min_chunk_bytes", "device_scratch_bytes"):
             set_(self, f, parse_size(f, getattr(self, f)))
         set_(self, "progress", parse_tristate("progress", self.progress))
+        set_(self, "gather", parse_choice("gather", self.gather, _GATHERS))
         # min_chunk_bytes above chunk_bytes is not an error: the planner clamps
         # the floor to the cap, so setting only a small cap just works.
 
@@ -157,6 +165,7 @@ _FLAGS = {
     "GPULOAD_MIN_CHUNK_BYTES": "min_chunk_bytes",
     "GPULOAD_DEVICE_SCRATCH_BYTES": "device_scratch_bytes",
     "GPULOAD_PROGRESS": "progress",
+    "GPULOAD_GATHER": "gather",
 }
 
 

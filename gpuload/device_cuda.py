@@ -37,6 +37,7 @@ from .pipeline_device import DevicePipeline
 from .plan import Plan, TensorPlan
 
 _DEVICE_RE = re.compile(r"^cuda:(\d+)$")
+_HOST_ALLOC_PORTABLE, _HOST_ALLOC_MAPPED = 1, 2  # cudaHostAlloc flags (cuda_runtime_api.h)
 
 
 class CudaBackend:
@@ -151,6 +152,8 @@ def _choose_reader(cfg: Config, runtime: Any, reader_factory) -> tuple[Any, str,
         return None, "posix", f"backend='posix': {posix}"
     if cfg.backend == "auto" and reader_factory is not None:
         return None, "posix", f"a reader_factory was given: {posix}"
+    if cfg.backend == "auto" and cfg.gather in ("zerocopy", "pack"):
+        return None, "posix", f"gather={cfg.gather!r} gathers from pinned staging: {posix}"
     try:
         kvikio = runtime.kvikio()
     except Exception as e:  # ImportError, or a libcufile that fails to load
@@ -218,7 +221,9 @@ class CupyRuntime:
         pm = self.cupy.cuda.pinned_memory
         try:
             with self._device:
-                mem = pm.PinnedMemory(nbytes, 1)  # cudaHostAllocPortable; not the pinned pool
+                # cudaHostAllocPortable | cudaHostAllocMapped, not the pinned pool:
+                # mapped so a zero-copy gather can read it (``device_view``).
+                mem = pm.PinnedMemory(nbytes, _HOST_ALLOC_PORTABLE | _HOST_ALLOC_MAPPED)
         except Exception as e:  # CUDARuntimeError: locked-memory limits, host RAM
             raise PlanError(
                 f"cannot pin {nbytes:,} bytes of staging ({e}); lower staging_bytes "
@@ -226,6 +231,23 @@ class CupyRuntime:
             ) from e
         # The array's base holds the allocation: freed when the slot drops it.
         return np.frombuffer(pm.PinnedMemoryPointer(mem, 0), np.uint8, nbytes)
+
+    def device_view(self, host: np.ndarray) -> Any:
+        """A cupy array over the device-mapped address of pinned ``host``.
+
+        cupy wraps no ``cudaHostGetDevicePointer``; ``cudaPointerGetAttributes``
+        gives the same device pointer for mapped memory and none (0) for
+        pageable memory, which is refused."""
+        cp = self.cupy
+        ptr, n = host.ctypes.data, host.nbytes
+        with self._device:
+            devptr = self._rt.pointerGetAttributes(ptr).devicePointer
+            if not devptr:
+                raise ValueError(
+                    f"host buffer at {ptr:#x} is not mapped pinned memory: no zero-copy gather"
+                )
+            mem = cp.cuda.UnownedMemory(devptr, n, host, self.index)  # host keeps it alive
+            return cp.ndarray((n,), cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
 
     def stream(self) -> Any:
         with self._device:

@@ -30,6 +30,7 @@ from .plan import Plan, PlanOptions, plan_reads
 from .report import LoadReport
 from .selection import Selection
 from .sharding import Sharder
+from .transfer import GatherOptions
 
 log = logging.getLogger("gpuload")
 
@@ -80,7 +81,8 @@ class Loader:
     **settings
         Keyword twins of the ``GPULOAD_*`` flags (``prefetch``, ``prefault``,
         ``backend``, ``pin``, ``threads``, ``staging_bytes``, ``chunk_bytes``,
-        ``min_chunk_bytes``, ``device_scratch_bytes``, ``progress``); a
+        ``min_chunk_bytes``, ``device_scratch_bytes``, ``progress``,
+        ``gather``); a
         keyword wins over the environment.
     """
 
@@ -99,6 +101,11 @@ class Loader:
         self.framework = resolve_framework(framework, self.device, probe=runtime is None)
         self._backend = make_backend(self.device, self.config, reader_factory, runtime=runtime)
         self.backend, self.backend_reason = self._backend.name, self._backend.reason
+        try:  # a forced gather this backend cannot do fails here, not in a load
+            self.plan_options()
+        except ValueError:
+            self._backend.close()  # its streams and staging, made above
+            raise
         self.last_report: LoadReport | None = None
         self._closed = False
 
@@ -107,8 +114,17 @@ class Loader:
     def plan_options(self) -> PlanOptions:
         # Two staging slots must fit the budget so reads overlap packing.
         chunk = max(1, min(self.config.chunk_bytes, self.config.staging_bytes // 2))
+        gather = None
+        if self.device != "cpu":  # covering reads reach the GPU by a cost-model choice
+            gather = GatherOptions(
+                force=self.config.gather,
+                mapped=self.config.pin,
+                device_reads=bool(getattr(self._backend, "device_reads", False)),
+            )
         return PlanOptions(
-            chunk_bytes=chunk, min_chunk_bytes=min(self.config.min_chunk_bytes, chunk)
+            chunk_bytes=chunk,
+            min_chunk_bytes=min(self.config.min_chunk_bytes, chunk),
+            gather=gather,
         )
 
     @paused()  # many small acyclic objects: see gpuload.gcpause
@@ -206,6 +222,7 @@ class Loader:
         )
         for t in plan.tensors:
             report.strategies[t.strategy] = report.strategies.get(t.strategy, 0) + 1
+        report.gather = plan.gathers
         backend = self._backend
         backend.check_memory(sum(t.out_nbytes for t in plan.tensors))  # before any I/O
         buffers = backend.allocate(plan)

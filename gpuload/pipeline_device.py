@@ -22,8 +22,12 @@ events, a pinned host buffer (posix reads) and a device scratch buffer
    does not order itself on any stream);
 3. enqueues on the slot's stream: a direct op's pieces go host -> their
    destination (or scratch -> destination for kvikio) with no gather; a
-   staged op's range goes host -> scratch, then one gather launch per
-   destination tensor;
+   staged op's pieces take the gather strategy the plan chose for their
+   tensor (``gpuload.transfer``): ``device``, the range goes host -> scratch
+   and one gather launch per tensor packs it; ``zerocopy``, one gather
+   launch reads the segments from the slot's pinned buffer through its
+   device-mapped address; ``pack``, the reader thread packs the segments
+   into the slot's second pinned buffer and H2D copies move them;
 4. records ``done`` and hands the slot back without waiting, so it reads
    the next op while the GPU copies this one.
 
@@ -33,6 +37,8 @@ no stream touches a result or a staging buffer after ``run`` returns.
 Budgets: pinned bytes <= ``staging_bytes`` and scratch bytes <=
 ``device_scratch_bytes``, whatever the plan says: an op longer than a slot
 is split here (:func:`gpuload.split.split_op`), down to single bytes if it must be.
+A plan with packed tensors halves each slot's read buffer to make room for
+its pack buffer; only ops with a ``device`` gather need scratch.
 
 Report: ``read_s`` and ``wait_s`` (for a slot and its stream) are
 reader-thread seconds; ``h2d_s`` and ``gather_s`` are GPU seconds between
@@ -52,11 +58,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import PlanError
-from .kernels import SRC_OFF
+from .kernels import ROW_BYTES, ROWS, SRC_OFF, gather_host
 from .pipeline import piece_tables
 from .plan import PAGE, Plan, ReadOp, TensorPlan
 from .report import LoadReport
 from .split import aligned_span, fit_ops
+from .transfer import pack_layout
 from .workers import Busy, run_jobs
 
 MAX_SLOTS = 16
@@ -70,7 +77,11 @@ class Runtime(Protocol):
 
     def bind_thread(self) -> None: ...  # make the device current on this thread
     def device_alloc(self, nbytes: int) -> Any: ...  # owned; MemoryError when full
+    # Pinned host memory is allocated device-mapped (cudaHostAllocMapped).
     def host_alloc(self, nbytes: int, *, pinned: bool) -> np.ndarray: ...
+    # A device buffer aliasing pinned ``host`` (its mapped address); raises
+    # ValueError for memory that is not mapped pinned memory.
+    def device_view(self, host: np.ndarray) -> Any: ...
     def stream(self) -> Any: ...
     def destroy_stream(self, stream: Any) -> None: ...
     def event(self, *, timing: bool) -> Any: ...
@@ -94,6 +105,8 @@ class Slot:
     marks: tuple[Any, Any, Any]  # timing: before the copy, after it, after the gathers
     host: np.ndarray | None = None
     scratch: Any = None
+    pack: np.ndarray | None = None  # pinned, for gather="pack"
+    mapped: Any = None  # device view of ``host``, for gather="zerocopy"
     timed: bool = False  # marks hold an op not yet added to the report
 
 
@@ -109,8 +122,9 @@ class DevicePipeline:
         count = max(2, min(threads + 1, MAX_SLOTS))
         self.host_cap = staging_bytes // count  # per-slot budgets
         self.scratch_cap = scratch_bytes // count
-        self.host_size = 0  # current per-slot sizes (grow, never shrink)
+        self.host_size = 0  # current per-slot sizes (grow; host shrinks to make room to pack)
         self.scratch_size = 0
+        self.pack_size = 0
         self._busy = Busy()
         self.slots = [
             Slot(s, runtime.event(timing=False), tuple(runtime.event(timing=True) for _ in "abc"))
@@ -119,10 +133,10 @@ class DevicePipeline:
 
     # -- sizing ------------------------------------------------------------
 
-    def _wanted(self, plan: Plan, device_reads: bool) -> tuple[int, int]:
-        """Per-slot (pinned, scratch) bytes this plan wants, within the budgets."""
+    def _wanted(self, plan: Plan, device_reads: bool) -> tuple[int, int, int]:
+        """Per-slot (pinned, pack, scratch) bytes this plan wants, within the budgets."""
         if not plan.ops:
-            return self.host_size, self.scratch_size
+            return self.host_size, self.pack_size, self.scratch_size
         if device_reads:  # kvikio: every read lands in scratch, widened to pages
             if self.scratch_cap < 3 * PAGE:
                 raise PlanError(
@@ -131,11 +145,20 @@ class DevicePipeline:
                     "needs: raise device_scratch_bytes or use backend='posix'"
                 )
             longest = max(aligned_span(op)[1] for op in plan.ops)
-            return self.host_size, max(self.scratch_size, _grow(longest, self.scratch_cap))
-        if self.host_cap < 1:
+            scratch = max(self.scratch_size, _grow(longest, self.scratch_cap))
+            return self.host_size, self.pack_size, scratch
+        packs = "pack" in plan.gathers.values()
+        cap = self.host_cap // 2 if packs else self.host_cap  # the pack buffer takes half
+        if cap < 1:
             raise PlanError(f"staging budget leaves no bytes for {len(self.slots)} slots")
-        host = max(self.host_size, _grow(max(op.length for op in plan.ops), self.host_cap))
-        staged = [op.length for op in plan.ops if op.staged]
+        host = _grow(max(op.length for op in plan.ops), cap)
+        if self.host_size <= cap:
+            host = max(host, self.host_size)
+        # Without packing, an earlier load's pack buffers stay while both fit.
+        keep = self.pack_size if self.pack_size + host <= self.host_cap else 0
+        pack = host if packs else keep
+        gathers = plan.gathers
+        staged = [op.length for op in plan.ops if op.staged and _scratched(op, gathers)]
         scratch = self.scratch_size
         if staged:
             if self.scratch_cap < 1:
@@ -143,11 +166,11 @@ class DevicePipeline:
                     f"device scratch budget leaves no bytes for {len(self.slots)} slots"
                 )
             scratch = max(scratch, _grow(min(max(staged), host), self.scratch_cap))
-        return host, scratch
+        return host, pack, scratch
 
     def growth(self, plan: Plan, *, device_reads: bool) -> int:
         """Device bytes that :meth:`prepare` would add for ``plan`` (for the memory check)."""
-        _, scratch = self._wanted(plan, device_reads)
+        _, _, scratch = self._wanted(plan, device_reads)
         return (scratch - self.scratch_size) * len(self.slots)
 
     def prepare(self, plan: Plan, *, device_reads: bool) -> list[ReadOp]:
@@ -157,14 +180,27 @@ class DevicePipeline:
             return self._prepare(plan, device_reads)
 
     def _prepare(self, plan: Plan, device_reads: bool) -> list[ReadOp]:
-        host, scratch = self._wanted(plan, device_reads)
-        if host > self.host_size:
+        host, pack, scratch = self._wanted(plan, device_reads)
+        if pack != self.pack_size:
+            self.pack_size = 0
+            for s in self.slots:
+                s.pack = None
+        if host != self.host_size:
             self.host_size = 0  # a failed allocation leaves sizes that force a retry
             for s in self.slots:
-                s.host = None  # drop the old buffers before taking the new ones
+                s.host = s.mapped = None  # drop the old buffers before taking the new ones
             for s in self.slots:
                 s.host = self.rt.host_alloc(host, pinned=self.pin)
             self.host_size = host
+        if pack != self.pack_size and pack:
+            for s in self.slots:
+                s.pack = self.rt.host_alloc(pack, pinned=self.pin)
+            self.pack_size = pack
+        gathers = {} if device_reads else plan.gathers
+        if "zerocopy" in gathers.values():
+            for s in self.slots:
+                if s.mapped is None:
+                    s.mapped = self.rt.device_view(s.host)
         if scratch > self.scratch_size:
             self.scratch_size = 0
             for s in self.slots:
@@ -172,12 +208,17 @@ class DevicePipeline:
             for s in self.slots:
                 s.scratch = self.rt.device_alloc(scratch)
             self.scratch_size = scratch
-        return fit_ops(
-            plan.ops,
-            host_bytes=self.host_size,
-            scratch_bytes=self.scratch_size,
-            device_reads=device_reads,
-        )
+        out: list[ReadOp] = []
+        for op in plan.ops:
+            # An op no device gather touches needs no scratch: only staging bounds it.
+            scratched = device_reads or _scratched(op, gathers)
+            out += fit_ops(
+                [op],
+                host_bytes=self.host_size,
+                scratch_bytes=self.scratch_size if scratched else self.host_size,
+                device_reads=device_reads,
+            )
+        return out
 
     # -- running -----------------------------------------------------------
 
@@ -193,17 +234,18 @@ class DevicePipeline:
         with self._busy():
             device_reads = getattr(reader, "into", "host") == "device"
             ops = self._prepare(plan, device_reads)
-            self._run(ops, outputs, reader, report, on_bytes, device_reads)
+            gathers = {} if device_reads else plan.gathers
+            self._run(ops, outputs, reader, report, on_bytes, device_reads, gathers)
         report.ops += len(ops)
         report.staged_ops += sum(op.staged for op in ops)
         report.bytes_useful += plan.bytes_useful
 
-    def _run(self, ops, outputs, reader, report, on_bytes, device_reads: bool) -> None:
+    def _run(self, ops, outputs, reader, report, on_bytes, device_reads: bool, gathers) -> None:
         free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         for s in self.slots:
             free.put(s)
 
-        def work(i: int) -> tuple[int, float, float, float, float]:
+        def work(i: int) -> tuple[int, float, float, float, float, int, float]:
             op = ops[i]
             ahead = i + self.threads  # hint the range a thread takes next
             if ahead < len(ops):
@@ -219,16 +261,18 @@ class DevicePipeline:
                     pad, nread = 0, op.length
                     reader.readinto(op.file, op.offset, [memoryview(slot.host)[: op.length]])
                 t2 = time.perf_counter()
-                self._enqueue(op, slot, outputs, pad, device_reads)
+                pcie, pack_s = self._enqueue(op, slot, outputs, pad, device_reads, gathers)
             finally:
                 # Whatever was queued from this slot's buffers, the next user
                 # of the slot waits for it.
                 self.rt.record(slot.done, slot.stream)
                 free.put(slot)
-            return nread, t2 - t1, h2d_s, gather_s, t1 - t0
+            return nread, t2 - t1, h2d_s, gather_s, t1 - t0, pcie, pack_s
 
-        def add(result: tuple[int, float, float, float, float]) -> None:
-            nbytes, read_s, h2d_s, gather_s, wait_s = result
+        def add(result: tuple[int, float, float, float, float, int, float]) -> None:
+            nbytes, read_s, h2d_s, gather_s, wait_s, pcie, pack_s = result
+            report.bytes_pcie += pcie
+            report.pack_s += pack_s
             report.bytes_read += nbytes
             report.read_s += read_s
             report.h2d_s += h2d_s
@@ -273,8 +317,14 @@ class DevicePipeline:
         m0, m1, m2 = slot.marks
         return self.rt.elapsed(m0, m1), self.rt.elapsed(m1, m2)
 
-    def _enqueue(self, op: ReadOp, slot: Slot, outputs, pad: int, device_reads: bool) -> None:
+    def _enqueue(
+        self, op: ReadOp, slot: Slot, outputs, pad: int, device_reads: bool, gathers
+    ) -> tuple[int, float]:
+        """Queue the op's copies and gathers on the slot's stream; (bytes over
+        PCIe, seconds this thread spent packing)."""
         rt, s = self.rt, slot.stream
+        if op.staged and not device_reads:
+            return self._enqueue_staged(op, slot, outputs, gathers)
         rt.record(slot.marks[0], s)
         if device_reads:
             # The bytes are in device scratch already (kvikio): no H2D. Direct
@@ -290,9 +340,6 @@ class DevicePipeline:
                         p.row_bytes,
                         s,
                     )
-        elif op.staged:
-            rt.h2d(slot.scratch, 0, slot.host, 0, op.length, s)
-            rt.record(slot.marks[1], s)
         else:  # a row shard or whole tensor: straight to its destination, no gather
             for p in op.pieces:
                 rt.h2d(outputs[p.tensor], p.dst, slot.host, p.src - op.offset, p.row_bytes, s)
@@ -303,16 +350,55 @@ class DevicePipeline:
                 rt.gather(slot.scratch, outputs[tensor], table, s)
         rt.record(slot.marks[2], s)
         slot.timed = True
+        return (0 if device_reads else op.useful_bytes), 0.0
+
+    def _enqueue_staged(self, op: ReadOp, slot: Slot, outputs, gathers) -> tuple[int, float]:
+        """A covering read in pinned staging, each tensor by its gather strategy."""
+        rt, s = self.rt, slot.stream
+        tables = piece_tables(op)
+        kinds = {t: gathers.get(t, "device") for t in tables}
+        t0 = time.perf_counter()
+        copies, at = [], 0
+        for tensor, table in tables.items():
+            if kinds[tensor] == "pack":  # on this thread, into the slot's pack buffer
+                packed, runs = pack_layout(table, at)
+                gather_host(slot.host[: op.length], slot.pack, packed)
+                copies += [(tensor, run) for run in runs]
+                at += sum(n for _, _, n in runs)
+        pack_s = time.perf_counter() - t0
+        pcie = at
+        rt.record(slot.marks[0], s)
+        if "device" in kinds.values():
+            rt.h2d(slot.scratch, 0, slot.host, 0, op.length, s)
+            pcie += op.length
+        for tensor, (dst_off, pack_off, n) in copies:
+            rt.h2d(outputs[tensor], dst_off, slot.pack, pack_off, n, s)
+        rt.record(slot.marks[1], s)
+        for tensor, table in tables.items():
+            if kinds[tensor] == "device":
+                rt.gather(slot.scratch, outputs[tensor], table, s)
+            elif kinds[tensor] == "zerocopy":  # the kernel reads the segments over PCIe
+                rt.gather(slot.mapped, outputs[tensor], table, s)
+                pcie += int((table[:, ROWS] * table[:, ROW_BYTES]).sum())
+        rt.record(slot.marks[2], s)
+        slot.timed = True
+        return pcie, pack_s
 
     def close(self) -> None:
         """Wait for the streams, then free staging, scratch and streams."""
         with contextlib.suppress(Exception):  # a sticky CUDA error: free anyway
             self._drain()
         for slot in self.slots:
-            slot.host = slot.scratch = None
+            slot.host = slot.scratch = slot.pack = slot.mapped = None
             self.rt.destroy_stream(slot.stream)
         self.slots = []
-        self.host_size = self.scratch_size = 0
+        self.host_size = self.scratch_size = self.pack_size = 0
+
+
+def _scratched(op: ReadOp, gathers: dict[str, str]) -> bool:
+    """Whether a staged op copies its range to device scratch: some tensor
+    in it gathers on the device (the default where the plan chose none)."""
+    return any(gathers.get(p.tensor, "device") == "device" for p in op.pieces)
 
 
 def _grow(need: int, cap: int) -> int:

@@ -32,6 +32,7 @@ from .checkpoint import TensorInfo
 from .dtypes import numpy_shape
 from .errors import PlanError
 from .selection import Selection
+from .transfer import GatherOptions
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4096  # split points are rounded to pages: the OS and GDS work in 4 KiB
@@ -120,6 +121,9 @@ class TensorPlan:
     out_nbytes: int
     out_shape: tuple[int, ...]  # shape of the numpy array carrying the result
     strategy: str  # "whole" | "contiguous" | "direct" | "covering" | "empty"
+    # How a covering tensor's segments reach a GPU (gpuload.transfer): "device",
+    # "zerocopy" or "pack"; None when not covering or the load is on the CPU.
+    gather: str | None = None
 
     @property
     def name(self) -> str:
@@ -158,6 +162,7 @@ class PlanOptions:
     min_chunk_bytes: int = 4 * MiB  # never split a range into reads smaller than this
     coalesce_gap: int = 256 * KiB  # merge neighbouring reads across gaps up to this
     cost: CostModel = CostModel()
+    gather: GatherOptions | None = None  # None: a host load, gathered by the numpy twin
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1 or self.min_chunk_bytes < 1 or self.coalesce_gap < 0:
@@ -184,6 +189,11 @@ class Plan:
     @property
     def bytes_wasted(self) -> int:
         return self.bytes_read - self.bytes_useful
+
+    @property
+    def gathers(self) -> dict[str, str]:
+        """Tensor name -> gather strategy, for the covering tensors of a GPU plan."""
+        return {t.name: t.gather for t in self.tensors if t.gather is not None}
 
     @property
     def max_staged_bytes(self) -> int:
@@ -287,9 +297,12 @@ def _rows_as_runs(piece: Piece) -> Iterable[Piece]:
         yield dataclasses.replace(row, src_stride=row.row_bytes, dst_stride=row.row_bytes)
 
 
-def _strided_ops(file: str, pieces: list[Piece], opts: PlanOptions) -> tuple[list[ReadOp], str]:
+def _strided_ops(
+    file: str, pieces: list[Piece], opts: PlanOptions
+) -> tuple[list[ReadOp], str, str | None]:
     """Ops for the strided pieces of one tensor (all share rows and strides:
-    they are ranges of one split dimension). Returns the ops and the strategy."""
+    they are ranges of one split dimension). Returns the ops, the strategy
+    and, for a covering read on a GPU, the gather strategy."""
     rows, stride = pieces[0].rows, pieces[0].src_stride
     lo = min(p.src for p in pieces)
     span = max(p.src + p.row_bytes for p in pieces) - lo  # bytes of one row block
@@ -300,7 +313,7 @@ def _strided_ops(file: str, pieces: list[Piece], opts: PlanOptions) -> tuple[lis
     )
     if direct:
         ops = [op for p in pieces for run in _rows_as_runs(p) for op in _runs(file, run, opts)]
-        return ops, "direct"
+        return ops, "direct", None
     # Covering: blocks of k whole rows, each block one staged read holding
     # the rows of every piece (fused sections share the same rows).
     k = (opts.chunk_bytes - span) // stride + 1
@@ -313,7 +326,18 @@ def _strided_ops(file: str, pieces: list[Piece], opts: PlanOptions) -> tuple[lis
         length = (count - 1) * stride + span
         parts = tuple(p.row_range(first, count) for p in pieces)
         ops.append(ReadOp(file, start, length, parts, staged=True))
-    return ops, "covering"
+    gather = None
+    if opts.gather is not None:
+        line = opts.gather.model.line_bytes
+        gather = opts.gather.choose(
+            rows=rows * len(pieces),
+            seg=useful // (rows * len(pieces)),
+            useful=useful,
+            covering=sum(op.length for op in ops),
+            # segments sit at the same offsets of every block's staging
+            aligned=stride % line == 0 and all((p.src - lo) % line == 0 for p in pieces),
+        )
+    return ops, "covering", gather
 
 
 def _coalesce(ops: list[ReadOp], opts: PlanOptions) -> list[ReadOp]:
@@ -374,12 +398,13 @@ def plan_reads(
         for p in runs:
             ops.extend(_runs(info.file, p, opts))
         strategy = "whole" if sel.dim is None else "contiguous"
+        gather = None
         if strided:
-            more, strategy = _strided_ops(info.file, strided, opts)
+            more, strategy, gather = _strided_ops(info.file, strided, opts)
             ops.extend(more)
         if not pieces:
             strategy = "empty"
         out_shape = numpy_shape(info.dtype, tuple(sel.shape))
-        tensors.append(TensorPlan(info, sel, out_nbytes, out_shape, strategy))
+        tensors.append(TensorPlan(info, sel, out_nbytes, out_shape, strategy, gather))
     ops.sort(key=lambda op: (files[op.file], op.offset, op.length))
     return Plan(tuple(tensors), tuple(_coalesce(ops, opts)))

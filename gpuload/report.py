@@ -22,6 +22,9 @@ class LoadReport:
     file_bytes: int = 0  # bytes of tensor data in the files this load touched
     bytes_useful: int = 0  # bytes delivered into results
     bytes_read: int = 0  # bytes read from files (useful + wasted)
+    # Bytes gpuload moved from host memory to the device: H2D copies plus the
+    # owned segments zero-copy gathers read (kvikio reads are not counted).
+    bytes_pcie: int = 0
     ops: int = 0
     staged_ops: int = 0
     seconds: float = 0.0  # wall time of the whole load
@@ -31,7 +34,10 @@ class LoadReport:
     h2d_s: float = 0.0
     gather_s: float = 0.0  # summed over threads
     wait_s: float = 0.0  # threads waiting for a free staging slot
+    pack_s: float = 0.0  # reader threads packing segments for gather="pack"
     strategies: dict[str, int] = dataclasses.field(default_factory=dict)
+    # GPU loads: covering tensor -> "device" | "zerocopy" | "pack" (gpuload.transfer)
+    gather: dict[str, str] = dataclasses.field(default_factory=dict)
     unknown: list[str] = dataclasses.field(default_factory=list)  # replicated, no rule
     skipped: list[str] = dataclasses.field(default_factory=list)  # other ranks' experts
     excluded: int = 0  # tensors dropped by include=
@@ -48,6 +54,14 @@ class LoadReport:
         return self.bytes_useful / GiB / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def gather_counts(self) -> dict[str, int]:
+        """Covering tensors per gather strategy."""
+        counts: dict[str, int] = {}
+        for g in self.gather.values():
+            counts[g] = counts.get(g, 0) + 1
+        return counts
+
+    @property
     def read_fraction(self) -> float:
         """Bytes this rank read, as a fraction of the files' tensor bytes."""
         return self.bytes_read / self.file_bytes if self.file_bytes else 0.0
@@ -60,6 +74,7 @@ class LoadReport:
             f"({100 * self.read_fraction:.1f}% of the files, {self.bytes_wasted} bytes wasted) "
             f"in {self.ops} reads; thread-seconds read {self.read_s:.3f}, h2d {self.h2d_s:.3f}, "
             f"gather {self.gather_s:.3f}, wait {self.wait_s:.3f}"
+            + (f"; {self.bytes_pcie / GiB:.3f} GiB over PCIe" if self.bytes_pcie else "")
         )
 
     def table(self) -> str:
@@ -78,6 +93,8 @@ class LoadReport:
                 f"{self.read_s:.4f} / {self.h2d_s:.4f} / {self.gather_s:.4f} / {self.wait_s:.4f}",
             ),
             ("strategies", ", ".join(f"{k}={v}" for k, v in sorted(self.strategies.items()))),
+            ("gathers", ", ".join(f"{k}={v}" for k, v in sorted(self.gather_counts.items()))),
+            ("bytes over PCIe", f"{self.bytes_pcie:,}"),
             ("unknown (replicated)", f"{len(self.unknown)}"),
             ("not owned (skipped)", f"{len(self.skipped)}"),
         ]

@@ -15,7 +15,12 @@ matter for ordering, and none of CUDA:
 * events complete when their stream reaches them; waiting on one never
   recorded returns at once; errors in queued work are sticky and raised by
   the next wait, as CUDA reports asynchronous errors;
-* a gather is ``kernels.gather_host`` run on the stream.
+* a gather is ``kernels.gather_host`` run on the stream;
+* pinned host memory is mapped, as ``cudaHostAllocMapped`` makes it:
+  ``device_view`` returns a device buffer over the *same* bytes (a zero-copy
+  gather reads them when its stream runs it), and refuses pageable memory
+  or anything this runtime did not allocate pinned, as
+  ``cudaPointerGetAttributes`` finds no device pointer for it.
 
 ``FakeKvikio`` stands in for the kvikio module: ``CuFile.pread`` fills fake
 device memory from a thread, outside any stream, and rejects reads that are
@@ -145,6 +150,8 @@ class FakeRuntime:
         self.bound_threads: set[int] = set()
         self.gathers = 0
         self._rng = np.random.default_rng(seed)
+        self._mapped: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+        self.device_views = 0
 
     # -- memory ------------------------------------------------------------
 
@@ -194,7 +201,15 @@ class FakeRuntime:
             self._host_live += nbytes
             self.host_peak = max(self.host_peak, self._host_live)
         weakref.finalize(a, self._free, nbytes, True)
+        if pinned:
+            self._mapped[id(a)] = a
         return a
+
+    def device_view(self, host: np.ndarray) -> FakeDeviceBuffer:
+        if self._mapped.get(id(host)) is not host:
+            raise ValueError("fake CUDA: host buffer is not mapped pinned memory")
+        self.device_views += 1
+        return FakeDeviceBuffer(host)  # no copy: device reads see the host bytes
 
     def mem_info(self) -> tuple[int, int]:
         with self._lock:

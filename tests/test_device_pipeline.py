@@ -292,8 +292,10 @@ def test_scratch_that_does_not_fit_fails_before_any_read(tmp_path, rng, fake_gpu
     with gpuload.Loader(device="cpu", **SMALL) as cpu:
         need = sum(t.out_nbytes for t in cpu.plan(path, 1, 2, rules=RULES).plan.tensors)
     fake_gpu(total=need + 1000)  # results fit; the slots' scratch does not
-    with (
-        gpuload.Loader(device="cuda:0", reader_factory=CountingReader, **SMALL) as ld,
+    with (  # a device gather is the strategy that needs scratch
+        gpuload.Loader(
+            device="cuda:0", reader_factory=CountingReader, gather="device", **SMALL
+        ) as ld,
         pytest.raises(PlanError, match="results and device scratch need"),
     ):
         ld.load(path, 1, 2, rules=RULES)
