@@ -10,9 +10,22 @@ one non-blocking stream, after a warm-up that also checks the gather's
 bytes against the numpy twin. A last row repeats 4 KiB segments with the
 source one byte off alignment, which forces byte-wide words.
 
-    python bench/gather.py [--mib 256] [--reps 20] [--device 0]
+A second table compares the three gather strategies of a covering read
+(``gpuload.transfer``) on the real runtime (``CupyRuntime``: mapped pinned
+staging, its device view, the Numba kernel): a column shard of rank 1 at
+world 2, 4 and 8, segments of 256 B to 64 KiB, ``--strategy-mib`` MiB owned.
+``device`` copies the covering range H2D into scratch and gathers on the
+device; ``zerocopy`` gathers straight from the mapped staging; ``pack``
+packs on the host into pinned memory, then one H2D. Each is timed wall-clock
+from the first host action to the stream's end (the host pack included),
+median of ``--reps``, bytes checked first. It prints the bytes each moves over
+PCIe, the owned GB/s, and the cost model's prediction and choice beside the
+measurement, so ``GatherModel``'s constants can be tuned from the table.
 
-Prints a Markdown table with the GPU's name, the driver and CUDA runtime
+    python bench/gather.py [--mib 256] [--strategy-mib 64] [--reps 20] [--device 0]
+    python bench/gather.py --model-only   # the model's table alone, no GPU needed
+
+Prints Markdown tables with the GPU's name, the driver and CUDA runtime
 versions and the command. Without a usable GPU it says why and exits 0.
 No cupy kernel is compiled (copies and memcpys only), so NVRTC is not needed.
 """
@@ -20,11 +33,15 @@ No cupy kernel is compiled (copies and memcpys only), so NVRTC is not needed.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import numpy as np
 
 SEGMENTS = (64, 256, 1024, 4096, 16384, 65536)
+STRATEGY_SEGMENTS = (256, 1024, 4096, 16384, 65536)
+WORLDS = (2, 4, 8)
 
 
 def _version(v: int) -> str:
@@ -47,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, default=256, help="useful bytes per case, MiB")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--device", type=int, default=0)
+    ap.add_argument("--strategy-mib", type=int, default=64, help="owned bytes per strategy case")
+    ap.add_argument("--model-only", action="store_true", help="print the cost model's table")
     args = ap.parse_args(argv)
+    if args.model_only:
+        print_model(args.strategy_mib << 20)
+        return 0
     try:
         import cupy
 
@@ -101,6 +123,108 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {seg} B | {shift} | {word} B | {gbs:.1f} | {copy_gbs:.1f} | {gbs / copy_gbs:.2f} |"
         )
+    return strategies(cupy, args)
+
+
+def case(seg: int, world: int, useful: int) -> tuple[np.ndarray, int, int]:
+    """Rank 1's column shard: (piece table, covering bytes, rows)."""
+    rows = useful // seg
+    return np.array([[seg, 0, rows, seg, world * seg, seg]], np.int64), rows * world * seg, rows
+
+
+def print_model(useful: int) -> None:
+    from gpuload.transfer import GATHERS, GatherModel
+
+    m = GatherModel()
+    print(f"## gather strategies: cost model ({useful >> 20} MiB owned per case)\n")
+    print(f"constants: `{m}`\n")
+    print("| world | segment | " + " | ".join(f"{g} GB/s" for g in GATHERS) + " | choice |")
+    print("| ---: | ---: |" + " ---: |" * len(GATHERS) + " --- |")
+    for world in WORLDS:
+        for seg in STRATEGY_SEGMENTS:
+            table, covering, rows = case(seg, world, useful)
+            kw = dict(
+                rows=rows, seg=seg, useful=rows * seg, covering=covering, aligned=seg % 128 == 0
+            )
+            c = m.costs(**kw)
+            gbs = " | ".join(f"{rows * seg / c[g] / 1e9:.1f}" for g in GATHERS)
+            print(f"| {world} | {seg} B | {gbs} | {m.choose(**kw)} |")
+    print()
+
+
+def strategies(cupy, args) -> int:
+    """The three gather strategies on the real runtime, by world and segment size."""
+    from gpuload.kernels import gather_host
+
+    from gpuload.device_cuda import CupyRuntime
+    from gpuload.transfer import GATHERS, GatherModel, pack_layout
+
+    rt = CupyRuntime(args.device)
+    model = GatherModel()
+    useful = args.strategy_mib << 20
+    most = max(WORLDS) * useful + max(STRATEGY_SEGMENTS)
+    staging = rt.host_alloc(most, pinned=True)  # mapped pinned, as the pipeline's slots
+    staging[:] = np.random.default_rng(1).integers(0, 256, most, dtype=np.uint8)
+    mapped = rt.device_view(staging)
+    pack = rt.host_alloc(useful, pinned=True)
+    scratch = rt.device_alloc(most)
+    dst = rt.device_alloc(useful)
+    stream = rt.stream()
+    print(
+        f"\n## gather strategies: {args.strategy_mib} MiB owned per case, "
+        "rank 1 of a column shard\n"
+    )
+    print(
+        "wall time from the first host action to the stream's end, median of "
+        f"{args.reps}; model: `GatherModel()` defaults\n"
+    )
+    print(
+        "| world | segment | strategy | bytes over PCIe | owned GB/s | model GB/s | model choice |"
+    )
+    print("| ---: | ---: | --- | ---: | ---: | ---: | --- |")
+    for world in WORLDS:
+        for seg in STRATEGY_SEGMENTS:
+            table, covering, rows = case(seg, world, useful)
+            n = rows * seg
+            src_len = covering + seg
+            want = np.empty(n, np.uint8)
+            gather_host(staging[:src_len], want, table)
+            packed, copies = pack_layout(table, 0)
+            kw = dict(rows=rows, seg=seg, useful=n, covering=covering, aligned=seg % 128 == 0)
+            costs, choice = model.costs(**kw), model.choose(**kw)
+
+            def device(table=table, src_len=src_len):
+                rt.h2d(scratch, 0, staging, 0, src_len, stream)
+                rt.gather(scratch, dst, table, stream)
+
+            def zerocopy(table=table):
+                rt.gather(mapped, dst, table, stream)
+
+            def packed_h2d(packed=packed, copies=copies, src_len=src_len):
+                gather_host(staging[:src_len], pack, packed)
+                for dst_off, pack_off, k in copies:
+                    rt.h2d(dst, dst_off, pack, pack_off, k, stream)
+
+            moved = {"device": src_len, "zerocopy": n, "pack": n}
+            for name, fn in zip(GATHERS, (device, zerocopy, packed_h2d), strict=True):
+                cupy.cuda.runtime.memsetAsync(dst.data.ptr, 0, n, stream.ptr)  # no NVRTC
+                fn()
+                stream.synchronize()
+                if not np.array_equal(dst[:n].get(), want):
+                    print(f"{name} gather of {seg}-byte segments gave wrong bytes", file=sys.stderr)
+                    return 1
+                times = []
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    fn()
+                    stream.synchronize()
+                    times.append(time.perf_counter() - t0)
+                s = statistics.median(times)
+                print(
+                    f"| {world} | {seg} B | {name} | {moved[name]:,} | {n / s / 1e9:.1f} "
+                    f"| {n / costs[name] / 1e9:.1f} | {choice} |"
+                )
+    rt.destroy_stream(stream)
     return 0
 
 

@@ -87,6 +87,7 @@ class LoadReport:
             ("reads (staged)", f"{self.ops} ({self.staged_ops})"),
             ("wall seconds", f"{self.seconds:.4f}"),
             ("GiB/s", f"{self.gib_per_s:.2f}"),
+            ("pack s (host, gather=pack)", f"{self.pack_s:.4f}"),
             ("header / plan s", f"{self.header_s:.4f} / {self.plan_s:.4f}"),
             (
                 "read / h2d / gather / wait s",

@@ -267,3 +267,20 @@ def test_pack_layout_delivers_the_pieces_and_nothing_else(seed):
     assert sum(n for *_, n in copies) == int((t[:, 2] * t[:, 3]).sum())
     if gap == 0 and len(t) > 1 and (t[:, 2] == t[0, 2]).all() and (t[:, 5] == width).all():
         assert len(copies) == 1  # a tiled span moves in one copy
+
+
+def test_gather_bench_prints_the_models_table_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "gather.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--model-only", "--strategy-mib", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| 8 |")]
+    assert len(rows) == 5 and all(r.split("|")[-2].strip() in GATHERS for r in rows)
