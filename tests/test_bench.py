@@ -68,6 +68,14 @@ def test_bench_smoke_tiny_cpu_writes_table_json_plot(tmp_path, capsys):
     mean = next(g for g in doc["groups"] if g["title"] == "world=8, mean over ranks")
     ranks = next(r for r in mean["rows"] if r["contender"] == "gpuload (posix)")["runs"]
     assert sorted(r["rank"] for r in ranks) == list(range(8))
+    # warm: residency checked with mincore before every run, and recorded
+    assert all(b["resident"] >= 0.999 for b in g["runs"][0]["before"])
+    assert "page cache before runs" in md
+    # the scaling table: every world against world-1 time / world, and its plot
+    warm = [t for t in doc["scaling"] if t["mode"] == "warm"]
+    assert [t["world"] for t in warm] == [1, 2, 4, 8]
+    assert warm[-1]["bytes_read"] >= warm[-1]["bytes_owned"] > 0
+    assert "### Scaling" in md and (out / doc["scaling_plot"]).read_bytes().startswith(b"\x89PNG")
     # cold: measured, with the eviction checked before every run, or said impossible
     cold = [g for g in doc["groups"] if g["mode"] == "cold"]
     if cold:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import goals as _goals
 from . import report as _report
+from . import scaling as _scaling
 from .presets import device_plan
 from .timing import GiB, machine
 
@@ -67,6 +68,7 @@ def write_outputs(b: Bench) -> int:
     cmd = command(b.args)
     table = _report.markdown(b.groups, device_col=b.gpu is not None)
     goal_results = _goals.evaluate(b.groups)
+    scaling = _scaling.rows(b.groups, _goals.FULL, b.scaling_plans())
     skipped = sorted(set(b.skipped_everywhere))
     md = [
         f"## gpuload bench, preset {b.preset.name}, device {b.device}",
@@ -78,9 +80,14 @@ def write_outputs(b: Bench) -> int:
         f"Median of {b.runs} runs after {b.warmup} warm-up (min–max in brackets; for a "
         "mean over ranks, the mean of the ranks' medians, fastest–slowest rank). "
         "GiB/s = bytes delivered / median s. × limit: GiB/s over the group's limit; "
-        "× best peer: the best peer's time over this row's.",
+        "× best peer: the best peer's time over this row's. Contenders ran in turn "
+        "(A B C, B C A, ...), limits before them. Page cache before runs: the files' "
+        "residency (mincore) right before each timed run: warm, the lowest any run started "
+        "with (files with missing pages are read back in first, and counted as re-warmed); "
+        "cold, the most left after eviction.",
         "",
         table,
+        _scaling.markdown(scaling),
         _goals.markdown(goal_results),
         "",
         *budget_lines(b),
@@ -97,6 +104,12 @@ def write_outputs(b: Bench) -> int:
     )  # fmt: skip
     if why_no_plot:
         md += [f"(no plot: {why_no_plot})", ""]
+    scaling_png = out / f"{stem}-scaling.png"
+    why_no_scaling_plot = "--no-plot" if b.args.no_plot else _scaling.plot(
+        scaling_png, scaling, f"gpuload bench {b.preset.name} ({b.device})"
+    )  # fmt: skip
+    if why_no_scaling_plot:
+        md += [f"(no scaling plot: {why_no_scaling_plot})", ""]
     text = "\n".join(md)
     (out / f"{stem}.md").write_text(text)
     doc = {
@@ -115,11 +128,14 @@ def write_outputs(b: Bench) -> int:
         "notes": b.notes,
         "failed": b.failed,
         "plot": None if why_no_plot else plot_path.name,
+        "scaling": scaling,
+        "scaling_plot": None if why_no_scaling_plot else scaling_png.name,
         "markdown": text,
     }
     _report.write_json(out / f"{stem}.json", doc, b.groups)
     print()
     print(text)
     written = [f"{stem}.md", f"{stem}.json"] + ([] if why_no_plot else [f"{stem}.png"])
+    written += [] if why_no_scaling_plot else [scaling_png.name]
     print(f"wrote {', '.join(str(out / w) for w in written)}")
     return 1 if b.failed else 0

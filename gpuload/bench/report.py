@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .residency import summary as _residency
 from .timing import GiB, Timing
 
 
@@ -132,6 +133,7 @@ def markdown(groups: list[Group], device_col: bool) -> str:
         out.append("")
         cols = ["contender", "median s (min–max)", "GiB/s", "× limit", "× best peer"]
         cols += ["device peak GiB"] if device_col else []
+        cols += ["page cache before runs"]
         out.append("| " + " | ".join(cols) + " |")
         out.append("|" + "---|" * len(cols))
         for r in g.rows:
@@ -144,6 +146,7 @@ def markdown(groups: list[Group], device_col: bool) -> str:
                 "—" if r.ratio_peer is None else f"{r.ratio_peer:.2f}",
             ]
             cells += [_gib(r.peak_device_bytes)] if device_col else []
+            cells += [_residency([b for t in r.timings for b in t.extra.get("before", [])])]
             out.append("| " + " | ".join(cells) + " |")
         if g.skipped:
             out += ["", *skipped_lines(g.skipped)]

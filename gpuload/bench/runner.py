@@ -10,8 +10,12 @@ Scenarios, each warm (page cache) and cold (pages evicted before every run):
 
 Every contender's output is checked against the files (sampled for big
 models) before it is timed. Figures are the median of ``--runs`` (>= 3)
-after a warm-up, with the spread. Outputs: a Markdown table, a JSON record of
-every raw run and the machine, and a PNG plot.
+after a warm-up, with the spread. Contenders run in turn (A B C A B C, the
+order rotating each round: ``timing.alternate``), and before every warm run
+the files' residency is checked with ``mincore`` and restored if pages went
+missing (``residency.ensure_warm``); each run's finding is recorded. Outputs:
+a Markdown table, a JSON record of every raw run and the machine, a PNG
+plot, and the scaling table (``scaling``) with its own plot.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from .limits import PROBE_BYTES, device_timings, fio_available, fio_timing, prea
 from .oracle import Mismatch, Oracle
 from .presets import PRESETS, BenchPreset, Model
 from .report import Group, Row
-from .timing import GiB, Timing, measure
+from .residency import ensure_warm
+from .timing import Entry, GiB, Timing, alternate
 
 FULL, MOE = _goals.FULL, "MoE world=1, experts cpu_resident"
 
@@ -185,11 +190,11 @@ class Bench:
             return self._limits[(key, mode)]
         files, cold = self.files[key], mode == "cold"
         total = sum(Path(f).stat().st_size for f in files)
-        before = (lambda: evict(files)) if cold else None
+        before = (lambda: evict(files)) if cold else (lambda: ensure_warm(files))
         n, w, th = self.runs, self.warmup, self.threads
         ts = [pread_timing(files, th, n, w, before=before, pinned=self.gpu)]
         if self.gpu is None and not cold and 2 * total < mem_available():
-            ts.append(pread_timing(files, th, n, w, fresh=True))
+            ts.append(pread_timing(files, th, n, w, before=before, fresh=True))
         why = fio_available()
         if why is None:
             try:
@@ -213,43 +218,66 @@ class Bench:
         self.groups.append(g)
         return g
 
-    def time_contender(
-        self, c: Contender, cases: list[Case], mode: str
-    ) -> tuple[list[Timing], int | None]:
-        """Time ``c`` on each case (one rank each); the first and last checked."""
+    def time_contenders(
+        self, contenders: list[Contender], cases: list[Case], mode: str
+    ) -> dict[str, tuple[list[Timing], int | None] | Exception]:
+        """Time every contender on each case (one rank each), in turn (A B A B);
+        the first and last case checked. Per contender: (timings, device peak)
+        or the exception that stopped it."""
         cold, sync = mode == "cold", self.gpu.sync if self.gpu else None
-        timings, peak = [], None
+        out: dict[str, tuple[list[Timing], int | None] | Exception] = {
+            c.name: ([], None) for c in contenders
+        }
         for i, case in enumerate(cases):
-            before = (lambda f=case.files: evict(f)) if cold else None
-            oracle = self.oracles["moe" if case.scenario == "moe" else "dense"]
-            check, key = None, (c.name, case.scenario, case.rank, case.world)
-            if i in (0, len(cases) - 1) and key not in self.checked:  # once per case
+            alive = [c for c in contenders if not isinstance(out[c.name], Exception)]
+            entries = [self._entry(c, case, i, len(cases), cold, sync) for c in alive]
+            warm = self.warmup if i == 0 else 0  # later ranks reuse the warmed loaders
+            try:
+                results = alternate(entries, self.runs, warm)
+            finally:
+                if self.gpu is not None:
+                    self.gpu.release()
+            for c, t in zip(alive, results, strict=True):
+                if isinstance(t, Exception):
+                    out[c.name] = t
+                    continue
+                timings, peak = out[c.name]  # type: ignore[misc]
+                t.extra["rank"], t.extra["world"] = case.rank, case.world
+                timings.append(t)
+                if "peak" in t.extra:
+                    peak = max(peak or 0, t.extra.pop("peak"))
+                out[c.name] = (timings, peak)
+        return out
 
-                def check(out, s=case.selections, o=oracle, key=key) -> None:
-                    o.check(out, s)  # raises Mismatch: then checked again next time
-                    self.checked.add(key)
+    def _entry(self, c: Contender, case: Case, i: int, n: int, cold: bool, sync) -> Entry:
+        files = case.files
+        before = (lambda: evict(files)) if cold else (lambda: ensure_warm(files))
+        oracle = self.oracles["moe" if case.scenario == "moe" else "dense"]
+        check, key = None, (c.name, case.scenario, case.rank, case.world)
+        if i in (0, n - 1) and key not in self.checked:  # once per case
 
-            fn = lambda case=case: c.load(case)  # noqa: E731
-            kw = {"before": before, "check": check, "sync": sync}
-            warm = self.warmup if i == 0 else 0  # later ranks reuse the warmed loader
-            if self.gpu is not None and not cold:
-                with PeakMemory(self.gpu) as pm:
-                    t = measure(c.name, case.nbytes, fn, self.runs, warm, **kw)
-                peak = max(peak or 0, pm.peak)
-            else:
-                t = measure(c.name, case.nbytes, fn, self.runs, warm, **kw)
-            t.extra["rank"], t.extra["world"] = case.rank, case.world
-            timings.append(t)
-        return timings, peak
+            def check(out, s=case.selections, o=oracle, key=key) -> None:
+                o.check(out, s)  # raises Mismatch: then checked again next time
+                self.checked.add(key)
+
+        gpu = self.gpu
+        wrap = (lambda: PeakMemory(gpu)) if gpu is not None and not cold else None
+        return Entry(
+            c.name, case.nbytes, lambda: c.load(case), before=before, check=check, sync=sync,
+            wrap=wrap,
+        )  # fmt: skip
 
     def contender_rows(
-        self, c: Contender, cases: list[Case], mode: str, groups: list[Group]
+        self,
+        c: Contender,
+        result: tuple[list[Timing], int | None] | Exception,
+        mode: str,
+        groups: list[Group],
     ) -> None:
-        """Time ``c``; add a row to ``groups[0]`` (rank 0) and, when given,
+        """Add ``c``'s row to ``groups[0]`` (rank 0) and, when given,
         ``groups[1]`` (the mean over every rank); a failure is noted in both."""
-        try:
-            timings, peak = self.time_contender(c, cases, mode)
-        except Exception as e:  # a crashing or wrong peer is reported, never fatal
+        if isinstance(result, Exception):  # a crashing or wrong peer is reported, never fatal
+            e = result
             wrong = isinstance(e, Mismatch)
             why = f"FAILED the byte check: {e}" if wrong else f"error: {type(e).__name__}: {e}"
             for g in groups:
@@ -258,9 +286,7 @@ class Bench:
                 self.failed.append(f"{c.name} in {groups[0].title} ({mode}): {why}")
             self.say(f"  {c.name}: {why}")
             return
-        finally:
-            if self.gpu is not None:
-                self.gpu.release()
+        timings, peak = result
         for g, ts in zip(groups, (timings[:1], timings), strict=False):
             row = Row(g.title, mode, c.name, c.kind, ts, c.api, peak)
             g.rows.append(row)
@@ -302,14 +328,18 @@ class Bench:
             if mean_title:
                 groups.append(self.group(mean_title, mode, shown, primary))
             self.say(f"{title} — {mode}:")
+            runnable = []
             for c in contenders:
                 why = c.why_not(scenario)
                 if why:
                     for g in groups:
                         g.skipped.append((c.name, why))
                     continue
-                cases = [self.case(scenario, key, r, w) for r, w in ranks]
-                self.contender_rows(c, cases, mode, groups)
+                runnable.append(c)
+            cases = [self.case(scenario, key, r, w) for r, w in ranks]
+            results = self.time_contenders(runnable, cases, mode)
+            for c in runnable:
+                self.contender_rows(c, results[c.name], mode, groups)
 
     # -- the whole run --------------------------------------------------------
 
@@ -344,6 +374,19 @@ class Bench:
             for c in contenders:
                 c.close()
         return self.write()
+
+    def scaling_plans(self) -> dict[int, tuple[int, int]]:
+        """World -> (bytes read, bytes owned) by rank 0 of the dense model, as
+        gpuload plans it with the preset's settings."""
+        if "dense" not in self.paths:
+            return {}
+        cfg = {k: v for k, v in self.preset.settings.items() if hasattr(self.planner.config, k)}
+        with Loader(device="cpu", progress=False, threads=self.threads, **cfg) as planner:
+            out = {}
+            for w in sorted({1, *self.worlds}):
+                plan = planner.plan(self.paths["dense"], 0, w).plan
+                out[w] = (plan.bytes_read, plan.bytes_useful)
+        return out
 
     def write(self) -> int:
         from .output import write_outputs

@@ -64,36 +64,85 @@ def measure(
     inside it. Each result is dropped before the next run, so memory does not
     pile up.
     """
-    befores = []
-    checked = check is None
-
-    def one() -> tuple[float, object]:
-        if before is not None:
-            befores.append(before())
-        if sync is not None:
-            sync()  # nothing queued from earlier may land in this run's window
-        t0 = time.perf_counter()
-        out = fn()
-        if sync is not None:
-            sync()
-        return time.perf_counter() - t0, out
-
+    e = Entry(name, nbytes, fn, before=before, check=check, sync=sync)
     for _ in range(warmup):
-        _, out = one()
-        if not checked:
-            check(out)  # type: ignore[misc]
-            checked = True
-        del out
-    times = []
+        e.run(timed=False)
     for _ in range(runs):
-        dt, out = one()
-        times.append(dt)
-        if not checked:
-            check(out)  # type: ignore[misc]
-            checked = True
-        del out
-    extra = {"before": befores} if before is not None else {}
-    return Timing(name, nbytes, times, note, extra)
+        e.run(timed=True)
+    return e.timing(note)
+
+
+@dataclasses.dataclass
+class Entry:
+    """One contender in :func:`alternate`: what :func:`measure` takes, plus
+    ``wrap``, a context manager factory around each run, outside its timed
+    window, whose ``peak`` (if any) is kept as ``extra["peak"]``."""
+
+    name: str
+    nbytes: int
+    fn: Callable[[], object]
+    before: Callable[[], object] | None = None
+    check: Callable[[object], None] | None = None
+    sync: Callable[[], None] | None = None
+    wrap: Callable[[], Any] | None = None
+    times: list[float] = dataclasses.field(default_factory=list)
+    befores: list[object] = dataclasses.field(default_factory=list)
+    peak: int | None = None
+
+    def run(self, *, timed: bool) -> None:
+        if self.before is not None:
+            self.befores.append(self.before())
+        with self.wrap() if self.wrap is not None else contextlib.nullcontext() as w:
+            if self.sync is not None:
+                self.sync()  # nothing queued from earlier may land in this run's window
+            t0 = time.perf_counter()
+            out = self.fn()
+            if self.sync is not None:
+                self.sync()
+            dt = time.perf_counter() - t0
+        if getattr(w, "peak", None) is not None:
+            self.peak = max(self.peak or 0, w.peak)
+        if timed:
+            self.times.append(dt)
+        if self.check is not None:  # the first result, outside the timed window
+            check, self.check = self.check, None
+            check(out)
+        del out  # dropped before the next run, so memory does not pile up
+
+    def timing(self, note: str = "") -> Timing:
+        extra: dict[str, Any] = {"before": self.befores} if self.before is not None else {}
+        if self.peak is not None:
+            extra["peak"] = self.peak
+        return Timing(self.name, self.nbytes, self.times, note, extra)
+
+
+def alternate(entries: list[Entry], runs: int, warmup: int = 1) -> list[Timing | Exception]:
+    """Time ``entries`` in turn (A B C A B C ...), not one after the other.
+
+    Slow drift on the machine (other jobs, the page cache paged out, thermal
+    limits) then lands on every contender alike instead of on whichever ran
+    last. Warm-ups go first, in turn; then ``runs`` rounds, each starting one
+    entry later than the one before (A B C, B C A, C A B), so no contender
+    always follows the same one. An entry that raises (its run or its check)
+    leaves the later rounds, and its exception takes its place in the result.
+    """
+    failed: dict[int, Exception] = {}
+
+    def turn(order: list[int], timed: bool) -> None:
+        for i in order:
+            if i in failed:
+                continue
+            try:
+                entries[i].run(timed=timed)
+            except Exception as e:  # reported in place of this entry's timing
+                failed[i] = e
+
+    n = len(entries)
+    for _ in range(warmup):
+        turn(list(range(n)), False)
+    for r in range(runs):
+        turn([(r + k) % n for k in range(n)], True)
+    return [failed[i] if i in failed else e.timing() for i, e in enumerate(entries)]
 
 
 # --------------------------------------------------------------------------
