@@ -206,7 +206,12 @@ class FakeRuntime:
         return a
 
     def device_view(self, host: np.ndarray) -> FakeDeviceBuffer:
-        if self._mapped.get(id(host)) is not host:
+        # CUDA maps a pointer anywhere inside a mapped allocation, so a view
+        # of one is fine; memory that never came from host_alloc(pinned) is not.
+        root = host
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        if self._mapped.get(id(root)) is not root:
             raise ValueError("fake CUDA: host buffer is not mapped pinned memory")
         self.device_views += 1
         return FakeDeviceBuffer(host)  # no copy: device reads see the host bytes

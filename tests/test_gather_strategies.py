@@ -185,7 +185,9 @@ def test_fake_mapping_aliases_pinned_memory_and_refuses_the_rest():
         rt.record(ev, s)
         rt.wait(ev)
         assert (dst.array[:32] == 7).all()
-        for not_mapped in (np.zeros(64, np.uint8), rt.host_alloc(64, pinned=False), pinned[8:]):
+        inner = rt.device_view(pinned[8:])  # inside a mapped allocation: mapped too
+        assert np.shares_memory(inner.array, pinned) and inner.size == 56
+        for not_mapped in (np.zeros(64, np.uint8), rt.host_alloc(64, pinned=False)):
             with pytest.raises(ValueError, match="not mapped"):
                 rt.device_view(not_mapped)
     finally:

@@ -211,3 +211,20 @@ def test_cuda_means_the_current_device(tmp_path, rng, cupy):
     with cupy.cuda.Device(n - 1):
         got = gpuload.load_sharded(path, 0, 2, device="cuda", framework="cupy", rules=RULES)
     check(got, expected_shards(path, 0, 2), n - 1)
+
+
+@pytest.mark.parametrize("gather", ["device", "zerocopy", "pack"])
+@pytest.mark.parametrize("world", [2, 8])
+def test_every_gather_strategy_matches_oracle(tmp_path, rng, cupy, gather, world):
+    # zerocopy: the Numba kernel reads mapped pinned staging over PCIe (real
+    # cudaHostAllocMapped memory and its device pointer, no scratch).
+    path = write_matrix(tmp_path, rng, aligned=False)
+    with gpuload.Loader(
+        device="cuda:0", framework="cupy", backend="posix", gather=gather, **SMALL
+    ) as ld:
+        for rank in range(world):
+            got, report = ld.load(path, rank, world, rules=RULES, return_report=True)
+            check(got, expected_shards(path, rank, world), 0)
+            assert report.gather and set(report.gather.values()) == {gather}
+            if gather != "device":
+                assert report.bytes_pcie == report.bytes_useful
