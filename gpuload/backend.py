@@ -58,7 +58,7 @@ class HostBackend:
                 "uses the posix reader (backend='auto' or 'posix')"
             )
         self.name, self.reason = "posix", "device is cpu: posix preadv into host memory"
-        self._pipeline = HostPipeline(cfg.threads, cfg.staging_bytes)
+        self._pipeline = HostPipeline(cfg.threads, cfg.staging_bytes, scatter=cfg.scatter)
         self._reader_factory = reader_factory or PosixReader
 
     def check_memory(self, nbytes: int) -> None:

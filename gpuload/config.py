@@ -20,6 +20,8 @@ GPULOAD_MIN_CHUNK_BYTES    size (4MiB)                smallest piece a large ran
                                                       split into (the floor)
 GPULOAD_DEVICE_SCRATCH_BYTES size (512MiB)            device scratch budget (GPU path)
 GPULOAD_PROGRESS           0 | 1 | auto (auto)        tqdm bar for loads over a few secs
+GPULOAD_SCATTER            0 | 1 (0)                  CPU: covering reads scatter rows
+                                                      into results (preadv), no staging
 GPULOAD_GATHER             auto | device | zerocopy   how covering reads reach a GPU
                            | pack (auto)              (gpuload.transfer); auto: cost model
 =========================  =========================  ==================================
@@ -127,6 +129,10 @@ class Config:
     # gpuload.transfer.GatherModel choose per tensor; forcing one is for
     # tests, benchmarks and machines where the model's constants are off.
     gather: Literal["auto", "device", "zerocopy", "pack"] = "auto"
+    # CPU loads: read a covering block with one preadv that puts each owned
+    # row straight into its result and the gaps into a small discard buffer,
+    # instead of staging + gather. Off until a quiet machine has measured it.
+    scatter: bool = False
 
     def __post_init__(self) -> None:
         # Validate at construction (keywords arrive here unparsed), so a bad
@@ -141,6 +147,7 @@ class Config:
             set_(self, f, parse_size(f, getattr(self, f)))
         set_(self, "progress", parse_tristate("progress", self.progress))
         set_(self, "gather", parse_choice("gather", self.gather, _GATHERS))
+        set_(self, "scatter", parse_bool("scatter", self.scatter))
         # min_chunk_bytes above chunk_bytes is not an error: the planner clamps
         # the floor to the cap, so setting only a small cap just works.
 
@@ -166,6 +173,7 @@ _FLAGS = {
     "GPULOAD_DEVICE_SCRATCH_BYTES": "device_scratch_bytes",
     "GPULOAD_PROGRESS": "progress",
     "GPULOAD_GATHER": "gather",
+    "GPULOAD_SCATTER": "scatter",
 }
 
 

@@ -4,8 +4,12 @@ Reader threads take read ops in file order. A direct op scatters its file
 range straight into the destination buffers with one ``preadv`` (gaps land
 in a discard buffer). A staged op reads into one of a bounded set of staging
 slots and is gathered from there by ``gather_host`` (the numpy twin of the
-CUDA kernel), then the slot is returned. Staging never escapes: results are
-the caller's own buffers, allocated once per tensor.
+CUDA kernel), then the slot is returned. With ``scatter`` on
+(``GPULOAD_SCATTER=1``) a staged op is read like a direct one instead: one
+``preadv`` per 1024 rows puts every owned row straight into its result and
+every gap into a small reused discard buffer (``scatter_iov``), so the
+owned bytes are copied once and no gather pass follows. Staging never
+escapes: results are the caller's own buffers, allocated once per tensor.
 
 On the first error every queued op is cancelled, running ones finish, and
 the error is raised: a failed load returns nothing.
@@ -19,12 +23,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .errors import PlanError
 from .kernels import NCOLS, gather_host
 from .plan import Plan, ReadOp
 from .report import LoadReport
 from .workers import Busy, run_jobs
 
 _ZERO = np.zeros(0, np.uint8)
+DISCARD = 256 << 10  # scatter's gap buffer: gaps longer than this reuse it in parts
 
 
 def piece_tables(op: ReadOp) -> dict[str, np.ndarray]:
@@ -37,20 +43,62 @@ def piece_tables(op: ReadOp) -> dict[str, np.ndarray]:
     return {t: np.array(rows, np.int64).reshape(-1, NCOLS) for t, rows in by_tensor.items()}
 
 
+def scatter_iov(op: ReadOp, outputs: dict[str, np.ndarray], discard: np.ndarray) -> np.ndarray:
+    """The op's file range as ``struct iovec`` entries, in file order: each row
+    of each piece at its destination address, each gap in ``discard``.
+
+    Returns an ``(n, 2)`` uint64 array of (address, length) for
+    :meth:`gpuload.io.PosixReader.readinto_iov`. Every destination is checked
+    against its buffer first: a raw address is never written out of bounds.
+    """
+    srcs, dsts, lens = [], [], []
+    for p in op.pieces:
+        out = outputs[p.tensor]
+        if p.dst_end > out.nbytes or not out.flags.c_contiguous or out.dtype != np.uint8:
+            raise PlanError(f"piece of {p.tensor!r} does not fit its {out.nbytes}-byte result")
+        r = np.arange(p.rows, dtype=np.int64)
+        srcs.append(p.src + r * p.src_stride)
+        dsts.append(out.ctypes.data + p.dst + r * p.dst_stride)
+        lens.append(np.full(p.rows, p.row_bytes, np.int64))
+    order = np.argsort(np.concatenate(srcs), kind="stable")
+    src, dst, n = (np.concatenate(a)[order] for a in (srcs, dsts, lens))
+    gaps = np.empty(len(src) + 1, np.int64)
+    gaps[0] = src[0] - op.offset
+    gaps[1:-1] = src[1:] - (src[:-1] + n[:-1])
+    gaps[-1] = op.offset + op.length - (src[-1] + n[-1])
+    if (gaps < 0).any():
+        raise PlanError(f"pieces of a read of {op.file} overlap")
+    # A gap longer than the discard buffer is written into it in parts.
+    parts = np.maximum(1, -(-gaps // discard.size))
+    upto = np.cumsum(parts)
+    gap_of = np.repeat(np.arange(len(gaps)), parts)
+    nth = np.arange(len(gap_of)) - np.repeat(upto - parts, parts)
+    iov = np.empty((int(upto[-1]) + len(src), 2), np.uint64)
+    at_gap = np.arange(len(gap_of)) + gap_of  # chunks before, plus the rows before the gap
+    iov[at_gap, 0] = discard.ctypes.data
+    iov[at_gap, 1] = np.minimum(discard.size, gaps[gap_of] - nth * discard.size)
+    at_row = upto[:-1] + np.arange(len(src))
+    iov[at_row, 0] = dst
+    iov[at_row, 1] = n
+    return iov[iov[:, 1] > 0]
+
+
 class HostPipeline:
     """Runs plans on the CPU; staging slots are created once and reused."""
 
-    def __init__(self, threads: int, staging_bytes: int) -> None:
+    def __init__(self, threads: int, staging_bytes: int, *, scatter: bool = False) -> None:
         self.threads = threads
         self.staging_bytes = staging_bytes
+        self.scatter = scatter
         self._slots: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         self._slot_size = 0
         self._slot_count = 0
         self._discard = _ZERO
+        self._gaps = np.empty(DISCARD, np.uint8) if scatter else _ZERO
         self._busy = Busy()
 
-    def _ensure_staging(self, plan: Plan) -> None:
-        need = plan.max_staged_bytes
+    def _ensure_staging(self, plan: Plan, scatter: bool) -> None:
+        need = 0 if scatter else plan.max_staged_bytes  # scattered reads need no staging
         if need > self._slot_size:  # grow, never shrink (staging is reused)
             count = max(1, min(self.threads, self.staging_bytes // need))
             self._slots = queue.SimpleQueue()
@@ -70,10 +118,12 @@ class HostPipeline:
     ) -> None:
         """Fill ``outputs`` (name -> uint8 buffer) by executing ``plan``."""
         with self._busy():
-            self._ensure_staging(plan)
-            self._run(plan, outputs, reader, report, on_bytes)
+            # A reader without raw scatter (a test's wrapper) stages and gathers.
+            scatter = self.scatter and hasattr(reader, "readinto_iov")
+            self._ensure_staging(plan, scatter)
+            self._run(plan, outputs, reader, report, on_bytes, scatter)
 
-    def _run(self, plan, outputs, reader, report, on_bytes) -> None:
+    def _run(self, plan, outputs, reader, report, on_bytes, scatter: bool) -> None:
         ops = plan.ops
         discard = memoryview(self._discard)
 
@@ -91,6 +141,11 @@ class HostPipeline:
                     pos = p.src_end
                 t0 = time.perf_counter()
                 reader.readinto(op.file, op.offset, bufs)
+                return op.length, time.perf_counter() - t0, 0.0, 0.0
+            if scatter:  # the gather is the read: rows land in their results
+                iov = scatter_iov(op, outputs, self._gaps)
+                t0 = time.perf_counter()
+                reader.readinto_iov(op.file, op.offset, iov)
                 return op.length, time.perf_counter() - t0, 0.0, 0.0
             t0 = time.perf_counter()
             slot = self._slots.get()
