@@ -56,6 +56,7 @@ def test_bench_smoke_tiny_cpu_writes_table_json_plot(tmp_path, capsys):
     assert ("MoE world=1, experts cpu_resident", "warm") in titles
     assert doc["machine"]["cpu"] and doc["machine"]["packages"]["gpuload"]
     assert doc["command"].startswith("gpuload bench") and doc["failed"] == []
+    assert not [r for g in doc["groups"] for r in g["rows"] if "=" in r["contender"]]  # opt-in
 
     full = next(g for g in doc["groups"] if g["title"] == "full load, world=1")
     rows = {r["contender"]: r for r in full["rows"]}

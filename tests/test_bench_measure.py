@@ -106,3 +106,23 @@ def test_scaling_rows_against_world_one_over_world():
     md = scaling.markdown(table)
     assert "| warm | 8 |" in md and "3.00" in md and "2.64" in md
     assert scaling.markdown([]) == ""
+
+
+def test_gpuload_variants_run_only_when_named_and_in_turn(tmp_path, capsys):
+    import json
+
+    from gpuload.cli import main
+
+    out = tmp_path / "out"
+    rc = main(
+        ["bench", "--preset", "tiny", "--device", "cpu", "--out", str(out), "--no-plot"]
+        + ["--cache-dir", str(tmp_path / "cache"), "--contenders", r"gpuload \(posix"]
+        + ["--scenarios", "shard", "--modes", "warm", "--worlds", "2", "--ranks", "0"]
+    )
+    assert rc == 0, capsys.readouterr().out
+    doc = json.loads((out / "gpuload-bench-tiny-cpu.json").read_text())
+    group = next(g for g in doc["groups"] if g["title"] == "world=2, rank 0")
+    names = {r["contender"] for r in group["rows"]}
+    assert {"gpuload (posix)", "gpuload (posix, scatter=True)"} <= names
+    skipped = {s["contender"]: s["reason"] for s in doc["skipped"]}
+    assert "cuda variant" in skipped["gpuload (posix, gather=zerocopy)"]

@@ -87,6 +87,7 @@ class Contender:
     kind = "peer"  # "gpuload" | "peer"
     api = ""  # what it calls, for the table's notes
     takes: Mapping[str, str] = {}  # scenario -> "" (runs) or why it does not
+    opt_in = False  # runs only when --contenders names it (variants of gpuload's settings)
 
     def open(self, ctx: Ctx) -> None:
         self.ctx = ctx
@@ -106,18 +107,26 @@ class Gpuload(Contender):
     kind = "gpuload"
     takes = {"full": "", "shard": "", "moe": ""}
 
-    def __init__(self, backend: str) -> None:
-        self.backend, self.name = backend, f"gpuload ({backend})"
+    def __init__(self, backend: str, *, device: str | None = None, **variant: Any) -> None:
+        """``variant``: settings that make this an opt-in variant (``scatter=True``,
+        ``gather="zerocopy"``), timed in turn with the default; ``device``:
+        "cpu" or "cuda", where the variant means something."""
+        self.backend, self.variant, self.only_on = backend, variant, device
+        label = ", ".join(f"{k}={v}" for k, v in variant.items())
+        self.name = f"gpuload ({backend}" + (f", {label})" if label else ")")
+        self.opt_in = bool(variant)
         self.api = "Loader.load"
 
     def open(self, ctx: Ctx) -> None:
         super().open(ctx)
         gpuload = importlib.import_module("gpuload")
         fw = "torch" if ctx.device != "cpu" else None
+        if self.only_on is not None and (ctx.device == "cpu") != (self.only_on == "cpu"):
+            raise Skip(f"{self.name} is a {self.only_on} variant; this run is on {ctx.device}")
         try:
             self.loader = gpuload.Loader(
                 device=ctx.device, backend=self.backend, framework=fw, progress=False,
-                threads=ctx.threads, **ctx.settings,
+                threads=ctx.threads, **{**ctx.settings, **self.variant},
             )  # fmt: skip
         except (BackendUnavailable, GpuloadError, ImportError, ValueError) as e:
             raise Skip(f"{type(e).__name__}: {e}") from None
@@ -305,6 +314,9 @@ def all_contenders() -> list[Contender]:
     return [
         Gpuload("kvikio"),
         Gpuload("posix"),
+        # opt-in: named in --contenders, timed in turn with the default above
+        Gpuload("posix", device="cpu", scatter=True),
+        *(Gpuload("posix", device="cuda", gather=g) for g in ("device", "zerocopy", "pack")),
         Safetensors(),
         VllmStyle(),
         FastSafetensors(),
