@@ -4,7 +4,8 @@
 # device tool's run takes carry=[".whl"]):
 #
 #   bash bench/gpu/session.sh tests        # the gpu test tier
-#   bash bench/gpu/session.sh gather       # bench/gather.py, the kernel micro-benchmark
+#   bash bench/gpu/session.sh gather       # bench/gather.py: the kernel, the 3 gather strategies
+#   bash bench/gpu/session.sh strategies   # gpuload bench, shard warm: auto vs each forced gather
 #   bash bench/gpu/session.sh warm         # gpuload bench --preset 12gb, warm runs
 #   bash bench/gpu/session.sh cold         # the same, cold runs
 #
@@ -14,7 +15,7 @@
 # out under /tmp/gl (kernels/ as gpuload.kernels, as the wheel ships it).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-step=${1:?usage: session.sh tests|gather|warm|cold}
+step=${1:?usage: session.sh tests|gather|strategies|warm|cold}
 OUT=${OUT:-/tmp/gpuload-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -50,6 +51,11 @@ tests)
     ;;
 gather)
     python3 bench/gather.py 2>&1 | tee "$OUT/gather.md"
+    ;;
+strategies)
+    python3 -m gpuload bench --preset 12gb --modes warm --scenarios shard --ranks 0 \
+        --contenders 'gpuload \(posix' --cache-dir /tmp/gpuload-cache --out "$OUT" 2>&1 \
+        | tee "$OUT/bench-strategies.txt"
     ;;
 warm | cold)
     python3 -m gpuload bench --preset 12gb --modes "$step" \
