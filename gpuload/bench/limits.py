@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..pinning import evict
+from .residency import ensure_warm
 from .timing import Timing, measure
 
 CHUNK = 64 << 20
@@ -128,14 +129,15 @@ def fio_available() -> str | None:
 def fio_timing(files: Sequence[str], threads: int, runs: int, warmup: int, *, cold: bool) -> Timing:
     """fio's own bytes and runtimes (not our wall clock, which would count
     its start-up); cold runs evict first and let fio invalidate too."""
-    times, total = [], 0
+    times, total, befores = [], 0, []
     for i in range(warmup + runs):
-        if cold:
-            evict(files)
+        # cold: evicted first; warm: residency checked (and restored) first
+        befores.append(evict(files) if cold else ensure_warm(files))
         total, secs = fio_read(files, threads, invalidate=cold)
         if i >= warmup:
             times.append(secs)
-    return Timing("fio", total, times, "4 MiB psync reads, fio's runtime (ms resolution)")
+    note = "4 MiB psync reads, fio's runtime (ms resolution)"
+    return Timing("fio", total, times, note, {"before": befores})
 
 
 def fio_read(files: Sequence[str], threads: int, *, invalidate: bool) -> tuple[int, float]:
