@@ -17,11 +17,15 @@ pipeline orders everything after it with events. Advice
 here too: a file replaced during a load raises ``ReadError`` at close.
 
 kvikio is imported by the caller (the CUDA runtime) and passed in, so this
-module imports without it.
+module imports without it. Its settings live in the submodule
+``kvikio.defaults``, which ``import kvikio`` does not import (kvikio 26.x):
+:func:`kvikio_defaults` imports it by name instead of reading an attribute
+that may not be there.
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -34,10 +38,19 @@ from .plan import PAGE
 _threads_lock = threading.Lock()
 
 
+def kvikio_defaults(kvikio: Any) -> Any:
+    """The ``kvikio.defaults`` submodule of the kvikio module ``kvikio``.
+
+    Imported, not read as an attribute: kvikio 26's ``__init__`` never
+    imports it, so ``kvikio.defaults`` is an AttributeError until some code
+    somewhere happened to import the submodule."""
+    return importlib.import_module(f"{kvikio.__name__}.defaults")
+
+
 def describe_kvikio(kvikio: Any) -> str:
     """How kvikio will read here: GDS, or its POSIX compatibility mode."""
     version = getattr(kvikio, "__version__", "?")
-    d = kvikio.defaults
+    d = kvikio_defaults(kvikio)
     try:
         if hasattr(d, "is_compat_mode_preferred"):  # kvikio >= 25.04
             compat = bool(d.is_compat_mode_preferred())
@@ -57,7 +70,7 @@ def set_threads(kvikio: Any, n: int) -> None:
     """kvikio's thread pool size (``GPULOAD_THREADS``); it defaults to 1,
     far from what a hot page cache needs. Reset only when it differs: a
     reset rebuilds kvikio's pool."""
-    d = kvikio.defaults
+    d = kvikio_defaults(kvikio)
     with _threads_lock:
         if hasattr(d, "set") and hasattr(d, "get"):  # kvikio >= 25.04
             if d.get("num_threads") != n:
@@ -76,7 +89,8 @@ class KvikioReader:
     prefetch
         ``posix_fadvise(WILLNEED)`` on announced ranges.
     kvikio
-        The kvikio module (or a stand-in with ``CuFile`` and ``defaults``).
+        The kvikio module (or a stand-in module with ``CuFile`` and a
+        ``defaults`` submodule).
     threads
         kvikio's thread pool size.
     """

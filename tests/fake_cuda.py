@@ -24,17 +24,24 @@ matter for ordering, and none of CUDA:
 
 ``FakeKvikio`` stands in for the kvikio module: ``CuFile.pread`` fills fake
 device memory from a thread, outside any stream, and rejects reads that are
-not page aligned. Neither imports cupy or numba.cuda.
+not page aligned. Like kvikio 26, it is a package whose ``defaults``
+submodule is an attribute only once imported (``import kvikio`` does not
+import it). Neither imports cupy or numba.cuda.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.abc
+import importlib.util
+import itertools
 import os
 import queue
 import random
+import sys
 import threading
 import time
+import types
 import weakref
 from typing import Any
 
@@ -392,13 +399,54 @@ class _Defaults:
         return self._values["compat_mode"]
 
 
-class FakeKvikio:
-    """A stand-in for the kvikio module (``CuFile``, ``defaults``)."""
+class _Submodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes fake submodules importable by name, the way Python imports a
+    package's submodule: only an import sets ``parent.child``."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, types.ModuleType] = {}
+
+    def find_spec(self, name, path=None, target=None):
+        if name in self.made:
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        return self.made[spec.name]
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+_SUBMODULES = _Submodules()
+sys.meta_path.append(_SUBMODULES)
+_names = itertools.count()
+
+
+class FakeKvikio(types.ModuleType):
+    """A stand-in for the kvikio package (``CuFile``; ``defaults`` once imported).
+
+    Registered in ``sys.modules`` under a name of its own, so that
+    ``importlib.import_module(f"{kv.__name__}.defaults")`` works as it does for
+    kvikio, and reading ``kv.defaults`` before that import fails as it does
+    for kvikio 26.
+    """
 
     __version__ = "fake"
 
-    def __init__(self, *, compat: bool = True, max_delay: float = 0.0002) -> None:
-        self.defaults = _Defaults(compat)
+    def __init__(
+        self, *, compat: bool = True, max_delay: float = 0.0002, defaults: dict | None = None
+    ) -> None:
+        super().__init__(f"fake_kvikio_{next(_names)}")
+        self.__path__: list[str] = []  # a package: submodules import
+        sub = types.ModuleType(f"{self.__name__}.defaults")
+        if defaults is None:  # kvikio >= 25.04's get/set; else what the caller gives
+            state = _Defaults(compat)
+            defaults = {f: getattr(state, f) for f in ("get", "set", "is_compat_mode_preferred")}
+        for name, fn in defaults.items():
+            setattr(sub, name, fn)
+        _SUBMODULES.made[sub.__name__] = sub
+        sys.modules[self.__name__] = self
         self.max_delay = max_delay
         self.reads: list[tuple[int, int]] = []
 

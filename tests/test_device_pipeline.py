@@ -500,12 +500,10 @@ def test_import_and_fake_load_never_touch_cupy_or_numba_cuda(tmp_path, rng):
 
 
 def test_kvikio_mode_is_described_on_every_api_generation():
-    from types import SimpleNamespace
-
     from gpuload.io_kvikio import describe_kvikio
 
     def kv(**defaults):
-        return SimpleNamespace(__version__="x", defaults=SimpleNamespace(**defaults))
+        return FakeKvikio(defaults=defaults)
 
     assert "GPUDirect" in describe_kvikio(kv(is_compat_mode_preferred=lambda: False))
     assert "compatibility mode" in describe_kvikio(kv(is_compat_mode_preferred=lambda: True))
