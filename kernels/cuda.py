@@ -130,6 +130,9 @@ def _gather_body(src, dst, pieces, n_tiles, tile_words):
 _cache: dict[int, Any] = {}
 _compiles: dict[int, int] = {}
 _workspaces: dict[tuple[int, ...], Any] = {}
+# Table buffers a stream outgrew, each with the event recorded on the stream
+# behind the last launch that may read it: (event, buffer), freed once passed.
+_retired: dict[tuple[int, ...], list[tuple[Any, Any]]] = {}
 _lock = threading.Lock()
 
 
@@ -238,6 +241,36 @@ def _handle(stream: Any) -> int:
     raise TypeError(f"stream must be 0, a CUDA stream or its handle, got {type(stream).__name__}")
 
 
+class _Passed:
+    """The simulator's stand-in event: simulated launches finish before
+    ``gather`` returns, so the stream has always passed it."""
+
+    def record(self, stream: Any = 0) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _event():
+    """An event to record on a stream (tests substitute one they control)."""
+    if _SIM:
+        return _Passed()  # the simulator's cuda.event() has no query()
+    return cuda.event(timing=False)
+
+
+def _reap(key: tuple[int, ...]) -> None:
+    """Free the retired table buffers of ``key`` whose stream has passed them."""
+    retired = _retired.get(key)
+    if retired:
+        retired[:] = [(ev, buf) for ev, buf in retired if not ev.query()]
+        if not retired:
+            _retired.pop(key, None)
+
+
 def _upload(pieces: np.ndarray, stream: Any):
     """Copy the word table to a device buffer owned by (device, stream)."""
     # A buffer per stream, reused: the copy is queued behind the previous
@@ -250,9 +283,17 @@ def _upload(pieces: np.ndarray, stream: Any):
         key = (cuda.get_current_device().id, _handle(stream))
         if key[1] == 2:  # CU_STREAM_PER_THREAD: one handle, a stream per host thread
             key += (threading.get_ident(),)
+    _reap(key)
     buf = _workspaces.get(key)
     if buf is None or buf.size < pieces.size:
-        # Doubling keeps regrowth (and the old buffer's deferred free) rare.
+        if buf is not None:
+            # Launches queued earlier on this stream may still read the old
+            # table: it is freed only once the stream passes this event, and
+            # not by chance when a deferred free happens to synchronize.
+            ev = _event()
+            ev.record(stream=stream)
+            _retired.setdefault(key, []).append((ev, buf))
+        # Doubling keeps regrowth (and retired buffers) rare.
         size = max(pieces.size, 2 * (buf.size if buf is not None else 0), 64 * WCOLS)
         buf = _workspaces[key] = cuda.device_array(size, dtype=np.int64)
     view = buf[: pieces.size]
@@ -261,7 +302,7 @@ def _upload(pieces: np.ndarray, stream: Any):
 
 
 def release_stream(stream: Any) -> None:
-    """Free the device buffer that ``gather`` keeps for the piece tables of ``stream``.
+    """Free the device buffers that ``gather`` keeps for the piece tables of ``stream``.
 
     Call it once the stream's work is done and before the stream is
     destroyed; otherwise the buffer lives as long as the process. ``stream``
@@ -271,19 +312,26 @@ def release_stream(stream: Any) -> None:
     Notes
     -----
     The buffer is found by the stream's handle alone, without a CUDA call;
-    Numba frees it through its deferred deallocation, which may flush pending
-    frees on this thread, so call it with the stream's device current.
-    Releasing the per-thread default stream (handle 2) frees every thread's
-    buffer for it.
+    buffers retired when the table outgrew them are freed after waiting for
+    the event recorded behind their last use (already passed when the
+    stream's work is done). Numba frees them through its deferred
+    deallocation, which may flush pending frees on this thread, so call it
+    with the stream's device current. Releasing the per-thread default stream
+    (handle 2) frees every thread's buffer for it.
     """
     handle = _handle(stream)
     for key in [k for k in list(_workspaces) if k[1] == handle]:
         _workspaces.pop(key, None)
+    for key in [k for k in list(_retired) if k[1] == handle]:
+        for ev, _buf in _retired.pop(key, ()):
+            ev.synchronize()  # no launch may still read it
 
 
 def workspace_bytes() -> int:
     """Device bytes held for piece tables, over all streams (see ``release_stream``)."""
-    return sum(buf.nbytes for buf in list(_workspaces.values()))
+    held = [buf.nbytes for buf in list(_workspaces.values())]
+    held += [buf.nbytes for bufs in list(_retired.values()) for _ev, buf in list(bufs)]
+    return sum(held)
 
 
 DEFAULT_LAUNCH = Launch()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -60,3 +62,73 @@ def test_cupy_runtime_destroy_stream_releases_the_buffer() -> None:
     assert workspace_bytes() > base
     rt.destroy_stream(s)
     assert workspace_bytes() == base
+
+
+class HeldEvent:
+    """An event the test completes by hand: the stream "passes" it when told."""
+
+    made: list[HeldEvent] = []
+
+    def __init__(self) -> None:
+        self.passed = self.synchronized = False
+        self.stream = None
+        HeldEvent.made.append(self)
+
+    def record(self, stream=0) -> None:
+        self.stream = stream
+
+    def query(self) -> bool:
+        return self.passed
+
+    def synchronize(self) -> None:
+        self.synchronized = self.passed = True
+
+
+def table_of(n: int) -> np.ndarray:
+    """``n`` one-row pieces of 8 bytes: a word table of ``n`` rows."""
+    t = np.zeros((n, 6), np.int64)
+    t[:, 0] = t[:, 1] = np.arange(n) * 8  # src_off, dst_off
+    t[:, 2], t[:, 3], t[:, 4], t[:, 5] = 1, 8, 8, 8
+    return t
+
+
+def gather_table(n: int, stream) -> None:
+    rng = np.random.default_rng(n)
+    src = rng.integers(0, 256, 8 * n, np.uint8)
+    dst = np.zeros(8 * n, np.uint8)
+    d_dst = cuda.to_device(dst)
+    gather(cuda.to_device(src), d_dst, table_of(n), stream=stream, launch=SMALL)
+    np.testing.assert_array_equal(d_dst.copy_to_host(), src)
+
+
+def test_an_outgrown_table_buffer_lives_until_the_stream_passes_its_event(monkeypatch):
+    # A launch queued before the table outgrew its buffer may still read the
+    # old one: it is freed only once the stream has passed an event recorded
+    # behind that launch, never at the moment it is replaced.
+    monkeypatch.setattr(kernels_cuda, "_event", HeldEvent)
+    HeldEvent.made.clear()
+    s = cuda.stream()
+    key = (0, kernels_cuda._handle(s))
+    gather_table(8, s)
+    old = weakref.ref(kernels_cuda._workspaces[key])
+    gather_table(100, s)  # more pieces than the first buffer holds: it grows
+    gc.collect()
+    assert old() is not None, "the old table buffer was freed while the stream may read it"
+    (ev,) = HeldEvent.made
+    assert ev.stream is s  # recorded on the stream that used the old buffer
+    gather_table(100, s)  # the stream has not passed the event: still held
+    gc.collect()
+    assert old() is not None
+    ev.passed = True
+    gather_table(100, s)  # passed now: the next upload frees it
+    gc.collect()
+    assert old() is None
+
+    newer = weakref.ref(kernels_cuda._workspaces[key])
+    gather_table(400, s)  # grows again; release_stream waits for the event, then frees
+    ev2 = HeldEvent.made[-1]
+    assert not ev2.passed and newer() is not None
+    release_stream(s)
+    gc.collect()
+    assert ev2.synchronized and newer() is None
+    assert key not in kernels_cuda._workspaces and key not in kernels_cuda._retired
