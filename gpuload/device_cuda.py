@@ -31,13 +31,17 @@ import numpy as np
 from .config import Config
 from .errors import BackendUnavailable, PlanError
 from .io import PosixReader
-from .io_kvikio import KvikioReader, describe_kvikio
+from .io_kvikio import KvikioReader, describe_kvikio, kvikio_defaults
 from .outputs import to_cupy, to_torch_dlpack
 from .pipeline_device import DevicePipeline
 from .plan import Plan, TensorPlan
 
 _DEVICE_RE = re.compile(r"^cuda:(\d+)$")
 _HOST_ALLOC_PORTABLE, _HOST_ALLOC_MAPPED = 1, 2  # cudaHostAlloc flags (cuda_runtime_api.h)
+# cudaErrorMemoryAllocation. A number, not ``cupy.cuda.runtime.errorMemoryAllocation``:
+# cupy 14 does not expose that constant to Python, and reading it turned a
+# real out-of-memory into an AttributeError.
+CUDA_ERROR_MEMORY_ALLOCATION = 2
 
 
 class CudaBackend:
@@ -156,6 +160,7 @@ def _choose_reader(cfg: Config, runtime: Any, reader_factory) -> tuple[Any, str,
         return None, "posix", f"gather={cfg.gather!r} gathers from pinned staging: {posix}"
     try:
         kvikio = runtime.kvikio()
+        kvikio_defaults(kvikio)  # the settings submodule: an old or broken kvikio lacks it
     except Exception as e:  # ImportError, or a libcufile that fails to load
         if cfg.backend == "kvikio":
             raise BackendUnavailable(
@@ -194,6 +199,29 @@ class CupyRuntime:
                 f"the GPU path cannot run: {problem}; "
                 "pip install 'gpuload[cu12]' (or [cu13]), which brings numba-cuda and NVVM"
             )
+        self._warm()
+
+    def _warm(self, **launch: Any) -> None:
+        # Every gather variant compiled, linked, loaded and run once here, in
+        # the caller's thread: a first compile inside a reader thread would
+        # fail a load half way (and its warnings, errors under ``-W error``,
+        # would be raised there).
+        with self._device:
+            stream = self.stream()
+            try:
+                warm_gathers(self._kernels, self._to_device, self._to_host, stream, **launch)
+            except Exception as e:
+                raise BackendUnavailable(f"the gather kernels do not run here: {e}") from e
+            finally:
+                self._kernels.release_stream(stream)
+
+    def _to_device(self, a: np.ndarray) -> Any:
+        buf = self.device_alloc(a.nbytes)
+        buf.set(a)  # a synchronous copy
+        return buf
+
+    def _to_host(self, buf: Any) -> np.ndarray:
+        return buf.get()
 
     def bind_thread(self) -> None:
         # cudaSetDevice makes the device's primary context current on this
@@ -210,7 +238,7 @@ class CupyRuntime:
             except cp.cuda.runtime.CUDARuntimeError as e:
                 # Only cupy's pool says OutOfMemoryError; a bare cudaMalloc
                 # says cudaErrorMemoryAllocation. The callers catch MemoryError.
-                if e.status != cp.cuda.runtime.errorMemoryAllocation:
+                if not is_out_of_memory(e):
                     raise
                 raise cp.cuda.memory.OutOfMemoryError(nbytes, -1) from e
             return cp.ndarray((nbytes,), cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
@@ -328,7 +356,45 @@ class CupyRuntime:
         raise ValueError(f"framework={framework!r}: GPU results are 'torch' or 'cupy'")
 
     def kvikio(self) -> Any:
-        return importlib.import_module("kvikio")
+        kvikio = importlib.import_module("kvikio")
+        importlib.import_module("kvikio.defaults")  # not imported by ``import kvikio``
+        return kvikio
+
+
+def warm_gathers(
+    kernels: Any,
+    to_device: Callable[[np.ndarray], Any],
+    to_host: Callable[[Any], Any],
+    stream: Any,
+    **launch: Any,
+) -> None:
+    """Run every element width of the gather kernel once, on ``stream``, and
+    check the bytes it moved.
+
+    Each variant is compiled on first use; doing that here, before any
+    reader thread exists, means no compile, link or module load ever happens
+    in the middle of a load. ``kernels`` is ``gpuload.kernels.cuda``;
+    ``launch`` goes to its ``gather`` (the simulator tests' small shapes)."""
+    src = np.arange(32, dtype=np.uint8)
+    for word in (8, 4, 2, 1):
+        # One row of ``word`` bytes at source offset ``word``: ``word`` is the
+        # widest element every address in it is a multiple of.
+        table = np.array([[word, 0, 1, word, word, word]], dtype=np.int64)
+        dst = to_device(np.zeros(16, np.uint8))
+        kernels.gather(to_device(src), dst, table, stream=stream, **launch)
+        stream.synchronize()
+        got = bytes(to_host(dst)[:word])
+        if got != src[word : 2 * word].tobytes():
+            raise RuntimeError(f"the {word}-byte gather kernel moved the wrong bytes: {got!r}")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether a ``cupy.cuda.runtime.CUDARuntimeError`` is cudaErrorMemoryAllocation."""
+    status = getattr(e, "status", None)
+    try:
+        return int(status) == CUDA_ERROR_MEMORY_ALLOCATION
+    except (TypeError, ValueError):  # no status at all: not ours to translate
+        return False
 
 
 def _bounds(dst_size: int, dst_off: int, src_size: int, src_off: int, n: int) -> None:
