@@ -14,7 +14,8 @@ Pinning, best first:
 - CUDA (cupy importable, a device present): ``cudaHostRegister`` with the
   ReadOnly flag (a ``PROT_READ`` mapping cannot be registered without it), in
   pieces of at most 256 MiB; H2D copies from these pages then run at pinned
-  speed. A device or driver that refuses falls back to ``mlock``.
+  speed. A device or driver that refuses (some VMs do, for file mappings)
+  falls back to ``mlock``, and the reason names the CUDA error.
 - otherwise ``mlock``, when ``RLIMIT_MEMLOCK`` (or ``CAP_IPC_LOCK``) allows:
   the pages stay resident, which is all a CPU consumer needs.
 """
@@ -260,7 +261,13 @@ def _cuda_pin(m: Mapping, ranges: Ranges, runtime, device: int | None = None) ->
                 runtime.hostRegister(m.addr + off, n, _CUDA_REGISTER_FLAGS)
             except runtime.CUDARuntimeError as e:
                 m._release.unpin()
-                return f"cudaHostRegister refused ({e})"
+                # Some VMs and drivers refuse read-only registration of a
+                # shared file mapping although the device attribute says
+                # yes: the report carries the driver's own words.
+                return (
+                    f"cudaHostRegister refused the read-only registration of {n:,} bytes "
+                    f"of {m.path} ({e})"
+                )
             m._release.cuda_ptrs.append(m.addr + off)
     return None
 
@@ -334,4 +341,6 @@ def pin(
             for m2, _ in mappings:
                 m2._release.unpin()
             return None, f"{why}; {failed}"
+    if runtime is not None:  # CUDA was there and refused: say it is a fallback
+        return "mlock", f"mlock, the fallback: {why}"
     return "mlock", f"mlock ({why})"

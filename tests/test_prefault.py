@@ -452,7 +452,13 @@ class FakeRuntime:
     """cupy.cuda.runtime's host-registration calls, recorded."""
 
     class CUDARuntimeError(RuntimeError):
-        pass
+        # cupy's is made from the status number, and says its name and text.
+        NAMES = {709: "cudaErrorContextIsDestroyed: context is destroyed"}
+        NAMES[801] = "cudaErrorNotSupported: operation not supported"
+
+        def __init__(self, status: int) -> None:
+            self.status = status
+            super().__init__(self.NAMES[status])
 
     def __init__(self, path: Path, refuse_at: int | None = None) -> None:
         self.path, self.refuse_at = path, refuse_at
@@ -461,7 +467,7 @@ class FakeRuntime:
 
     def hostRegister(self, ptr: int, size: int, flags: int) -> None:  # noqa: N802
         if len(self.registered) == self.refuse_at:
-            raise self.CUDARuntimeError("cudaErrorNotSupported")
+            raise self.CUDARuntimeError(801)
         self.registered[ptr] = (size, flags)
 
     def hostUnregister(self, ptr: int) -> None:  # noqa: N802
@@ -495,7 +501,11 @@ def test_cuda_refusal_falls_back(ddir, monkeypatch):
     rep = pf.prefault(path, pin=True, setting=True)
     assert not fake.registered  # what was registered was undone
     assert "cudaHostRegister refused" in rep.pin_reason
+    assert "cudaErrorNotSupported: operation not supported" in rep.pin_reason
+    assert str(path) in rep.pin_reason
     assert rep.pin_method in ("mlock", None)
+    if rep.pin_method == "mlock":
+        assert rep.pin_reason.startswith("mlock, the fallback: cudaHostRegister refused")
     rep.release()
 
 
@@ -543,7 +553,7 @@ def test_unpin_goes_on_past_a_piece_that_refuses(ddir, monkeypatch):
 
     def unregister(ptr):
         if ptr == first:
-            raise fake.CUDARuntimeError("cudaErrorContextIsDestroyed")
+            raise fake.CUDARuntimeError(709)
         real(ptr)
 
     fake.hostUnregister = unregister
@@ -558,10 +568,21 @@ def test_cuda_pin_on_a_device(ddir):
         pytest.skip("cupy is not installed")
     import cupy
 
-    if cupy.cuda.runtime.getDeviceCount() < 1:
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as e:  # no driver: cupy raises, not 0
+        pytest.skip(f"no CUDA device ({e})")
+    if n < 1:
         pytest.skip("no CUDA device")
     path, o = three(ddir)
     ck = open_checkpoint(path)
     arrays, rep = pf.map_resident(ck, {"b": Selection.whole(ck.tensors["b"].shape)}, Config())
-    assert rep.pin_method == "cuda", rep.pin_reason
+    # cudaHostRegister(ReadOnly) of a shared file mapping may be refused (in
+    # some VMs): the documented fallback is mlock, with the CUDA error named.
+    print(f"pin_method={rep.pin_method}: {rep.pin_reason}")  # in the log either way
+    if rep.pin_method != "cuda":
+        assert rep.pin_method in ("mlock", None), rep.pin_reason  # None: mlock refused too
+        refused = "cudaHostRegister refused" in rep.pin_reason and "cudaError" in rep.pin_reason
+        unsupported = "cannot register read-only host memory" in rep.pin_reason
+        assert refused or unsupported, rep.pin_reason
     assert same(cupy.asnumpy(cupy.asarray(arrays["b"])), oracle(o["b"]))
