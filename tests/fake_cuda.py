@@ -389,11 +389,13 @@ class _Defaults:
     def __init__(self, compat: bool) -> None:
         self._values = {"num_threads": 1, "compat_mode": compat}
 
-    def get(self, key: str):
-        return self._values[key]
+    # kvikio.defaults' own signatures: get(config_name), set(*config) taking
+    # (name, value) or one dict of them.
+    def get(self, config_name: str):
+        return self._values[config_name]
 
-    def set(self, key: str, value) -> None:
-        self._values[key] = value
+    def set(self, *config) -> None:
+        self._values.update(config[0] if len(config) == 1 else [config])
 
     def is_compat_mode_preferred(self) -> bool:
         return self._values["compat_mode"]
