@@ -215,9 +215,9 @@ class CupyRuntime:
             finally:
                 self._kernels.release_stream(stream)
 
-    def _to_device(self, a: np.ndarray) -> Any:
+    def _to_device(self, a: np.ndarray, stream: Any) -> Any:
         buf = self.device_alloc(a.nbytes)
-        buf.set(a)  # a synchronous copy
+        buf.set(a, stream=stream)
         return buf
 
     def _to_host(self, buf: Any) -> np.ndarray:
@@ -363,7 +363,7 @@ class CupyRuntime:
 
 def warm_gathers(
     kernels: Any,
-    to_device: Callable[[np.ndarray], Any],
+    to_device: Callable[[np.ndarray, Any], Any],
     to_host: Callable[[Any], Any],
     stream: Any,
     **launch: Any,
@@ -374,16 +374,18 @@ def warm_gathers(
     Each variant is compiled on first use; doing that here, before any
     reader thread exists, means no compile, link or module load ever happens
     in the middle of a load. ``kernels`` is ``gpuload.kernels.cuda``;
-    ``launch`` goes to its ``gather`` (the simulator tests' small shapes)."""
+    ``to_device(array, stream)`` copies on ``stream`` (a non-blocking stream
+    does not wait for the default one); ``launch`` goes to ``gather`` (the
+    simulator tests' small shapes)."""
     src = np.arange(32, dtype=np.uint8)
     for word in (8, 4, 2, 1):
         # One row of ``word`` bytes at source offset ``word``: ``word`` is the
         # widest element every address in it is a multiple of.
         table = np.array([[word, 0, 1, word, word, word]], dtype=np.int64)
-        dst = to_device(np.zeros(16, np.uint8))
-        kernels.gather(to_device(src), dst, table, stream=stream, **launch)
-        stream.synchronize()
-        got = bytes(to_host(dst)[:word])
+        d_src, d_dst = to_device(src, stream), to_device(np.zeros(16, np.uint8), stream)
+        kernels.gather(d_src, d_dst, table, stream=stream, **launch)
+        stream.synchronize()  # before the buffers can be freed or read
+        got = bytes(to_host(d_dst)[:word])
         if got != src[word : 2 * word].tobytes():
             raise RuntimeError(f"the {word}-byte gather kernel moved the wrong bytes: {got!r}")
 

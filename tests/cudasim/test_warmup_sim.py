@@ -28,7 +28,7 @@ def sim_runtime() -> CupyRuntime:
     rt = object.__new__(CupyRuntime)
     rt._kernels, rt._device = kernels_cuda, contextlib.nullcontext()
     rt.stream = cuda.stream
-    rt._to_device = cuda.to_device
+    rt._to_device = lambda a, stream: cuda.to_device(a, stream=stream)
     rt._to_host = lambda a: a.copy_to_host()
     return rt
 

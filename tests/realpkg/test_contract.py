@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 _P = inspect.Parameter
-_FIRST_LINE = re.compile(r"^\s*(?:__init__|\w+)\((.*)\)")
+_FIRST_LINE = re.compile(r"^\s*[\w.]+\((.*)\)")  # "name(...)", "Class.method(self, ...)"
 
 
 def _split_top(args: str) -> list[str]:
@@ -38,9 +38,12 @@ def _split_top(args: str) -> list[str]:
 def signature(obj: Any) -> inspect.Signature:
     """``inspect.signature``, or the one in a Cython docstring's first line."""
     try:
-        return inspect.signature(obj)
+        sig = inspect.signature(obj)
     except (TypeError, ValueError):
         pass
+    else:  # a method read off its class: calls below never pass ``self``
+        ps = list(sig.parameters.values())
+        return sig.replace(parameters=ps[1:] if ps and ps[0].name == "self" else ps)
     doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
     m = _FIRST_LINE.match(doc[0].split("->")[0].strip()) if doc else None
     if m is None:
@@ -81,14 +84,27 @@ CALLS: list[tuple[str, tuple, dict, str]] = [
     ("cupy.cuda.pinned_memory.PinnedMemoryPointer", (None, 0), {}, "device_cuda: host_alloc"),
     ("cupy.cuda.Stream", (), {"non_blocking": True}, "device_cuda: stream"),
     ("cupy.cuda.Event", (), {"block": True, "disable_timing": True}, "device_cuda: event"),
-    ("cupy.cuda.Event.record", (None, None), {}, "device_cuda: record"),
-    ("cupy.cuda.Event.synchronize", (None,), {}, "device_cuda: wait"),
-    ("cupy.cuda.Stream.synchronize", (None,), {}, "device_cuda: warm_gathers"),
+    ("cupy.cuda.Event.record", (None,), {}, "device_cuda: record"),
+    ("cupy.cuda.Event.synchronize", (), {}, "device_cuda: wait"),
+    ("cupy.cuda.Stream.synchronize", (), {}, "device_cuda: warm_gathers"),
     ("cupy.cuda.get_elapsed_time", (None, None), {}, "device_cuda: elapsed"),
     ("cupy.cuda.runtime.memcpyAsync", (0, 0, 1, 1, 0), {}, "device_cuda: h2d, d2d"),
     ("cupy.cuda.runtime.memGetInfo", (), {}, "device_cuda: mem_info"),
     ("cupy.get_default_memory_pool", (), {}, "device_cuda: release_cached"),
+    ("cupy.ndarray.set", (None,), {"stream": None}, "device_cuda: _to_device"),
+    ("cupy.ndarray.get", (), {}, "device_cuda: _to_host"),
     ("cupy.empty", ((0,), "u1"), {}, "outputs: to_cupy"),
+    ("cupy.ndarray.view", ("u2",), {}, "outputs: to_cupy"),
+    # gpuload/bench/gpu.py (the benchmark's cupy side)
+    ("cupy.cuda.Device.use", (), {}, "bench.gpu: GPU.__init__"),
+    ("cupy.cuda.Device.synchronize", (), {}, "bench.gpu: sync"),
+    ("cupyx.empty_pinned", ((1,), "u1"), {}, "bench.gpu: pinned"),
+    ("cupy.cuda.get_current_stream", (), {}, "bench.gpu: h2d"),
+    ("cupy.copyto", (None, None), {}, "bench.gpu: d2d"),
+    ("cupy.get_default_pinned_memory_pool", (), {}, "bench.gpu: release"),
+    ("cupy.cuda.runtime.getDeviceProperties", (0,), {}, "bench.gpu: facts"),
+    ("cupy.cuda.runtime.driverGetVersion", (), {}, "bench.gpu: facts"),
+    ("cupy.cuda.runtime.runtimeGetVersion", (), {}, "bench.gpu: facts"),
     # gpuload/pinning.py and gpuload/device.py
     ("cupy.cuda.runtime.getDeviceCount", (), {}, "pinning, device: count"),
     ("cupy.cuda.runtime.getDevice", (), {}, "pinning, device: current device"),
@@ -97,9 +113,9 @@ CALLS: list[tuple[str, tuple, dict, str]] = [
     ("cupy.cuda.runtime.hostUnregister", (0,), {}, "pinning: _Release.unpin"),
     # gpuload/io_kvikio.py
     ("kvikio.CuFile", ("/x", "r"), {}, "io_kvikio: KvikioReader._cufile"),
-    ("kvikio.CuFile.pread", (None, None), {"size": 1, "file_offset": 0}, "io_kvikio: read_device"),
-    ("kvikio.CuFile.close", (None,), {}, "io_kvikio: close"),
-    ("kvikio.cufile.IOFuture.get", (None,), {}, "io_kvikio: read_device waits on pread"),
+    ("kvikio.CuFile.pread", (None,), {"size": 1, "file_offset": 0}, "io_kvikio: read_device"),
+    ("kvikio.CuFile.close", (), {}, "io_kvikio: close"),
+    ("kvikio.cufile.IOFuture.get", (), {}, "io_kvikio: read_device waits on pread"),
     ("kvikio.defaults.get", ("num_threads",), {}, "io_kvikio: set_threads"),
     ("kvikio.defaults.set", ("num_threads", 4), {}, "io_kvikio: set_threads"),
     ("kvikio.defaults.is_compat_mode_preferred", (), {}, "io_kvikio: describe_kvikio"),
@@ -111,17 +127,17 @@ CALLS: list[tuple[str, tuple, dict, str]] = [
     ("numba.cuda.get_current_device", (), {}, "kernels.cuda: _upload"),
     ("numba.cuda.device_array", (64,), {"dtype": "i8"}, "kernels.cuda: _upload"),
     ("numba.cuda.event", (), {"timing": False}, "kernels.cuda: _event"),
-    ("numba.cuda.cudadrv.driver.Event.record", (None,), {"stream": 0}, "kernels.cuda: _upload"),
-    ("numba.cuda.cudadrv.driver.Event.query", (None,), {}, "kernels.cuda: _reap"),
-    ("numba.cuda.cudadrv.driver.Event.synchronize", (None,), {}, "kernels.cuda: release_stream"),
+    ("numba.cuda.cudadrv.driver.Event.record", (), {"stream": 0}, "kernels.cuda: _upload"),
+    ("numba.cuda.cudadrv.driver.Event.query", (), {}, "kernels.cuda: _reap"),
+    ("numba.cuda.cudadrv.driver.Event.synchronize", (), {}, "kernels.cuda: release_stream"),
     (
         "numba.cuda.cudadrv.devicearray.DeviceNDArray.copy_to_device",
-        (None, None),
+        (None,),
         {"stream": 0},
         "kernels.cuda: _upload",
     ),
-    ("numba.cuda.cudadrv.devicearray.DeviceNDArray.view", (None, "u8"), {}, "kernels.cuda"),
-    ("numba.cuda.cudadrv.devicearray.DeviceNDArray.is_c_contiguous", (None,), {}, "_extent"),
+    ("numba.cuda.cudadrv.devicearray.DeviceNDArray.view", ("u8",), {}, "kernels.cuda"),
+    ("numba.cuda.cudadrv.devicearray.DeviceNDArray.is_c_contiguous", (), {}, "_extent"),
     ("numba.cuda.cudadrv.nvvm.is_available", (), {}, "kernels.cuda: compiler_problem"),
 ]
 
@@ -180,7 +196,7 @@ def test_cupy_classes_gpuload_relies_on():
         (cupy.cuda.Device, ("__enter__", "__exit__", "use")),
         (cupy.cuda.Stream, ("synchronize",)),
         (cupy.cuda.Event, ("record", "synchronize", "done")),
-        (cupy.ndarray, ("set", "get", "data", "view", "reshape", "nbytes")),
+        (cupy.ndarray, ("set", "get", "data", "view", "reshape", "nbytes", "__dlpack__")),
         (cupy.cuda.MemoryPointer, ("ptr",)),
     ):
         missing = [a for a in attrs if not hasattr(cls, a)]
@@ -189,6 +205,7 @@ def test_cupy_classes_gpuload_relies_on():
 
 def test_signature_reader_reads_cython_docstrings():
     # The helper above must really check something on cupy's builtins.
+    import cupy
     import cupy.cuda.runtime as rt
 
     sig = signature(rt.memcpyAsync)
@@ -197,6 +214,7 @@ def test_signature_reader_reads_cython_docstrings():
         sig.bind(0, 0, 1, 1)  # one argument short
     with pytest.raises(TypeError):
         signature(rt.hostRegister).bind(0, 4096, 9, flags2=1)
+    assert list(signature(cupy.ndarray.set).parameters) == ["arr", "stream"]
 
 
 def test_the_gather_finds_a_real_cupy_streams_handle():
