@@ -206,14 +206,17 @@ class CupyRuntime:
         # the caller's thread: a first compile inside a reader thread would
         # fail a load half way (and its warnings, errors under ``-W error``,
         # would be raised there).
-        with self._device:
-            stream = self.stream()
-            try:
-                warm_gathers(self._kernels, self._to_device, self._to_host, stream, **launch)
-            except Exception as e:
-                raise BackendUnavailable(f"the gather kernels do not run here: {e}") from e
-            finally:
-                self._kernels.release_stream(stream)
+        try:
+            with self._device:  # the first CUDA call: a driver too old shows here
+                stream = self.stream()
+                try:
+                    warm_gathers(self._kernels, self._to_device, self._to_host, stream, **launch)
+                finally:
+                    self._kernels.release_stream(stream)
+        except Exception as e:
+            raise BackendUnavailable(
+                f"the GPU path cannot run here: warming up the gather kernels failed: {e}"
+            ) from e
 
     def _to_device(self, a: np.ndarray, stream: Any) -> Any:
         buf = self.device_alloc(a.nbytes)

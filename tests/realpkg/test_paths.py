@@ -80,6 +80,23 @@ def test_kvikio_reader_with_real_kvikio_in_a_fresh_process(tmp_path):
     assert "backend='kvikio'" in out.stdout
 
 
+def test_a_cuda_runtime_that_cannot_start_is_backend_unavailable():
+    # The real constructor, as CudaBackend makes it: with no driver the first
+    # CUDA call fails, and that is a BackendUnavailable naming the CUDA error
+    # when the Loader is made, not a raw CUDARuntimeError (or a failure at
+    # the first gather, half way through a load's reads).
+    from gpuload.errors import BackendUnavailable
+
+    try:
+        rt = CupyRuntime(0)
+    except BackendUnavailable as e:
+        assert "cudaError" in str(e), e
+    else:  # a machine with a GPU: every variant was compiled in this thread
+        from gpuload.kernels.cuda import variants
+
+        assert set(variants()) == {8, 4, 2, 1}, rt
+
+
 def test_auto_backend_describes_real_kvikio():
     rt = object.__new__(CupyRuntime)
     kv, name, why = _choose_reader(Config(backend="auto"), rt, None)
