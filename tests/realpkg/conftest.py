@@ -31,6 +31,5 @@ if MISSING:
             "(a .venv-cu13 with pip install -e '.[cu13,test]')"
         )
     collect_ignore_glob = ["test_*.py"]  # a venv without the cu13 extra: nothing to check here
-
-if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+elif os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     raise pytest.UsageError("the real-package tier checks the real numba-cuda, not the simulator")
