@@ -52,6 +52,12 @@ test: lint
 # missing packages fail the tier instead of skipping it.
 test-realpkg: $(STAMP_CU13)
 	TEST_REALPKG=1 $(VENV_CU13)/bin/python -m pytest -q tests/realpkg
+	# The gpu tests with the real packages and no device: collected, then
+	# skipped for want of a device (never an error). Where a GPU is present,
+	# make test-gpu runs them for real instead.
+	if ls /dev/nvidia[0-9]* >/dev/null 2>&1; then echo "a GPU is here: see make test-gpu"; \
+	else $(VENV_CU13)/bin/python -m pytest -q -m gpu --ignore=tests/cudasim \
+	  --ignore=tests/realpkg tests; fi
 
 # A CPU build of torch cannot take device memory: pass a CUDA one, e.g.
 # make test-gpu CUDA=cu13 TORCH=torch (else the torch GPU tests skip).
