@@ -80,7 +80,9 @@ CALLS: list[tuple[str, tuple, dict, str]] = [
     ("cupy.cuda.memory.OutOfMemoryError", (1, -1), {}, "device_cuda: device_alloc"),
     ("cupy.cuda.MemoryPointer", (None, 0), {}, "device_cuda: device_alloc"),
     ("cupy.ndarray", ((1,), "u1"), {"memptr": None}, "device_cuda: device_alloc"),
-    ("cupy.cuda.pinned_memory.PinnedMemory", (1, 1), {}, "device_cuda: host_alloc"),
+    ("cupy.cuda.pinned_memory.PinnedMemory", (1, 3), {}, "device_cuda: host_alloc (mapped)"),
+    ("cupy.cuda.runtime.pointerGetAttributes", (0,), {}, "device_cuda: device_view"),
+    ("cupy.cuda.UnownedMemory", (0, 1, None, 0), {}, "device_cuda: device_view"),
     ("cupy.cuda.pinned_memory.PinnedMemoryPointer", (None, 0), {}, "device_cuda: host_alloc"),
     ("cupy.cuda.Stream", (), {"non_blocking": True}, "device_cuda: stream"),
     ("cupy.cuda.Event", (), {"block": True, "disable_timing": True}, "device_cuda: event"),
@@ -156,6 +158,9 @@ CONSTANTS = [
     ("cupy.cuda.runtime", "memcpyHostToDevice", 1),
     ("cupy.cuda.runtime", "memcpyDeviceToDevice", 3),
     ("cupy.cuda.runtime", "CUDARuntimeError", None),
+    # device_cuda: _HOST_ALLOC_PORTABLE, _HOST_ALLOC_MAPPED, raw numbers there
+    ("cupy.cuda.runtime", "hostAllocPortable", 1),
+    ("cupy.cuda.runtime", "hostAllocMapped", 2),
     # pinning: _ATTR_REGISTER_READ_ONLY, a raw number there
     ("cupy.cuda.runtime", "cudaDevAttrHostRegisterReadOnlySupported", 113),
     ("cupy", "uint8", None),
@@ -198,6 +203,7 @@ def test_cupy_classes_gpuload_relies_on():
         (cupy.cuda.Event, ("record", "synchronize", "done")),
         (cupy.ndarray, ("set", "get", "data", "view", "reshape", "nbytes", "__dlpack__")),
         (cupy.cuda.MemoryPointer, ("ptr",)),
+        (cupy.cuda.runtime.PointerAttributes, ("devicePointer",)),  # device_view
     ):
         missing = [a for a in attrs if not hasattr(cls, a)]
         assert not missing, f"{cls.__name__} lacks {missing}"
