@@ -4,8 +4,9 @@ A spec says how one tensor splits over tensor-parallel ranks (vLLM's
 semantics); a table is an ordered ``(regex, spec)`` list, searched with
 ``re.search``, first match wins. :class:`gpuload.sharding.Sharder` applies
 them. Stacked MoE expert tensors (one tensor for all experts, e.g.
-``mlp.experts.gate_up_proj`` or vLLM's ``w13``) are assumed to be laid out
-``[E, out, in]``: experts on dim 0, output features on dim 1.
+``mlp.experts.gate_up_proj`` or vLLM's ``w13``) are laid out ``[E, out, in]``
+(experts on dim 0, output features on dim 1), except in the families vLLM
+loads transposed, ``[E, in, out]`` (Llama 4, Qwen3-VL-MoE).
 """
 
 from __future__ import annotations
@@ -68,11 +69,14 @@ class Expert:
     """A MoE expert tensor: ``inner`` under tensor parallelism, whole experts
     under expert parallelism. ``stacked=False``: one expert, its index read
     from ``experts.<e>.`` in the name. ``stacked=True``: all experts in one
-    ``[E, out, in]`` tensor that ``inner`` indexes; expert parallelism takes a
-    dim-0 block of it."""
+    ``[E, out, in]`` (or transposed ``[E, in, out]``) tensor that ``inner``
+    indexes; expert parallelism takes a dim-0 block of it."""
 
     inner: Replicate | Split | Heads | FusedQKV | Vocab
     stacked: bool = False
+    #: The dim of a stacked tensor that holds ``hidden_size``: a tensor whose
+    #: dim differs (config.json known) is in the other layout and raises.
+    hidden: int | None = None
 
 
 Spec = Replicate | Split | Heads | FusedQKV | Vocab | Expert
@@ -106,8 +110,13 @@ _PHI3: Table = (
 )
 _MIXTRAL_MOE: Table = (
     (r"\.block_sparse_moe\.gate\.weight$", Replicate()),
-    (r"\.block_sparse_moe\.experts\.\d+\.w[13]\.weight$", Expert(Split(0))),
-    (r"\.block_sparse_moe\.experts\.\d+\.w2\.weight$", Expert(Split(1))),
+    # compressed-tensors exports name them gate/up/down_proj: vLLM mixtral.py
+    # MixtralModel.hf_to_vllm_mapper maps them to w1/w3/w2.
+    (
+        r"\.block_sparse_moe\.experts\.\d+\.(w[13]|gate_proj|up_proj)\.weight$",
+        Expert(Split(0)),
+    ),
+    (r"\.block_sparse_moe\.experts\.\d+\.(w2|down_proj)\.weight$", Expert(Split(1))),
 )
 _ROUTED_EXPERTS: Table = (  # Qwen-MoE and DeepSeek name them alike
     (r"\.mlp\.experts\.\d+\.(gate|up)_proj\.weight$", Expert(Split(0))),
@@ -118,6 +127,30 @@ _STACKED_EXPERTS: Table = (  # [E, out, in]
     (r"\.experts\.(gate_up_proj|w13)(_weight|\.weight)?$", Expert(Split(1, 2), stacked=True)),
     (r"\.experts\.(gate_proj|up_proj|w1|w3)(_weight|\.weight)?$", Expert(Split(1), stacked=True)),
     (r"\.experts\.(down_proj|w2)(_weight|\.weight)?$", Expert(Split(2), stacked=True)),
+)
+# Transposed stacked experts, [E, in, out]: gate_up_proj [E, H, 2I] (gate | up
+# along dim 2), down_proj [E, I, H]. vLLM transposes them to [E, out, in]
+# before its usual split: llama4.py Llama4Model.load_moe_expert_weights
+# (transpose(-1, -2), then chunk(2, dim=-2)) and, for Qwen3-VL-MoE,
+# fused_moe/routed_experts.py _orient_fused_weight under
+# is_fused_checkpoint_transposed. So gate_up splits dim 2 per section and
+# down_proj dim 1; expert parallelism takes dim-0 blocks. transformers 5 saves
+# Qwen3-VL-MoE untransposed ([E, out, in]), which vLLM 0.33 cannot load: where
+# hidden_size tells the layouts apart, that raises rather than misloads.
+_TRANSPOSED_EXPERTS: Table = (
+    (r"\.mlp\.experts\.gate_up_proj$", Expert(Split(2, sections=2), True, hidden=1)),
+    (r"\.mlp\.experts\.down_proj$", Expert(Split(1), True, hidden=2)),
+)
+# vLLM llama4.py Llama4MoE: a GateLinear router (whole), the routed experts
+# transposed as above, and shared_expert a LlamaMLP (gate/up column-, down
+# row-parallel, also under expert parallelism). Dense layers between MoE
+# layers are a LlamaMLP named feed_forward.
+_LLAMA4: Table = (
+    (r"\.feed_forward\.router\.weight$", Replicate()),
+    (r"\.feed_forward\.experts\.gate_up_proj$", Expert(Split(2, sections=2), True, hidden=1)),
+    (r"\.feed_forward\.experts\.down_proj$", Expert(Split(1), True, hidden=2)),
+    (r"\.feed_forward\.(shared_expert\.)?(gate|up)_proj\.weight$", Split(0)),
+    (r"\.feed_forward\.(shared_expert\.)?down_proj\.weight$", Split(1)),
 )
 _QWEN_SHARED: Table = (
     (r"\.mlp\.shared_expert\.(gate|up)_proj\.weight$", Split(0)),
@@ -136,14 +169,51 @@ _DEEPSEEK: Table = (
 _GPT2: Table = (  # Conv1D weights are stored [in, out]
     (r"(^|\.)wte\.weight$", Vocab()),
     (r"(^|\.)wpe\.weight$", Replicate()),
-    (r"\.attn\.c_attn\.weight$", Split(1, sections=3)),
-    (r"\.attn\.c_attn\.bias$", Split(0, sections=3)),
+    # vLLM gpt2.py GPT2Attention: a QKVParallelLinear over n_head heads that
+    # asserts total_num_heads % tp == 0, so c_attn splits by whole heads.
+    (r"\.attn\.c_attn\.weight$", FusedQKV(dim=1)),
+    (r"\.attn\.c_attn\.bias$", FusedQKV(dim=0)),
     (r"\.(attn|mlp)\.c_proj\.weight$", Split(0)),
     (r"\.(attn|mlp)\.c_proj\.bias$", Replicate()),
     (r"\.mlp\.c_fc\.weight$", Split(1)),
     (r"\.mlp\.c_fc\.bias$", Split(0)),
     (r"\.attn\.(masked_)?bias$", Replicate()),  # old causal-mask buffers
 )
+
+
+# Integer-quantized linear layers: per format, each tensor's dims as axes of
+# the logical [out, in] weight, counted in elements, packed int32 words
+# ("pack", 32 / bits values) or quantization groups ("group", the size read
+# from the shapes), and whether it is the packed weight that gives the
+# logical shape. No axes: whole on every rank. gpuload.quant applies them.
+PACKED: Mapping[str, Mapping[str, tuple[tuple[tuple[str, str], ...], bool]]] = {
+    # vLLM auto_gptq.py AutoGPTQLinearMethod.create_weights: qweight packed
+    # on input_dim 0, qzeros on output_dim 1, scales [in/g, out].
+    "gptq": {
+        "qweight": ((("in", "pack"), ("out", "elem")), True),
+        "qzeros": ((("in", "group"), ("out", "pack")), False),
+        "scales": ((("in", "group"), ("out", "elem")), False),
+        # Dropped by vLLM (base_config.py get_checkpoint_weight_mapper) once
+        # desc_act=True is refused: i // group_size, the same on every rank.
+        "g_idx": ((), False),
+    },
+    # vLLM auto_awq.py AutoAWQMarlinLinearMethod.create_weights: qweight
+    # [in, out/8] and qzeros packed on output_dim 1, scales [in/g, out].
+    "awq": {
+        "qweight": ((("in", "elem"), ("out", "pack")), True),
+        "qzeros": ((("in", "group"), ("out", "pack")), False),
+        "scales": ((("in", "group"), ("out", "elem")), False),
+    },
+    # vLLM compressed_tensors_wNa16.py CompressedTensorsWNA16.create_weights:
+    # weight_packed [out, in/8], weight_scale [out, in/g] (or [out, 1]),
+    # weight_zero_point [out/8, in/g], weight_shape [2] a plain parameter.
+    "compressed-tensors": {
+        "weight_packed": ((("out", "elem"), ("in", "pack")), True),
+        "weight_scale": ((("out", "elem"), ("in", "group")), False),
+        "weight_zero_point": ((("out", "pack"), ("in", "group")), False),
+        "weight_shape": ((), False),
+    },
+}
 
 
 # Vision encoders and their projectors stay whole on every rank, as vLLM
@@ -176,6 +246,8 @@ _FAMILIES: Mapping[str, Table] = {
     "qwen_moe": _MOE_ATTN + _ROUTED_EXPERTS + _QWEN_SHARED + _MLP + _STACKED_EXPERTS + _NORMS,
     "deepseek": _MOE_ATTN + _DEEPSEEK + _ROUTED_EXPERTS + _MLP + _STACKED_EXPERTS + _NORMS,
     "gpt2": _GPT2 + _NORMS,
+    "llama4": _EMBED + _ATTN + _LLAMA4 + _NORMS,
+    "qwen3_vl_moe": _MOE_ATTN + _TRANSPOSED_EXPERTS + _ROUTED_EXPERTS + _MLP + _NORMS,
 }
 RULE_TABLES: Mapping[str, Table] = {
     **_FAMILIES,
@@ -191,12 +263,15 @@ MODEL_TYPES: Mapping[str, str] = {
     "gpt2": "gpt2",
     # Multimodal checkpoints whose text model is flat in config.json; others
     # (gemma3, llava, mistral3) name theirs in text_config.model_type.
-    **dict.fromkeys(("qwen2_vl", "qwen2_5_vl"), "llama"),
+    **dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_text"), "llama"),
+    **dict.fromkeys(("llama4", "llama4_text"), "llama4"),
+    **dict.fromkeys(("qwen3_vl_moe", "qwen3_vl_moe_text"), "qwen3_vl_moe"),
 }
 
 
 __all__ = [
     "MODEL_TYPES",
+    "PACKED",
     "RULE_TABLES",
     "Expert",
     "FusedQKV",

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import scales
+from . import quant, scales
 from .errors import ShardingError
 from .rules import (
     MODEL_TYPES,
@@ -180,6 +180,7 @@ class Sharder:
         config = dict(config or {})
         self.shapes = dict(shapes or {})
         self.blocks = scales.block_sizes(config, weight_block_size)
+        self.quant = quant.detect(config)  # GPTQ, AWQ, compressed-tensors packed
         # Multimodal configs (Gemma 3, LLaVA, Mistral 3) keep the text model's
         # type and head counts in text_config; top-level keys win.
         text = config.get("text_config")
@@ -192,6 +193,7 @@ class Sharder:
         self.num_heads = _count("num_heads", num_heads, config, "num_attention_heads", "n_head")
         kv = _count("num_kv_heads", num_kv_heads, config, "num_key_value_heads")
         self.num_kv_heads = kv or self.num_heads
+        self.hidden = _count("hidden_size", None, config, "hidden_size")
         keys = ("num_local_experts", "num_experts", "n_routed_experts")
         self.num_experts = _count("num_experts", num_experts, config, *keys)
         if qkv_sections is not None:
@@ -247,6 +249,15 @@ class Sharder:
             raise ValueError(f"need world >= 1 and 0 <= rank < world, got {rank=}, {world=}")
         shape = tuple(shape)
         rule, spec = self._match(name, shape)
+        if spec is None and (packed := quant.tensor_of(name, self.quant, self.shapes)):
+            return quant.select(
+                name,
+                shape,
+                *packed,
+                self.quant,
+                self.shapes,
+                lambda weight, wshape: self.select(weight, wshape, rank, world),
+            )
         if spec is None and (weight := scales.weight_of(name, self.shapes)) is not None:
             wshape = tuple(self.shapes[weight])
             sel = self.select(weight, wshape, rank, world)
@@ -365,6 +376,12 @@ class Sharder:
         if spec.stacked and len(shape) != 3:
             raise ShardingError(
                 f"{name!r}: rule {rule!r} expects [E, out, in] experts, got {shape}"
+            )
+        if spec.hidden is not None and self.hidden not in (None, shape[spec.hidden]):
+            raise ShardingError(
+                f"{name!r}: rule {rule!r} expects hidden_size {self.hidden} on dim "
+                f"{spec.hidden} (vLLM loads this family's stacked experts transposed, "
+                f"[E, in, out]), got {shape}; pass a rule for the other layout"
             )
         if not self.expert_parallel:
             return self._apply(spec.inner, rule, name, shape, rank, world)
