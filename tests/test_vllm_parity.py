@@ -114,3 +114,180 @@ def test_gpt2_heads_not_divisible_by_the_world_raise(gpt2):
     for rank in range(8):
         with pytest.raises(ShardingError, match="c_attn.*12 heads do not divide by world size 8"):
             gpuload.load_sharded(path, rank, 8, device="cpu")
+
+
+# --- 6. Transposed stacked experts: Llama 4, Qwen3-VL-MoE --------------------
+# gate_up_proj [E, H, 2I] and down_proj [E, I, H]. vLLM llama4.py
+# Llama4Model.load_moe_expert_weights transposes (-1, -2) and chunks gate | up
+# on the output dim; fused_moe/routed_experts.py _orient_fused_weight does the
+# same for Qwen3-VL-MoE (is_fused_checkpoint_transposed=True in
+# qwen3_vl_moe.py Qwen3VLMoeDecoderLayer). FusedMoE._load_w13 / _load_w2 then
+# narrow the intermediate dim by tp rank; under expert parallelism a rank
+# holds a dim-0 block of E / world experts (FusedMoE expert_map, linear).
+H, INTER, E = 64, 48, 8  # H != I != 2I: the two layouts cannot be confused
+
+
+def transposed_experts(name, a, rank, world, expert_parallel):
+    if expert_parallel:
+        return rows(a, rank, world, axis=0)
+    if name.endswith("experts.gate_up_proj"):  # [E, H, 2I]: gate | up on dim 2
+        return sections(a, (INTER, INTER), rank, world, axis=2)
+    return rows(a, rank, world, axis=1)  # down_proj [E, I, H]
+
+
+def llama_text(name, a, rank, world, kv=2):
+    """Llama-style attention and MLP rows/columns, vocab-padded embeddings."""
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return vocab(a, rank, world)
+    if name.endswith("q_proj.weight"):
+        return rows(a, rank, world)
+    if name.endswith(("k_proj.weight", "v_proj.weight")):
+        return kv_heads(a, kv, rank, world)
+    if name.endswith(("gate_proj.weight", "up_proj.weight")):
+        return rows(a, rank, world)
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return rows(a, rank, world, axis=1)
+    assert a.ndim == 1 or name.endswith(("router.weight", "mlp.gate.weight")), name
+    return a  # norms, routers
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    text = dict(
+        hidden_size=H,
+        intermediate_size=INTER,
+        intermediate_size_mlp=32,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=128,
+        num_local_experts=E,
+        interleave_moe_layer_step=2,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        image_size=28,
+        patch_size=14,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=32,
+    )
+    cfg = transformers.Llama4Config(text_config=text, vision_config=vision)
+    path = tmp_path_factory.mktemp("llama4")
+    arrays = save(transformers.Llama4ForConditionalGeneration(cfg), path)
+    assert arrays["language_model.model.layers.1.feed_forward.experts.gate_up_proj"].shape == (
+        E,
+        H,
+        2 * INTER,
+    )
+    return path, arrays
+
+
+def llama4_text(expert_parallel):
+    def expected(name, a, rank, world):
+        if not name.startswith("language_model."):
+            return None  # vision: see the vision-tower tests
+        if ".feed_forward.experts." in name:
+            return transposed_experts(name, a, rank, world, expert_parallel)
+        return llama_text(name, a, rank, world)  # shared_expert: a LlamaMLP, split under EP too
+
+    return expected
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_llama4_transposed_experts_and_shared_expert(llama4, world, expert_parallel):
+    path, arrays = llama4
+    check(
+        path,
+        arrays,
+        llama4_text(expert_parallel),
+        world,
+        include=r"^language_model\.",
+        expert_parallel=expert_parallel,
+    )
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl_moe(tmp_path_factory):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    text = dict(
+        hidden_size=H,
+        intermediate_size=64,
+        moe_intermediate_size=INTER,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=128,
+        num_experts=E,
+        num_experts_per_tok=2,
+        rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]},
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        depth=1,
+        num_heads=8,
+        out_hidden_size=H,
+        patch_size=2,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        deepstack_visual_indexes=[0],
+    )
+    cfg = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    path = tmp_path_factory.mktemp("qwen3_vl_moe")
+    arrays = save(transformers.Qwen3VLMoeForConditionalGeneration(cfg), path)
+    # transformers 5 saves the experts [E, out, in]; the checkpoints vLLM
+    # loads (and transformers' conversion_mapping "qwen3_vl_moe" Transpose(1,
+    # 2) reads) store them [E, in, out]. Write that layout, keep the other.
+    untransposed = path / "untransposed"
+    untransposed.mkdir()
+    safetensors.numpy.save_file(arrays, untransposed / "model.safetensors")
+    (untransposed / "config.json").write_text((path / "config.json").read_text())
+    for name in [n for n in arrays if ".mlp.experts." in n]:
+        arrays[name] = np.ascontiguousarray(arrays[name].transpose(0, 2, 1))
+    safetensors.numpy.save_file(arrays, path / "model.safetensors")
+    return path, arrays
+
+
+def qwen3_vl_moe_text(expert_parallel):
+    def expected(name, a, rank, world):
+        if "visual." in name:
+            return None  # vision: see the vision-tower tests
+        if ".mlp.experts." in name:
+            return transposed_experts(name, a, rank, world, expert_parallel)
+        return llama_text(name, a, rank, world)
+
+    return expected
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_qwen3_vl_moe_transposed_experts(qwen3_vl_moe, world, expert_parallel):
+    path, arrays = qwen3_vl_moe
+    check(
+        path,
+        arrays,
+        qwen3_vl_moe_text(expert_parallel),
+        world,
+        include=lambda n: "visual." not in n,
+        expert_parallel=expert_parallel,
+    )
+
+
+def test_qwen3_vl_moe_experts_in_the_other_layout_raise(qwen3_vl_moe):
+    path, _ = qwen3_vl_moe  # vLLM would transpose [E, out, in] into the wrong shape
+    with pytest.raises(ShardingError, match=r"experts\.(gate_up|down)_proj.*hidden_size 64 on dim [12]"):
+        gpuload.load_sharded(path / "untransposed", 0, 2, device="cpu")
