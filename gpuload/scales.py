@@ -33,10 +33,16 @@ from .errors import ShardingError
 from .selection import Selection
 
 SUFFIXES = ("_scale_inv", "_scale_2", "_scale")
+INPUT = ".input_scale"
 
 
 def weight_of(name: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     """The weight tensor whose scale ``name`` is, when the checkpoint has it."""
+    # X.input_scale (static activation scale, per tensor) goes where X.weight
+    # goes: another rank's expert's scale is not this rank's (vLLM FusedMoE
+    # weight_loader skips experts the rank does not hold).
+    if name.endswith(INPUT) and (base := name[: -len(INPUT)] + ".weight") in shapes:
+        return base
     for suffix in SUFFIXES:
         if name.endswith(suffix) and (base := name[: -len(suffix)]) in shapes:
             return base if base.endswith("weight") else None
@@ -76,7 +82,7 @@ def follow(
         return None
     if sel.dim is None:  # a whole weight, and whole scales (unknown if the weight is)
         return Selection.whole(shape, sel.kind, rule if sel.rule else None)
-    if all(n == 1 for n in shape):
+    if all(n == 1 for n in shape) or name.endswith(INPUT):  # per tensor
         return Selection.whole(shape, "replicated", rule)
     d, nd = sel.dim, len(weight_shape)
     if len(shape) == nd:

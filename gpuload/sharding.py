@@ -21,6 +21,9 @@ from .errors import ShardingError
 from .rules import (
     MODEL_TYPES,
     RULE_TABLES,
+    VISION_DATA,
+    VISION_FAMILIES,
+    VISION_WEIGHTS,
     Expert,
     FusedQKV,
     Heads,
@@ -32,9 +35,21 @@ from .rules import (
 from .rules import VISION as _VISION
 from .selection import Selection
 
-_COMPILED = {
-    f: tuple((p, re.compile(p), s) for p, s in _VISION + t) for f, t in RULE_TABLES.items()
-}
+_COMPILED: dict[tuple[str, str, str], tuple[tuple[str, re.Pattern[str], Spec], ...]] = {}
+VISION_TP = ("weights", "data")
+
+
+def _compiled(family: str, vision: str, mode: str):
+    """The vision rules of ``vision`` in ``mode``, the catch-all, then the
+    text family's table: compiled once per combination."""
+    key = (family, vision, mode)
+    if key not in _COMPILED:
+        table = (VISION_DATA if mode == "data" else VISION_WEIGHTS)[vision]
+        rules = table + _VISION + RULE_TABLES[family]
+        _COMPILED[key] = tuple((p, re.compile(p), s) for p, s in rules)
+    return _COMPILED[key]
+
+
 _SHORTHANDS: Mapping[str, Spec] = {"replicate": Replicate(), "row": Split(0), "column": Split(1)}
 _EXPERT_INDEX = re.compile(r"(^|\.)experts\.(\d+)\.")
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.)")  # a whole dotted component of digits: layer, expert
@@ -161,6 +176,12 @@ class Sharder:
     weight_block_size
         ``(out, in)`` elements per quantization block of block-scaled weights;
         default: ``quantization_config.weight_block_size`` in the config.
+    vision_tp
+        vLLM's ``mm_encoder_tp_mode``: ``"weights"`` (default, as vLLM's)
+        splits the vision encoder's linears over the ranks; ``"data"`` keeps
+        the encoder whole on every rank, in the families where vLLM supports
+        it (Qwen2/2.5/3-VL, Llama 4); the others stay ``"weights"`` as vLLM
+        falls back.
     """
 
     def __init__(
@@ -176,8 +197,16 @@ class Sharder:
         allow_uneven: bool = False,
         shapes: Mapping[str, tuple[int, ...]] | None = None,
         weight_block_size: tuple[int, int] | None = None,
+        vision_tp: str = "weights",
     ) -> None:
+        if vision_tp not in VISION_TP:
+            raise ValueError(f"vision_tp={vision_tp!r} has to be one of {VISION_TP}")
         config = dict(config or {})
+        vision = VISION_FAMILIES.get(str(config.get("model_type")), "generic")
+        self.vision_tp = "data" if vision_tp == "data" and vision in VISION_DATA else "weights"
+        vcfg = config.get("vision_config")
+        vcfg = vcfg if isinstance(vcfg, Mapping) else {}
+        self.vision_heads = _count("vision heads", None, vcfg, "num_attention_heads", "num_heads")
         self.shapes = dict(shapes or {})
         self.blocks = scales.block_sizes(config, weight_block_size)
         self.quant = quant.detect(config)  # GPTQ, AWQ, compressed-tensors packed
@@ -190,6 +219,7 @@ class Sharder:
             if top_type not in MODEL_TYPES:
                 config["model_type"] = text.get("model_type")
         self.family = MODEL_TYPES.get(str(config.get("model_type")), "generic")
+        self._rules = _compiled(self.family, vision, self.vision_tp)
         self.num_heads = _count("num_heads", num_heads, config, "num_attention_heads", "n_head")
         kv = _count("num_kv_heads", num_kv_heads, config, "num_key_value_heads")
         self.num_kv_heads = kv or self.num_heads
@@ -279,11 +309,7 @@ class Sharder:
         hit = self._matched.get(key)
         if hit is None:
             hit = next(
-                (
-                    (pattern, spec)
-                    for pattern, regex, spec in _COMPILED[self.family]
-                    if regex.search(name)
-                ),
+                ((pattern, spec) for pattern, regex, spec in self._rules if regex.search(name)),
                 (None, None),
             )
             self._matched[key] = hit
@@ -327,11 +353,12 @@ class Sharder:
         if isinstance(spec, Vocab):
             return self._vocab(spec, rule, name, shape, rank, world)
         if isinstance(spec, Heads):
-            heads = self._need("num_kv_heads" if spec.kv else "num_heads", name, rule)
+            count = "vision_heads" if spec.vision else "num_kv_heads" if spec.kv else "num_heads"
+            heads = self._need(count, name, rule)
             part = _heads(name, size, heads, rank, world, spec.kv)
             kind = "kv-replicated" if spec.kv and world > heads else "row"
             return _selection(shape, 0, (size,), [part], kind, rule)
-        return self._fused_qkv(rule, name, shape, dim, rank, world)
+        return self._fused_qkv(rule, name, shape, dim, rank, world, spec.vision)
 
     def _vocab(self, spec, rule, name, shape, rank, world) -> Selection:
         size = shape[0]
@@ -346,13 +373,14 @@ class Sharder:
         start = min(size, rank * per)
         return _selection(shape, 0, (size,), [(start, min(size, start + per) - start)], "row", rule)
 
-    def _fused_qkv(self, rule, name, shape, dim, rank, world) -> Selection:
+    def _fused_qkv(self, rule, name, shape, dim, rank, world, vision) -> Selection:
         """q | k | v sections along ``dim``, each split by its own head count."""
-        heads = self._need("num_heads", name, rule)
-        kv_heads = self._need("num_kv_heads", name, rule)
+        heads = self._need("vision_heads" if vision else "num_heads", name, rule)
+        kv_heads = heads if vision else self._need("num_kv_heads", name, rule)
         size = shape[dim]
         head_dim = size // (heads + 2 * kv_heads)
-        sizes = self.qkv_sections or (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+        sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+        sizes = sizes if vision or self.qkv_sections is None else self.qkv_sections
         if sum(sizes) != size:
             raise ShardingError(
                 f"{name!r}: dim {dim} of size {size} is not q | k | v as {sizes} ({heads} heads, "
@@ -368,7 +396,8 @@ class Sharder:
         if (count := getattr(self, attr)) is None:
             raise ShardingError(
                 f"{name!r}: rule {rule!r} splits by attention heads, but the head count is "
-                "unknown; pass num_heads= (and num_kv_heads=) or provide config.json"
+                "unknown; pass num_heads= (and num_kv_heads=) or provide config.json "
+                "(vision_config.num_attention_heads for a vision encoder)"
             )
         return count
 

@@ -181,7 +181,10 @@ def test_weight_of_needs_the_weight_in_the_checkpoint():
     shapes = {"x.weight": (2, 2), "e.w13_weight": (1, 2, 2)}
     assert weight_of("x.weight_scale_inv", shapes) == "x.weight"
     assert weight_of("e.w13_weight_scale", shapes) == "e.w13_weight"
-    assert weight_of("x.input_scale", shapes) is None
+    # A static activation scale goes with its layer's weight (another rank's
+    # expert's is not this rank's under expert parallelism), and stays whole.
+    assert weight_of("x.input_scale", shapes) == "x.weight"
+    assert weight_of("y.input_scale", shapes) is None
     assert weight_of("y.weight_scale", shapes) is None
 
 

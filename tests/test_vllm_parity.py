@@ -145,7 +145,7 @@ def llama_text(name, a, rank, world, kv=2):
         return rows(a, rank, world)
     if name.endswith(("o_proj.weight", "down_proj.weight")):
         return rows(a, rank, world, axis=1)
-    assert a.ndim == 1 or name.endswith(("router.weight", "mlp.gate.weight")), name
+    assert a.ndim == 1 or name.endswith(("router.weight", "gate.weight")), name
     return a  # norms, routers
 
 
@@ -445,3 +445,78 @@ def test_a_split_inside_a_packed_word_raises(tmp_path, fmt):
     write_quantized(tmp_path, fmt, layers=layers)
     with pytest.raises(ShardingError, match="q_proj.*cut through packed int32 words of 8"):
         gpuload.load_sharded(tmp_path, 1, 8, device="cpu")
+
+
+# --- 4. Mixtral experts named gate/up/down_proj (compressed-tensors FP8) ------
+# vLLM mixtral.py MixtralModel.hf_to_vllm_mapper maps .gate_proj./.up_proj./
+# .down_proj. to w1/w3/w2; FusedMoE._load_w13 splits w1/w3 rows, _load_w2
+# down's columns, and _load_per_channel_weight_scale splits gate/up's
+# [I, 1] weight_scale like their rows and copies down's [H, 1] whole. Under
+# expert parallelism a rank holds E / world whole experts.
+M_E, M_H, M_I = 8, 64, 96
+
+
+@pytest.fixture(scope="module")
+def mixtral_ct(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    path = tmp_path_factory.mktemp("mixtral_ct")
+    arrays, dtypes = {}, {}
+
+    def add(name, shape, dtype):
+        kind = {"F32": np.float32, "F8_E4M3": np.uint8}[dtype]
+        n = int(np.prod(shape)) * np.dtype(kind).itemsize
+        arrays[name] = np.frombuffer(rng.bytes(n), kind).reshape(shape)
+        dtypes[name] = dtype
+
+    add("model.embed_tokens.weight", (128, M_H), "F32")
+    pre = "model.layers.0"
+    add(f"{pre}.self_attn.q_proj.weight", (8 * 8, M_H), "F32")
+    add(f"{pre}.self_attn.k_proj.weight", (2 * 8, M_H), "F32")
+    add(f"{pre}.self_attn.o_proj.weight", (M_H, 8 * 8), "F32")
+    add(f"{pre}.block_sparse_moe.gate.weight", (M_E, M_H), "F32")
+    for e in range(M_E):
+        x = f"{pre}.block_sparse_moe.experts.{e}"
+        for proj, shape in (("gate_proj", (M_I, M_H)), ("up_proj", (M_I, M_H))):
+            add(f"{x}.{proj}.weight", shape, "F8_E4M3")
+            add(f"{x}.{proj}.weight_scale", (M_I, 1), "F32")
+            add(f"{x}.{proj}.input_scale", (1,), "F32")
+        add(f"{x}.down_proj.weight", (M_H, M_I), "F8_E4M3")
+        add(f"{x}.down_proj.weight_scale", (M_H, 1), "F32")
+    write_tensors(path / "model.safetensors", arrays, dtypes)
+    config = {
+        "model_type": "mixtral",
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "hidden_size": M_H,
+        "num_local_experts": M_E,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path, arrays
+
+
+def mixtral_expected(expert_parallel):
+    def expected(name, a, rank, world):
+        if ".experts." not in name:
+            return llama_text(name, a, rank, world)
+        if expert_parallel:
+            e = int(name.split(".experts.")[1].split(".")[0])
+            per = M_E // world
+            return a if rank * per <= e < (rank + 1) * per else None
+        if name.endswith(("gate_proj.weight", "up_proj.weight")):
+            return rows(a, rank, world)
+        if name.endswith(("gate_proj.weight_scale", "up_proj.weight_scale")):
+            return rows(a, rank, world)  # per channel: the rows' scales
+        if name.endswith("down_proj.weight"):
+            return rows(a, rank, world, axis=1)
+        return a  # down_proj's per-channel scale, input scales
+
+    return expected
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_mixtral_gate_up_down_proj_experts(mixtral_ct, world, expert_parallel):
+    path, arrays = mixtral_ct
+    check(path, arrays, mixtral_expected(expert_parallel), world, expert_parallel=expert_parallel)
+    _, report = gpuload.load_sharded(path, 0, world, device="cpu", return_report=True)
+    assert not report.unknown
