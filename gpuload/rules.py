@@ -88,8 +88,9 @@ Table = tuple[tuple[str, Spec], ...]
 
 # ---------------------------------------------------------------------------
 # Built-in rule tables. Ordered; first match wins. Patterns are re.search'd.
-# A pattern may match indices (\d+) but never a particular one: the Sharder
-# remembers a match for every name that differs only in layer or expert index.
+# A pattern may match indices (\d+) but never a particular layer, block or
+# expert (``layers.<i>``, ``blocks.<i>``, ``experts.<i>``, ``h.<i>``): the
+# Sharder remembers a match for every name that differs only in those.
 # ---------------------------------------------------------------------------
 
 _EMBED: Table = (
@@ -229,13 +230,16 @@ PACKED: Mapping[str, Mapping[str, tuple[tuple[tuple[str, str], ...], bool]]] = {
 # (config/model.py ModelConfig.__post_init__). Column-parallel biases split
 # with their rows, row-parallel biases stay whole.
 _V = r"\.layers\.\d+\."
+_ENC = r"(^|\.)vision_(tower|model)\.(vision_model\.)?encoder\.layers\.\d+\."
 _SIGLIP_CLIP_PIXTRAL: Table = (
     # siglip.py SiglipAttention / SiglipMLP, clip.py CLIPAttention / CLIPMLP:
     # QKVParallelLinear over the vision heads, out_proj and fc2 row-parallel.
-    (rf"(^|\.)vision_model\.encoder{_V}self_attn\.[qkv]_proj\.(weight|bias)$", Heads(vision=True)),
-    (rf"(^|\.)vision_model\.encoder{_V}self_attn\.out_proj\.weight$", Split(1)),
-    (rf"(^|\.)vision_model\.encoder{_V}mlp\.fc1\.(weight|bias)$", Split(0)),
-    (rf"(^|\.)vision_model\.encoder{_V}mlp\.fc2\.weight$", Split(1)),
+    # Hub checkpoints name them vision_tower.vision_model.encoder..., those
+    # transformers 5 saves vision_tower.encoder...
+    (rf"{_ENC}self_attn\.[qkv]_proj\.(weight|bias)$", Heads(vision=True)),
+    (rf"{_ENC}self_attn\.out_proj\.weight$", Split(1)),
+    (rf"{_ENC}mlp\.fc1\.(weight|bias)$", Split(0)),
+    (rf"{_ENC}mlp\.fc2\.weight$", Split(1)),
     # pixtral.py PixtralHFAttention / PixtralHFMLP (Mistral 3, Pixtral LLaVA).
     (rf"(^|\.)vision_tower\.transformer{_V}attention\.[qkv]_proj\.weight$", Heads(vision=True)),
     (rf"(^|\.)vision_tower\.transformer{_V}attention\.o_proj\.weight$", Split(1)),

@@ -52,7 +52,10 @@ def _compiled(family: str, vision: str, mode: str):
 
 _SHORTHANDS: Mapping[str, Spec] = {"replicate": Replicate(), "row": Split(0), "column": Split(1)}
 _EXPERT_INDEX = re.compile(r"(^|\.)experts\.(\d+)\.")
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")  # a whole dotted component of digits: layer, expert
+# The index of a repeated layer, block or expert (a whole dotted component of
+# digits after one of these names); other indices (Qwen-VL's merger.mlp.0 and
+# mlp.2) can select different rules, so they stay in the key.
+_INDEX = re.compile(r"(?<=\.)(layers|blocks|experts|h|layer)\.\d+(?=\.)")
 
 
 def expert_block(num_experts: int, rank: int, world: int) -> tuple[int, int]:
@@ -305,7 +308,7 @@ class Sharder:
         if self._rule_fn is not None and (value := self._rule_fn(name, shape)) is not None:
             label = getattr(self._rule_fn, "__name__", type(self._rule_fn).__name__)
             return f"callable:{label}", _as_spec(value, f"rules({name!r})")
-        key = _INDEX.sub("#", name)  # built-in patterns never name a particular index
+        key = _INDEX.sub(r"\1.#", name)  # built-in patterns never name a layer's index
         hit = self._matched.get(key)
         if hit is None:
             hit = next(

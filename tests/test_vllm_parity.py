@@ -10,6 +10,7 @@ function are cited beside each), never gpuload's own selection code.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -137,9 +138,9 @@ def llama_text(name, a, rank, world, kv=2):
     """Llama-style attention and MLP rows/columns, vocab-padded embeddings."""
     if name.endswith(("embed_tokens.weight", "lm_head.weight")):
         return vocab(a, rank, world)
-    if name.endswith("q_proj.weight"):
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
         return rows(a, rank, world)
-    if name.endswith(("k_proj.weight", "v_proj.weight")):
+    if name.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")):
         return kv_heads(a, kv, rank, world)
     if name.endswith(("gate_proj.weight", "up_proj.weight")):
         return rows(a, rank, world)
@@ -520,3 +521,192 @@ def test_mixtral_gate_up_down_proj_experts(mixtral_ct, world, expert_parallel):
     check(path, arrays, mixtral_expected(expert_parallel), world, expert_parallel=expert_parallel)
     _, report = gpuload.load_sharded(path, 0, world, device="cpu", return_report=True)
     assert not report.unknown
+
+
+# --- 3. Vision towers: tensor-parallel by default ----------------------------
+# vLLM config/multimodal.py MultiModalConfig.mm_encoder_tp_mode defaults to
+# "weights"; "data" is honoured only by models with supports_encoder_tp_data
+# (Qwen2/2.5/3-VL, Llama 4 here), others fall back to "weights"
+# (config/model.py ModelConfig.__post_init__). Per tower, in order, first
+# match; anything else (embeddings, convolutions, norms, nn.Linear and
+# nn.Parameter tensors, row-parallel biases) whole:
+QKV3 = "qkv3"  # q | k | v sections, each split on its own (QKVParallelLinear)
+ENC = r"vision_tower\.(vision_model\.)?encoder\.layers\.\d+\."
+VISION_RULES = {
+    # siglip.py SiglipAttention / SiglipMLP, clip.py CLIPAttention / CLIPMLP;
+    # llava.py LlavaMultiModalProjector linear_1 column-, linear_2 row-parallel.
+    "siglip_clip": [
+        (ENC + r"self_attn\.[qkv]_proj\.(weight|bias)$", "rows"),
+        (ENC + r"self_attn\.out_proj\.weight$", "cols"),
+        (ENC + r"mlp\.fc1\.(weight|bias)$", "rows"),
+        (ENC + r"mlp\.fc2\.weight$", "cols"),
+        (r"multi_modal_projector\.linear_1\.(weight|bias)$", "rows"),
+        (r"multi_modal_projector\.linear_2\.weight$", "cols"),
+    ],
+    # pixtral.py PixtralHFAttention / PixtralHFMLP; mistral3.py
+    # Mistral3MultiModalProjector (patch_merger.merging_layer an nn.Linear).
+    "pixtral": [
+        (r"attention\.[qkv]_proj\.weight$", "rows"),
+        (r"attention\.o_proj\.weight$", "cols"),
+        (r"feed_forward\.(gate|up)_proj\.weight$", "rows"),
+        (r"feed_forward\.down_proj\.weight$", "cols"),
+        (r"multi_modal_projector\.linear_1\.weight$", "rows"),
+        (r"multi_modal_projector\.linear_2\.weight$", "cols"),
+    ],
+    # qwen2_vl.py Qwen2VisionAttention: qkv a plain ColumnParallelLinear (the
+    # fused rows split evenly, all-gathered and re-split in split_qkv).
+    "qwen2_vl": [
+        (r"attn\.qkv\.(weight|bias)$", "rows"),
+        (r"attn\.proj\.weight$", "cols"),
+        (r"mlp\.fc1\.(weight|bias)$", "rows"),
+        (r"mlp\.fc2\.weight$", "cols"),
+        (r"merger\.mlp\.0\.(weight|bias)$", "rows"),
+        (r"merger\.mlp\.2\.weight$", "cols"),
+    ],
+    # qwen2_5_vl.py Qwen2_5_VisionAttention (QKVParallelLinear), VisionMLP
+    # (gate/up MergedColumnParallelLinear with biases), PatchMerger.
+    "qwen2_5_vl": [
+        (r"attn\.qkv\.(weight|bias)$", QKV3),
+        (r"attn\.proj\.weight$", "cols"),
+        (r"mlp\.(gate|up)_proj\.(weight|bias)$", "rows"),
+        (r"mlp\.down_proj\.weight$", "cols"),
+        (r"merger\.mlp\.0\.(weight|bias)$", "rows"),
+        (r"merger\.mlp\.2\.weight$", "cols"),
+    ],
+    # qwen3_vl.py Qwen3_VisionBlock (Qwen2_5_VisionAttention), Qwen3_VisionMLP
+    # and Qwen3_VisionPatchMerger (merger, deepstack_merger_list).
+    "qwen3_vl": [
+        (r"attn\.qkv\.(weight|bias)$", QKV3),
+        (r"attn\.proj\.weight$", "cols"),
+        (r"linear_fc1\.(weight|bias)$", "rows"),
+        (r"linear_fc2\.weight$", "cols"),
+    ],
+    # mllama4.py Llama4VisionAttention (QKVParallelLinear with biases),
+    # Llama4VisionMLP (layers and vision_adapter), Llama4UnfoldConvolution
+    # .linear, Llama4MultiModalProjector.linear_1 (also in "data" mode).
+    "llama4": [
+        (r"self_attn\.[qkv]_proj\.(weight|bias)$", "rows"),
+        (r"self_attn\.o_proj\.weight$", "cols"),
+        (r"mlp\.fc1\.(weight|bias)$", "rows"),
+        (r"mlp\.fc2\.weight$", "cols"),
+        (r"patch_embedding\.linear\.weight$", "rows"),
+        (r"multi_modal_projector\.linear_1\.weight$", "rows"),
+    ],
+}
+VISION_DATA = {"llama4": [(r"multi_modal_projector\.linear_1\.weight$", "rows")]}
+VISION_PREFIX = re.compile(r"(^|\.)(vision_tower|vision_model|visual|multi_modal_projector)\.")
+
+
+def vision_expected(tower, data, text):
+    rules = VISION_DATA.get(tower, []) if data else VISION_RULES[tower]
+
+    def expected(name, a, rank, world):
+        if not VISION_PREFIX.search(name):
+            return text(name, a, rank, world)
+        how = next((h for pattern, h in rules if re.search(pattern, name)), "whole")
+        if how == "rows":
+            return rows(a, rank, world)
+        if how == "cols":
+            return rows(a, rank, world, axis=1)
+        if how == QKV3:
+            return sections(a, (a.shape[0] // 3,) * 3, rank, world, axis=0)
+        return a
+
+    return expected
+
+
+def tiny_vlm(kind, path):
+    """A transformers-built tiny vision-language model of ``kind``: 8 vision heads."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=128,
+    )
+    vit = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=8)
+    vit.update(image_size=28, patch_size=14)
+    mrope = {"type": "mrope", "mrope_section": [1, 1, 2]}
+    qwen_vit = dict(depth=1, num_heads=8, patch_size=2, temporal_patch_size=2)
+    qwen_vit.update(spatial_merge_size=2)
+    if kind == "llava":
+        cfg = tf.LlavaConfig(
+            text_config=dict(model_type="llama", **text),
+            vision_config=dict(model_type="clip_vision_model", projection_dim=32, **vit),
+        )
+        model = tf.LlavaForConditionalGeneration(cfg)
+    elif kind == "gemma3":
+        cfg = tf.Gemma3Config(
+            text_config=dict(model_type="gemma3_text", **text),
+            vision_config=dict(model_type="siglip_vision_model", vision_use_head=False, **vit),
+            mm_tokens_per_image=4,
+        )
+        model = tf.Gemma3ForConditionalGeneration(cfg)
+    elif kind == "mistral3":
+        cfg = tf.Mistral3Config(
+            text_config=dict(model_type="mistral", **text),
+            vision_config=dict(model_type="pixtral", head_dim=4, **vit),
+        )
+        model = tf.Mistral3ForConditionalGeneration(cfg)
+    elif kind == "qwen2_vl":
+        cfg = tf.Qwen2VLConfig(
+            text_config=dict(model_type="qwen2_vl_text", rope_scaling=mrope, **text),
+            vision_config=dict(embed_dim=32, hidden_size=64, mlp_ratio=2, **qwen_vit),
+        )
+        model = tf.Qwen2VLForConditionalGeneration(cfg)
+    else:
+        assert kind == "qwen2_5_vl"
+        vision = dict(hidden_size=32, out_hidden_size=64, intermediate_size=64, **qwen_vit)
+        cfg = tf.Qwen2_5_VLConfig(
+            text_config=dict(model_type="qwen2_5_vl_text", rope_scaling=mrope, **text),
+            vision_config=dict(fullatt_block_indexes=[0], **vision),
+        )
+        model = tf.Qwen2_5_VLForConditionalGeneration(cfg)
+    return save(model, path)
+
+
+TOWERS = {  # model -> (tower rules, vLLM supports mm_encoder_tp_mode="data")
+    "llava": ("siglip_clip", False),
+    "gemma3": ("siglip_clip", False),
+    "mistral3": ("pixtral", False),
+    "qwen2_vl": ("qwen2_vl", True),
+    "qwen2_5_vl": ("qwen2_5_vl", True),
+}
+
+
+@pytest.fixture(scope="module", params=list(TOWERS))
+def vlm(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, tiny_vlm(request.param, path)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("vision_tp", ["weights", "data"])
+def test_vision_towers_split_as_vllm(vlm, world, vision_tp):
+    kind, path, arrays = vlm
+    tower, has_data = TOWERS[kind]
+    expected = vision_expected(tower, vision_tp == "data" and has_data, llama_text)
+    check(path, arrays, expected, world, vision_tp=vision_tp)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("vision_tp", ["weights", "data"])
+def test_llama4_and_qwen3_vl_moe_towers(llama4, qwen3_vl_moe, world, vision_tp):
+    data = vision_tp == "data"  # both support it in vLLM
+    path, arrays = llama4
+    check(
+        path,
+        arrays,
+        vision_expected("llama4", data, llama4_text(False)),
+        world,
+        vision_tp=vision_tp,
+    )
+    path, arrays = qwen3_vl_moe
+    expected = vision_expected("qwen3_vl", data, qwen3_vl_moe_text(False))
+    check(path, arrays, expected, world, vision_tp=vision_tp)
