@@ -16,7 +16,9 @@ weight elements it owns, as vLLM's ``BlockQuantScaleParameter`` and
   ceil((start + n) / b))``, which needs ``start`` on a block boundary and
   ``n`` whole blocks (or the tensor's tail), as vLLM requires;
 * a 1-D scale beside a 2-D or 3-D weight is per output channel (the weight's
-  dim -2): it follows a split of that dim and is whole otherwise.
+  dim -2): it follows a split of that dim and is whole otherwise;
+* a MoE expert's blocks that a rank's share cuts are refined by vLLM (see
+  :func:`_refined`): the rank takes every block its elements touch.
 
 ``b`` comes from ``weight_block_size`` (``[out, in]``: the caller's, else
 ``quantization_config.weight_block_size`` in config.json), else from the
@@ -26,6 +28,7 @@ boundary falls inside the tensor, that is an error rather than a guess.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,8 +78,12 @@ def follow(
     weight_shape: tuple[int, ...],
     sel: Selection | None,
     blocks: tuple[int, int] | None = None,
+    experts: bool = False,
 ) -> Selection | None:
-    """The part of scale ``name`` (``shape``) that goes with ``sel`` of ``weight``."""
+    """The part of scale ``name`` (``shape``) that goes with ``sel`` of ``weight``.
+
+    ``experts``: ``weight`` is a MoE expert's, whose block scales vLLM refines
+    when a rank's share cuts blocks (see :func:`_refined`)."""
     rule = f"scale of {weight}" + (f" ({sel.rule})" if sel is not None and sel.rule else "")
     if sel is None:  # another rank's expert: its scales go with it
         return None
@@ -106,7 +113,9 @@ def follow(
         if blocks is not None and d >= nd - 2:
             known = blocks[d - (nd - 2)]
         b = _block(name, weight, d, wsize, size, known, sel.ranges)
-        ranges = tuple(_blocks(name, weight, d, wsize, b, r) for r in sel.ranges)
+        other = weight_shape[nd - 1] if d == nd - 2 else weight_shape[nd - 2]
+        refine = (blocks or (b, b)) + (other,) if experts else None
+        ranges = tuple(_blocks(name, weight, d, wsize, b, r, refine) for r in sel.ranges)
     out = list(shape)
     out[sd] = sum(n for _, n in ranges)
     return Selection(sd, ranges, tuple(out), sel.kind, rule)
@@ -140,15 +149,32 @@ def _block(name, weight, d, wsize, size, known, ranges) -> int:
     return lo
 
 
-def _blocks(name, weight, d, wsize, b, r) -> tuple[int, int]:
+def _blocks(name, weight, d, wsize, b, r, refine=None) -> tuple[int, int]:
     start, n = r
-    if start % b or (n % b and start + n != wsize):
+    if (start % b or (n % b and start + n != wsize)) and not _refined(n, refine):
         raise ShardingError(
             f"{name!r}: the rank's elements [{start}, {start + n}) of {weight!r} dim {d} "
             f"cut through quantization blocks of {b}; the world size does not fit the blocks"
         )
-    first = start // b
+    first = start // b  # every block the rank's elements touch
     return first, -(-(start + n) // b) - first
+
+
+def _refined(n: int, refine: tuple[int, int, int] | None) -> bool:
+    """Whether vLLM refines an expert's blocks for a rank share of ``n``.
+
+    vLLM fused_moe/oracle/fp8.py refine_fp8_moe_block_shape: when a rank's
+    intermediate size cuts the checkpoint's (block_n, block_k) blocks, the
+    block becomes gcd(block_n, block_k, n, hidden) if that is at least 32,
+    and routed_experts.py upsamples the scales (repeat_interleave) before
+    the usual split: a rank then holds the scales of every checkpoint block
+    its elements touch, shared with its neighbours. Below 32 vLLM refuses
+    (validate_fp8_block_shape_moe). ``refine``: (block_n, block_k, hidden).
+    """
+    if refine is None:
+        return False
+    block_n, block_k, hidden = refine
+    return math.gcd(block_n, block_k, n, hidden) >= 32
 
 
 __all__ = ["SUFFIXES", "block_sizes", "follow", "weight_of"]

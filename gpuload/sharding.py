@@ -294,7 +294,8 @@ class Sharder:
         if spec is None and (weight := scales.weight_of(name, self.shapes)) is not None:
             wshape = tuple(self.shapes[weight])
             sel = self.select(weight, wshape, rank, world)
-            return scales.follow(name, shape, weight, wshape, sel, self.blocks)
+            experts = isinstance(self._match(weight, wshape)[1], Expert)
+            return scales.follow(name, shape, weight, wshape, sel, self.blocks, experts)
         if spec is None:
             if len(shape) <= 1:  # norms, biases and scalars no rule claimed
                 return Selection.whole(shape, "replicated", "1-d" if shape else "scalar")

@@ -710,3 +710,100 @@ def test_llama4_and_qwen3_vl_moe_towers(llama4, qwen3_vl_moe, world, vision_tp):
     path, arrays = qwen3_vl_moe
     expected = vision_expected("qwen3_vl", data, qwen3_vl_moe_text(False))
     check(path, arrays, expected, world, vision_tp=vision_tp)
+
+
+# --- 2. FP8 block-quantized experts whose rank share cuts the blocks ----------
+# vLLM fused_moe/oracle/fp8.py refine_fp8_moe_block_shape: with 128x128
+# blocks and intermediate I = 384, a rank holds I / world rows of gate/up (and
+# columns of down); when that cuts the blocks and gcd(128, 128, I / world, H)
+# >= 32, routed_experts.py repeat_interleaves the scales onto the finer grid
+# before the usual narrow, so a rank holds the scales of every 128-block its
+# rows touch (world 4: 96 rows a rank, rank 1 rows 96..191 -> scale rows 0:2
+# of 3). Below 32 (world 8: 48 rows) vLLM refuses
+# (validate_fp8_block_shape_moe), as it does for dense layers
+# (BlockQuantScaleParameter).
+F_E, F_H, F_I, BLOCK = 2, 256, 384, 128
+
+
+@pytest.fixture(scope="module")
+def fp8_moe(tmp_path_factory):
+    rng = np.random.default_rng(9)
+    path = tmp_path_factory.mktemp("fp8_moe")
+    arrays, dtypes = {}, {}
+
+    def add(name, shape, dtype):
+        kind = {"F32": np.float32, "F8_E4M3": np.uint8}[dtype]
+        n = int(np.prod(shape)) * np.dtype(kind).itemsize
+        arrays[name] = np.frombuffer(rng.bytes(n), kind).reshape(shape)
+        dtypes[name] = dtype
+
+    for e in range(F_E):
+        x = f"model.layers.0.mlp.experts.{e}"
+        for proj in ("gate_proj", "up_proj"):
+            add(f"{x}.{proj}.weight", (F_I, F_H), "F8_E4M3")
+            add(f"{x}.{proj}.weight_scale_inv", (F_I // BLOCK, F_H // BLOCK), "F32")
+        add(f"{x}.down_proj.weight", (F_H, F_I), "F8_E4M3")
+        add(f"{x}.down_proj.weight_scale_inv", (F_H // BLOCK, F_I // BLOCK), "F32")
+    add("model.layers.0.mlp.gate.weight", (F_E, F_H), "F32")
+    write_tensors(path / "model.safetensors", arrays, dtypes)
+    config = {
+        "model_type": "qwen3_moe",
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "hidden_size": F_H,
+        "num_experts": F_E,
+        "quantization_config": {"quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK]},
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path, arrays
+
+
+def touched_blocks(a, rank, world, axis):
+    """The scale blocks that a rank's I / world elements touch along ``axis``."""
+    per = F_I // world
+    lo, hi = rank * per // BLOCK, -(-(rank + 1) * per // BLOCK)
+    return np.take(a, range(lo, hi), axis=axis)
+
+
+def fp8_moe_expected(name, a, rank, world):
+    if name.endswith(("gate_proj.weight", "up_proj.weight")):
+        return rows(a, rank, world)
+    if name.endswith("down_proj.weight"):
+        return rows(a, rank, world, axis=1)
+    if name.endswith(("gate_proj.weight_scale_inv", "up_proj.weight_scale_inv")):
+        return touched_blocks(a, rank, world, axis=0)
+    if name.endswith("down_proj.weight_scale_inv"):
+        return touched_blocks(a, rank, world, axis=1)
+    return a
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fp8_expert_blocks_cut_by_the_split_are_refined(fp8_moe, world):
+    path, arrays = fp8_moe
+    check(path, arrays, fp8_moe_expected, world)
+
+
+def test_fp8_expert_blocks_too_fine_to_refine_raise(fp8_moe):
+    path, _ = fp8_moe  # world 8: gcd(128, 128, 48, 256) = 16 < 32
+    with pytest.raises(ShardingError, match="experts.*cut through quantization blocks of 128"):
+        gpuload.load_sharded(path, 1, 8, device="cpu")
+    # Expert parallelism holds whole experts: nothing to refine.
+    for rank in range(2):
+        got = gpuload.load_sharded(path, rank, 2, device="cpu", expert_parallel=True)
+        name = f"model.layers.0.mlp.experts.{rank}.down_proj.weight_scale_inv"
+        assert got[name].tobytes() == fp8_moe[1][name].tobytes()
+
+
+def test_fp8_dense_blocks_cut_by_the_split_still_raise(tmp_path):
+    # vLLM refines experts only; a dense layer's BlockQuantScaleParameter
+    # cannot take a rank share that cuts its blocks.
+    w = np.zeros((F_I, F_H), np.uint8)
+    s = np.zeros((F_I // BLOCK, F_H // BLOCK), np.float32)
+    arrays = {"model.layers.0.mlp.gate_proj.weight": w}
+    arrays["model.layers.0.mlp.gate_proj.weight_scale_inv"] = s
+    dtypes = {n: "F8_E4M3" if a.dtype == np.uint8 else "F32" for n, a in arrays.items()}
+    write_tensors(tmp_path / "model.safetensors", arrays, dtypes)
+    config = {"model_type": "qwen3", "quantization_config": {"weight_block_size": [128, 128]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ShardingError, match="gate_proj.*cut through quantization blocks"):
+        gpuload.load_sharded(tmp_path, 1, 4, device="cpu")
