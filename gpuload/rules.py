@@ -69,6 +69,25 @@ class Vocab:
 
 
 @dataclasses.dataclass(frozen=True)
+class Intermediate:
+    """gpt-oss experts: ``dim`` holds the intermediate size ``I`` as
+    ``entries`` per ``block`` elements. A rank owns elements ``[r * per,
+    min((r + 1) * per, I))`` with ``per = ceil(I / block / world) * block``,
+    uneven by design (vLLM gpt_oss.py ``_load_weights_mxfp4``: 32-element
+    MXFP4 blocks; ``_load_weights_other``: block 1)."""
+
+    dim: int
+    entries: int = 1
+    block: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstRank:
+    """Rank 0 takes the whole tensor; the others none of it (vLLM loads it
+    on rank 0 and zeroes it elsewhere, so a sum over ranks adds it once)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Expert:
     """A MoE expert tensor: ``inner`` under tensor parallelism, whole experts
     under expert parallelism. ``stacked=False``: one expert, its index read
@@ -76,14 +95,14 @@ class Expert:
     ``[E, out, in]`` (or transposed ``[E, in, out]``) tensor that ``inner``
     indexes; expert parallelism takes a dim-0 block of it."""
 
-    inner: Replicate | Split | Heads | FusedQKV | Vocab
+    inner: Replicate | Split | Heads | FusedQKV | Vocab | Intermediate | FirstRank
     stacked: bool = False
     #: The dim of a stacked tensor that holds ``hidden_size``: a tensor whose
     #: dim differs (config.json known) is in the other layout and raises.
     hidden: int | None = None
 
 
-Spec = Replicate | Split | Heads | FusedQKV | Vocab | Expert
+Spec = Replicate | Split | Heads | FusedQKV | Vocab | Intermediate | FirstRank | Expert
 Table = tuple[tuple[str, Spec], ...]
 
 # ---------------------------------------------------------------------------
@@ -156,6 +175,35 @@ _LLAMA4: Table = (
     (r"\.feed_forward\.experts\.down_proj$", Expert(Split(1), True, hidden=2)),
     (r"\.feed_forward\.(shared_expert\.)?(gate|up)_proj\.weight$", Split(0)),
     (r"\.feed_forward\.(shared_expert\.)?down_proj\.weight$", Split(1)),
+)
+# vLLM gpt_oss.py GptOssModel: attention sinks split by head (make_attention_sink
+# over num_heads // tp), the router (GateLinear) whole. Experts are sliced by
+# hand: gate_up rows interleave gate and up, so a rank's intermediate range
+# [s, e) is entries [2s, 2e); down_proj_bias is loaded on rank 0 only. Under
+# expert parallelism, dim-0 blocks of E / world experts.
+_GPT_OSS_COMMON: Table = (
+    (r"\.self_attn\.sinks$", Heads()),
+    (r"\.mlp\.router\.(weight|bias)$", Replicate()),
+    (r"\.mlp\.experts\.down_proj_bias$", Expert(FirstRank(), stacked=True)),
+)
+_GPT_OSS: Table = (  # _load_weights_other: [E, H, 2I], [E, I, H], per = ceil(I / w)
+    *_GPT_OSS_COMMON,
+    (r"\.mlp\.experts\.gate_up_proj$", Expert(Intermediate(2, entries=2), stacked=True)),
+    (r"\.mlp\.experts\.gate_up_proj_bias$", Expert(Intermediate(1, entries=2), stacked=True)),
+    (r"\.mlp\.experts\.down_proj$", Expert(Intermediate(1), stacked=True)),
+)
+_GPT_OSS_MXFP4: Table = (  # _load_weights_mxfp4: whole 32-element blocks a rank
+    *_GPT_OSS_COMMON,
+    # gate_up_proj_blocks [E, 2I, H/32, 16], _scales [E, 2I, H/32], _bias [E, 2I]
+    (
+        r"\.mlp\.experts\.gate_up_proj_(blocks|scales|bias)$",
+        Expert(Intermediate(1, entries=64, block=32), stacked=True),
+    ),
+    # down_proj_blocks [E, H, I/32, 16], _scales [E, H, I/32]
+    (
+        r"\.mlp\.experts\.down_proj_(blocks|scales)$",
+        Expert(Intermediate(2, entries=1, block=32), stacked=True),
+    ),
 )
 _QWEN_SHARED: Table = (
     (r"\.mlp\.shared_expert\.(gate|up)_proj\.weight$", Split(0)),
@@ -361,6 +409,8 @@ _FAMILIES: Mapping[str, Table] = {
     "gpt2": _GPT2 + _NORMS,
     "llama4": _EMBED + _ATTN + _LLAMA4 + _NORMS,
     "qwen3_vl_moe": _MOE_ATTN + _TRANSPOSED_EXPERTS + _ROUTED_EXPERTS + _MLP + _NORMS,
+    "gpt_oss": _EMBED + _ATTN + _GPT_OSS + _NORMS,
+    "gpt_oss_mxfp4": _EMBED + _ATTN + _GPT_OSS_MXFP4 + _NORMS,
 }
 RULE_TABLES: Mapping[str, Table] = {
     **_FAMILIES,
@@ -379,7 +429,10 @@ MODEL_TYPES: Mapping[str, str] = {
     **dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_text"), "llama"),
     **dict.fromkeys(("llama4", "llama4_text"), "llama4"),
     **dict.fromkeys(("qwen3_vl_moe", "qwen3_vl_moe_text"), "qwen3_vl_moe"),
+    "gpt_oss": "gpt_oss",
 }
+#: (family, quantization_config.quant_method) -> the family's table for it.
+QUANT_FAMILIES: Mapping[tuple[str, str], str] = {("gpt_oss", "mxfp4"): "gpt_oss_mxfp4"}
 
 
 __all__ = [
@@ -387,8 +440,11 @@ __all__ = [
     "PACKED",
     "RULE_TABLES",
     "Expert",
+    "FirstRank",
     "FusedQKV",
     "Heads",
+    "Intermediate",
+    "QUANT_FAMILIES",
     "Replicate",
     "Spec",
     "Split",

@@ -20,13 +20,16 @@ from . import quant, scales
 from .errors import ShardingError
 from .rules import (
     MODEL_TYPES,
+    QUANT_FAMILIES,
     RULE_TABLES,
     VISION_DATA,
     VISION_FAMILIES,
     VISION_WEIGHTS,
     Expert,
+    FirstRank,
     FusedQKV,
     Heads,
+    Intermediate,
     Replicate,
     Spec,
     Split,
@@ -138,6 +141,21 @@ def _selection(shape, dim, sizes, parts, kind: str, rule: str | None) -> Selecti
     return Selection(dim, ranges, tuple(out), kind, rule)
 
 
+def _intermediate(spec, rule, name, shape, dim, rank, world) -> Selection:
+    """gpt-oss: whole blocks of the intermediate size, ceil(blocks / world) a rank."""
+    size = shape[dim]
+    if (size * spec.block) % spec.entries or (size * spec.block // spec.entries) % spec.block:
+        raise ShardingError(
+            f"{name!r}: dim {dim} of size {size} is not {spec.entries} entries per "
+            f"{spec.block} intermediate elements"
+        )
+    inter = size * spec.block // spec.entries
+    per = -(-inter // spec.block // world) * spec.block
+    start, end = min(inter, rank * per), min(inter, (rank + 1) * per)
+    part = (start * spec.entries // spec.block, (end - start) * spec.entries // spec.block)
+    return _selection(shape, dim, (size,), [part], "row" if dim == 0 else "column", rule)
+
+
 def _compile_rule(pattern: str, value: Any) -> tuple[str, re.Pattern[str], Spec]:
     try:
         regex = re.compile(pattern)
@@ -222,6 +240,9 @@ class Sharder:
             if top_type not in MODEL_TYPES:
                 config["model_type"] = text.get("model_type")
         self.family = MODEL_TYPES.get(str(config.get("model_type")), "generic")
+        qcfg = config.get("quantization_config")
+        method = str(qcfg.get("quant_method")) if isinstance(qcfg, Mapping) else ""
+        self.family = QUANT_FAMILIES.get((self.family, method), self.family)
         self._rules = _compiled(self.family, vision, self.vision_tp)
         self.num_heads = _count("num_heads", num_heads, config, "num_attention_heads", "n_head")
         kv = _count("num_kv_heads", num_kv_heads, config, "num_key_value_heads")
@@ -330,7 +351,9 @@ class Sharder:
     def _split(self, spec, rule, name, shape, rank, world) -> Selection | None:
         if isinstance(spec, Replicate):
             return Selection.whole(shape, "replicated", rule)
-        dim = spec.dim if isinstance(spec, Split | FusedQKV) else 0
+        if isinstance(spec, FirstRank):
+            return Selection.whole(shape, "replicated", rule) if rank == 0 else None
+        dim = spec.dim if isinstance(spec, Split | FusedQKV | Intermediate) else 0
         if not -len(shape) <= dim < len(shape):
             raise ShardingError(f"{name!r}: rule {rule!r} splits dim {dim}, but shape is {shape}")
         dim %= len(shape)
@@ -356,6 +379,8 @@ class Sharder:
             return _selection(shape, dim, sizes, parts, kind, rule)
         if isinstance(spec, Vocab):
             return self._vocab(spec, rule, name, shape, rank, world)
+        if isinstance(spec, Intermediate):
+            return _intermediate(spec, rule, name, shape, dim, rank, world)
         if isinstance(spec, Heads):
             count = "vision_heads" if spec.vision else "num_kv_heads" if spec.kv else "num_heads"
             heads = self._need(count, name, rule)
@@ -406,7 +431,7 @@ class Sharder:
         return count
 
     def _expert(self, spec, rule, name, shape, rank, world) -> Selection | None:
-        if spec.stacked and len(shape) != 3:
+        if spec.stacked and isinstance(spec.inner, Split) and len(shape) != 3:
             raise ShardingError(
                 f"{name!r}: rule {rule!r} expects [E, out, in] experts, got {shape}"
             )
@@ -441,8 +466,10 @@ __all__ = [
     "MODEL_TYPES",
     "RULE_TABLES",
     "Expert",
+    "FirstRank",
     "FusedQKV",
     "Heads",
+    "Intermediate",
     "Replicate",
     "Sharder",
     "Spec",

@@ -807,3 +807,115 @@ def test_fp8_dense_blocks_cut_by_the_split_still_raise(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ShardingError, match="gate_proj.*cut through quantization blocks"):
         gpuload.load_sharded(tmp_path, 1, 4, device="cpu")
+
+
+# --- 7. gpt-oss: bf16 (transformers) and MXFP4 (by hand) ---------------------
+# vLLM gpt_oss.py GptOssModel._load_weights_other: per = cdiv(I, tp), a rank's
+# intermediate range [r * per, min((r + 1) * per, I)); gate_up_proj [E, H, 2I]
+# (gate/up interleaved) takes dim 2 [2s, 2e), its bias dim 1 [2s, 2e),
+# down_proj [E, I, H] dim 1 [s, e), down_proj_bias rank 0 only (zeroed
+# elsewhere). _load_weights_mxfp4: the same in whole 32-blocks, per =
+# cdiv(I / 32, tp) * 32: gate_up_proj_blocks/_scales/_bias dim 1 [2s, 2e),
+# down_proj_blocks/_scales dim 2 [s / 32, e / 32). Under expert parallelism
+# experts [r * E / w, (r + 1) * E / w) of every expert tensor. Sinks split by
+# head (make_attention_sink(num_heads // tp)), the router whole.
+G_E, G_H = 8, 64
+
+
+def gpt_oss_range(inter, rank, world, block):
+    per = -(-(inter // block) // world) * block
+    return rank * per, min((rank + 1) * per, inter)
+
+
+def gpt_oss_expected(inter, block, expert_parallel):
+    def expected(name, a, rank, world):
+        if ".mlp.experts." not in name:
+            if name.endswith("sinks"):
+                return rows(a, rank, world)
+            if name.endswith(("o_proj.bias", "router.bias")):
+                return a
+            return llama_text(name, a, rank, world)
+        if expert_parallel:
+            return rows(a, rank, world)
+        s, e = gpt_oss_range(inter, rank, world, block)
+        leaf = name.rsplit(".", 1)[1]
+        if leaf == "down_proj_bias":
+            return a if rank == 0 else None
+        if leaf == "gate_up_proj":  # bf16 [E, H, 2I]
+            return a[:, :, 2 * s : 2 * e]
+        if leaf.startswith("gate_up_proj"):  # [E, 2I, ...]
+            return a[:, 2 * s : 2 * e]
+        if leaf == "down_proj":  # bf16 [E, I, H]
+            return a[:, s:e]
+        return a[:, :, s // 32 : e // 32]  # down_proj_blocks / _scales
+
+    return expected
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(
+        hidden_size=G_H,
+        intermediate_size=90,  # world 4: 23, 23, 23, 21
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=128,
+        num_local_experts=G_E,
+        num_experts_per_tok=2,
+        layer_types=["full_attention"],
+    )
+    path = tmp_path_factory.mktemp("gpt_oss")
+    return path, save(transformers.GptOssForCausalLM(cfg), path)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_gpt_oss_bf16_experts_uneven_intermediate(gpt_oss, world, expert_parallel):
+    path, arrays = gpt_oss
+    expected = gpt_oss_expected(90, 1, expert_parallel)
+    check(path, arrays, expected, world, expert_parallel=expert_parallel)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_mxfp4(tmp_path_factory, gpt_oss):
+    """gpt-oss's MXFP4 layout (as openai/gpt-oss-20b stores it), by hand:
+    I = 288 = 9 blocks of 32, so world 4 gives 96, 96, 96, 0 and world 8
+    64, 64, 64, 64, 32, 0, 0, 0."""
+    src, bf16 = gpt_oss
+    rng = np.random.default_rng(11)
+    inter = 288
+    arrays = {n: a for n, a in bf16.items() if ".mlp.experts." not in n}
+    dtypes = dict.fromkeys(arrays, "F32")
+    x = "model.layers.0.mlp.experts"
+    shapes = {
+        f"{x}.gate_up_proj_blocks": ((G_E, 2 * inter, G_H // 32, 16), "U8"),
+        f"{x}.gate_up_proj_scales": ((G_E, 2 * inter, G_H // 32), "U8"),
+        f"{x}.gate_up_proj_bias": ((G_E, 2 * inter), "F32"),
+        f"{x}.down_proj_blocks": ((G_E, G_H, inter // 32, 16), "U8"),
+        f"{x}.down_proj_scales": ((G_E, G_H, inter // 32), "U8"),
+        f"{x}.down_proj_bias": ((G_E, G_H), "F32"),
+    }
+    for name, (shape, dt) in shapes.items():
+        kind = np.uint8 if dt == "U8" else np.float32
+        n = int(np.prod(shape)) * np.dtype(kind).itemsize
+        arrays[name], dtypes[name] = np.frombuffer(rng.bytes(n), kind).reshape(shape), dt
+    path = tmp_path_factory.mktemp("gpt_oss_mxfp4")
+    write_tensors(path / "model.safetensors", arrays, dtypes)
+    config = json.loads((src / "config.json").read_text())
+    config.update(intermediate_size=inter, quantization_config={"quant_method": "mxfp4"})
+    (path / "config.json").write_text(json.dumps(config))
+    return path, arrays
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_gpt_oss_mxfp4_whole_blocks_a_rank(gpt_oss_mxfp4, world, expert_parallel):
+    path, arrays = gpt_oss_mxfp4
+    expected = gpt_oss_expected(288, 32, expert_parallel)
+    check(path, arrays, expected, world, expert_parallel=expert_parallel)
