@@ -331,7 +331,7 @@ def load_sharded(
     **kwargs
         Sharding options (``num_heads``, ``num_kv_heads``, ``num_experts``,
         ``qkv_sections``, ``expert_parallel``, ``allow_uneven``,
-        ``weight_block_size``) and the
+        ``weight_block_size``, ``vision_tp``) and the
         keyword twins of the ``GPULOAD_*`` flags (``threads``,
         ``chunk_bytes``, ``prefetch``...).
 
