@@ -114,7 +114,8 @@ Table = tuple[tuple[str, Spec], ...]
 
 _EMBED: Table = (
     (r"(^|\.)embed_tokens\.weight$", Vocab()),
-    (r"(^|\.)lm_head\.weight$", Vocab()),
+    # ParallelLMHead's bias (PhiMoE) loads with the weight's vocab split.
+    (r"(^|\.)lm_head\.(weight|bias)$", Vocab()),
 )
 _ATTN: Table = (
     (r"\.self_attn\.q_proj\.(weight|bias)$", Heads()),
@@ -430,6 +431,13 @@ MODEL_TYPES: Mapping[str, str] = {
     **dict.fromkeys(("llama4", "llama4_text"), "llama4"),
     **dict.fromkeys(("qwen3_vl_moe", "qwen3_vl_moe_text"), "qwen3_vl_moe"),
     "gpt_oss": "gpt_oss",
+    # vLLM glm4_moe.py Glm4MoE: DeepSeek's names and splits (gate with
+    # e_score_correction_bias whole, routed experts, shared_experts a
+    # tensor-parallel MLP also under EP) with a plain QKV attention.
+    "glm4_moe": "deepseek",
+    # vLLM phimoe.py: Mixtral's block_sparse_moe experts (w1/w2/w3), biased
+    # attention and an lm_head bias.
+    "phimoe": "mixtral",
 }
 #: (family, quantization_config.quant_method) -> the family's table for it.
 QUANT_FAMILIES: Mapping[tuple[str, str], str] = {("gpt_oss", "mxfp4"): "gpt_oss_mxfp4"}

@@ -919,3 +919,79 @@ def test_gpt_oss_mxfp4_whole_blocks_a_rank(gpt_oss_mxfp4, world, expert_parallel
     path, arrays = gpt_oss_mxfp4
     expected = gpt_oss_expected(288, 32, expert_parallel)
     check(path, arrays, expected, world, expert_parallel=expert_parallel)
+
+
+# --- 8. More families: GLM4-MoE, PhiMoE (transformers-built) -----------------
+# vLLM glm4_moe.py Glm4MoE: gate (GateLinear) and e_score_correction_bias
+# whole, routed experts through FusedMoE (gate/up rows, down columns; EP: whole
+# experts), shared_experts a Glm4MoeMLP split also under EP, dense first
+# layers a Glm4MoeMLP. vLLM phimoe.py: Mixtral-style w1/w3 rows, w2 columns,
+# QKVParallelLinear and RowParallelLinear with biases (o_proj's whole), and a
+# ParallelLMHead with a bias split by vocab like its weight.
+def moe_expected(num_experts, expert_parallel):
+    def expected(name, a, rank, world):
+        if ".experts." in name and ".shared_experts." not in name:
+            if expert_parallel:
+                e = int(name.split(".experts.")[1].split(".")[0])
+                per = num_experts // world
+                return a if rank * per <= e < (rank + 1) * per else None
+            if name.endswith((".w1.weight", ".w3.weight", "gate_proj.weight", "up_proj.weight")):
+                return rows(a, rank, world)
+            return rows(a, rank, world, axis=1)  # w2 / down_proj
+        if name.endswith("lm_head.bias"):
+            return vocab(a, rank, world)
+        if name.endswith(("o_proj.bias", "e_score_correction_bias")):
+            return a
+        return llama_text(name, a, rank, world)
+
+    return expected
+
+
+def tiny_moe(kind, path):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, vocab_size=128)
+    if kind == "glm4_moe":
+        cfg = tf.Glm4MoeConfig(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            first_k_dense_replace=1,
+            head_dim=8,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            use_qk_norm=True,
+            attention_bias=True,
+            **common,
+        )
+        return save(tf.Glm4MoeForCausalLM(cfg), path)
+    cfg = tf.PhimoeConfig(
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        lm_head_bias=True,
+        attention_bias=True,
+        **common,
+    )
+    return save(tf.PhimoeForCausalLM(cfg), path)
+
+
+@pytest.fixture(scope="module", params=["glm4_moe", "phimoe"])
+def moe_family(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return path, tiny_moe(request.param, path)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_glm4_moe_and_phimoe(moe_family, world, expert_parallel):
+    path, arrays = moe_family
+    check(path, arrays, moe_expected(8, expert_parallel), world, expert_parallel=expert_parallel)
+    _, report = gpuload.load_sharded(path, 0, world, device="cpu", return_report=True)
+    assert not report.unknown
