@@ -2,7 +2,7 @@
 
 Such a layer ``X`` stores no ``X.weight``: its logical ``[out, in]`` weight
 is packed into int32 words (``32 / bits`` values a word) beside group scales
-and zero points, each tensor with its own layout (:data:`gpuload.rules.PACKED`).
+and zero points, each tensor with its own layout (:data:`PACKED`).
 A rank owns the elements of the logical weight that the layer's rule gives it
 (``X.weight``'s rule: heads, rows or columns), and of every tensor of ``X``
 the words, groups and channels covering them, as vLLM's
@@ -20,8 +20,41 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import ShardingError
-from .rules import PACKED
 from .selection import Selection
+
+# Integer-quantized linear layers: per format, each tensor's dims as axes of
+# the logical [out, in] weight, counted in elements, packed int32 words
+# ("pack", 32 / bits values) or quantization groups ("group", the size read
+# from the shapes), and whether it is the packed weight that gives the
+# logical shape. No axes: whole on every rank. gpuload.quant applies them.
+PACKED: Mapping[str, Mapping[str, tuple[tuple[tuple[str, str], ...], bool]]] = {
+    # vLLM auto_gptq.py AutoGPTQLinearMethod.create_weights: qweight packed
+    # on input_dim 0, qzeros on output_dim 1, scales [in/g, out].
+    "gptq": {
+        "qweight": ((("in", "pack"), ("out", "elem")), True),
+        "qzeros": ((("in", "group"), ("out", "pack")), False),
+        "scales": ((("in", "group"), ("out", "elem")), False),
+        # Dropped by vLLM (base_config.py get_checkpoint_weight_mapper) once
+        # desc_act=True is refused: i // group_size, the same on every rank.
+        "g_idx": ((), False),
+    },
+    # vLLM auto_awq.py AutoAWQMarlinLinearMethod.create_weights: qweight
+    # [in, out/8] and qzeros packed on output_dim 1, scales [in/g, out].
+    "awq": {
+        "qweight": ((("in", "elem"), ("out", "pack")), True),
+        "qzeros": ((("in", "group"), ("out", "pack")), False),
+        "scales": ((("in", "group"), ("out", "elem")), False),
+    },
+    # vLLM compressed_tensors_wNa16.py CompressedTensorsWNA16.create_weights:
+    # weight_packed [out, in/8], weight_scale [out, in/g] (or [out, 1]),
+    # weight_zero_point [out/8, in/g], weight_shape [2] a plain parameter.
+    "compressed-tensors": {
+        "weight_packed": ((("out", "elem"), ("in", "pack")), True),
+        "weight_scale": ((("out", "elem"), ("in", "group")), False),
+        "weight_zero_point": ((("out", "pack"), ("in", "group")), False),
+        "weight_shape": ((), False),
+    },
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,4 +176,4 @@ def select(
     return Selection(dim, tuple(ranges), tuple(out), sel.kind, rule)
 
 
-__all__ = ["Format", "detect", "select", "tensor_of"]
+__all__ = ["PACKED", "Format", "detect", "select", "tensor_of"]

@@ -22,9 +22,6 @@ from .rules import (
     MODEL_TYPES,
     QUANT_FAMILIES,
     RULE_TABLES,
-    VISION_DATA,
-    VISION_FAMILIES,
-    VISION_WEIGHTS,
     Expert,
     FirstRank,
     FusedQKV,
@@ -35,7 +32,8 @@ from .rules import (
     Split,
     Vocab,
 )
-from .rules import VISION as _VISION
+from .rules_vision import VISION as _VISION
+from .rules_vision import VISION_DATA, VISION_FAMILIES, VISION_WEIGHTS
 from .selection import Selection
 
 _COMPILED: dict[tuple[str, str, str], tuple[tuple[str, re.Pattern[str], Spec], ...]] = {}
