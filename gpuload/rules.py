@@ -69,6 +69,15 @@ class Vocab:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConfigSections:
+    """``Split(dim, sections=sizes)`` with each section's size the product of
+    config.json values: ``(("a", "b"), ("c",))`` is sections ``a*b`` and ``c``."""
+
+    dim: int
+    sections: tuple[tuple[str, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Intermediate:
     """gpt-oss experts: ``dim`` holds the intermediate size ``I`` as
     ``entries`` per ``block`` elements. A rank owns elements ``[r * per,
@@ -95,14 +104,24 @@ class Expert:
     ``[E, out, in]`` (or transposed ``[E, in, out]``) tensor that ``inner``
     indexes; expert parallelism takes a dim-0 block of it."""
 
-    inner: Replicate | Split | Heads | FusedQKV | Vocab | Intermediate | FirstRank
+    inner: Replicate | Split | Heads | FusedQKV | Vocab | ConfigSections | Intermediate | FirstRank
     stacked: bool = False
     #: The dim of a stacked tensor that holds ``hidden_size``: a tensor whose
     #: dim differs (config.json known) is in the other layout and raises.
     hidden: int | None = None
 
 
-Spec = Replicate | Split | Heads | FusedQKV | Vocab | Intermediate | FirstRank | Expert
+Spec = (
+    Replicate
+    | Split
+    | Heads
+    | FusedQKV
+    | Vocab
+    | ConfigSections
+    | Intermediate
+    | FirstRank
+    | Expert
+)
 Table = tuple[tuple[str, Spec], ...]
 
 # ---------------------------------------------------------------------------
@@ -206,6 +225,20 @@ _GPT_OSS_MXFP4: Table = (  # _load_weights_mxfp4: whole 32-element blocks a rank
         Expert(Intermediate(2, entries=1, block=32), stacked=True),
     ),
 )
+# vLLM qwen3_next.py / layers/mamba/gdn/qwen_gdn_linear_attn.py
+# (gqa_interleaved_layout=True): in_proj_qkvz and in_proj_ba are one output
+# section each, so an even dim-0 split (whole key-head groups);
+# conv1d's mamba_v2_sharded_weight_loader splits q | k | v (key_dim, key_dim,
+# value_dim) each on its own; A_log and dt_bias by value head; out_proj
+# row-parallel. Full-attention q_proj holds q and its output gate per head.
+_KEY_DIM = ("linear_num_key_heads", "linear_key_head_dim")
+_VALUE_DIM = ("linear_num_value_heads", "linear_value_head_dim")
+_QWEN3_NEXT: Table = (
+    (r"\.linear_attn\.in_proj_(qkvz|ba)\.weight$", Split(0)),
+    (r"\.linear_attn\.conv1d\.weight$", ConfigSections(0, (_KEY_DIM, _KEY_DIM, _VALUE_DIM))),
+    (r"\.linear_attn\.(A_log|dt_bias)$", Split(0)),
+    (r"\.linear_attn\.out_proj\.weight$", Split(1)),
+)
 _QWEN_SHARED: Table = (
     (r"\.mlp\.shared_expert\.(gate|up)_proj\.weight$", Split(0)),
     (r"\.mlp\.shared_expert\.down_proj\.weight$", Split(1)),
@@ -257,6 +290,7 @@ _FAMILIES: Mapping[str, Table] = {
     "llama4": _EMBED + _ATTN + _LLAMA4 + _NORMS,
     "qwen3_vl_moe": _MOE_ATTN + _TRANSPOSED_EXPERTS + _ROUTED_EXPERTS + _MLP + _NORMS,
     "gpt_oss": _EMBED + _ATTN + _GPT_OSS + _NORMS,
+    "qwen3_next": _MOE_ATTN + _QWEN3_NEXT + _ROUTED_EXPERTS + _QWEN_SHARED + _MLP + _NORMS,
     "gpt_oss_mxfp4": _EMBED + _ATTN + _GPT_OSS_MXFP4 + _NORMS,
 }
 RULE_TABLES: Mapping[str, Table] = {
@@ -277,6 +311,7 @@ MODEL_TYPES: Mapping[str, str] = {
     **dict.fromkeys(("llama4", "llama4_text"), "llama4"),
     **dict.fromkeys(("qwen3_vl_moe", "qwen3_vl_moe_text"), "qwen3_vl_moe"),
     "gpt_oss": "gpt_oss",
+    "qwen3_next": "qwen3_next",
     # vLLM glm4_moe.py Glm4MoE: DeepSeek's names and splits (gate with
     # e_score_correction_bias whole, routed experts, shared_experts a
     # tensor-parallel MLP also under EP) with a plain QKV attention.
@@ -292,6 +327,7 @@ QUANT_FAMILIES: Mapping[tuple[str, str], str] = {("gpt_oss", "mxfp4"): "gpt_oss_
 __all__ = [
     "MODEL_TYPES",
     "RULE_TABLES",
+    "ConfigSections",
     "Expert",
     "FirstRank",
     "FusedQKV",

@@ -12,6 +12,7 @@ The specs and tables live in :mod:`gpuload.rules`; this module applies them.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +23,7 @@ from .rules import (
     MODEL_TYPES,
     QUANT_FAMILIES,
     RULE_TABLES,
+    ConfigSections,
     Expert,
     FirstRank,
     FusedQKV,
@@ -238,6 +240,7 @@ class Sharder:
             if top_type not in MODEL_TYPES:
                 config["model_type"] = text.get("model_type")
         self.family = MODEL_TYPES.get(str(config.get("model_type")), "generic")
+        self.config = config  # text_config merged: read by ConfigSections rules
         qcfg = config.get("quantization_config")
         method = str(qcfg.get("quant_method")) if isinstance(qcfg, Mapping) else ""
         self.family = QUANT_FAMILIES.get((self.family, method), self.family)
@@ -351,6 +354,8 @@ class Sharder:
             return Selection.whole(shape, "replicated", rule)
         if isinstance(spec, FirstRank):
             return Selection.whole(shape, "replicated", rule) if rank == 0 else None
+        if isinstance(spec, ConfigSections):
+            return self._split(self._sections(spec, name), rule, name, shape, rank, world)
         dim = spec.dim if isinstance(spec, Split | FusedQKV | Intermediate) else 0
         if not -len(shape) <= dim < len(shape):
             raise ShardingError(f"{name!r}: rule {rule!r} splits dim {dim}, but shape is {shape}")
@@ -419,6 +424,17 @@ class Sharder:
         ]
         return _selection(shape, dim, sizes, parts, "fused", rule)
 
+    def _sections(self, spec: ConfigSections, name: str) -> Split:
+        sizes = []
+        for keys in spec.sections:
+            values = [self.config.get(k) for k in keys]
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ShardingError(
+                    f"{name!r}: its sections need config.json {' * '.join(keys)}, got {values}"
+                )
+            sizes.append(math.prod(values))
+        return Split(spec.dim, tuple(sizes))
+
     def _need(self, attr: str, name: str, rule: str) -> int:
         if (count := getattr(self, attr)) is None:
             raise ShardingError(
@@ -463,6 +479,7 @@ class Sharder:
 __all__ = [
     "MODEL_TYPES",
     "RULE_TABLES",
+    "ConfigSections",
     "Expert",
     "FirstRank",
     "FusedQKV",

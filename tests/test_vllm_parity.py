@@ -970,6 +970,24 @@ def tiny_moe(kind, path):
             **common,
         )
         return save(tf.Glm4MoeForCausalLM(cfg), path)
+    if kind == "qwen3_next":
+        cfg = tf.Qwen3NextConfig(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_hidden_layers=2,
+            head_dim=8,
+            num_experts=8,
+            num_experts_per_tok=2,
+            linear_num_key_heads=8,
+            linear_num_value_heads=16,
+            linear_key_head_dim=4,
+            linear_value_head_dim=4,
+            linear_conv_kernel_dim=4,
+            layer_types=["linear_attention", "full_attention"],
+            **common,
+        )
+        return save(tf.Qwen3NextForCausalLM(cfg), path)
     cfg = tf.PhimoeConfig(
         intermediate_size=32,
         num_hidden_layers=1,
@@ -980,6 +998,32 @@ def tiny_moe(kind, path):
         **common,
     )
     return save(tf.PhimoeForCausalLM(cfg), path)
+
+
+# vLLM qwen3_next.py Qwen3NextAttention: q_proj a QKVParallelLinear of
+# 2 * heads (q and its output gate, per head), k/v by kv heads; the
+# GatedDeltaNet (layers/mamba/gdn/qwen_gdn_linear_attn.py, interleaved
+# layout): in_proj_qkvz and in_proj_ba one section each (even rows),
+# conv1d q | k | v (key_dim, key_dim, value_dim) each split
+# (mamba_v2_sharded_weight_loader), A_log and dt_bias rows
+# (sharded_weight_loader(0)), out_proj columns, norm whole; MoE as Qwen3-MoE
+# with a shared_expert (split) and shared_expert_gate (whole).
+KEY_DIM, VALUE_DIM = 8 * 4, 16 * 4
+
+
+def qwen3_next_expected(expert_parallel):
+    moe = moe_expected(8, expert_parallel)
+
+    def expected(name, a, rank, world):
+        if name.endswith("conv1d.weight"):
+            return sections(a, (KEY_DIM, KEY_DIM, VALUE_DIM), rank, world, axis=0)
+        if name.endswith(("in_proj_qkvz.weight", "in_proj_ba.weight", "A_log", "dt_bias")):
+            return rows(a, rank, world)
+        if name.endswith("out_proj.weight"):
+            return rows(a, rank, world, axis=1)
+        return moe(name, a, rank, world)
+
+    return expected
 
 
 @pytest.fixture(scope="module", params=["glm4_moe", "phimoe"])
@@ -993,5 +1037,21 @@ def moe_family(request, tmp_path_factory):
 def test_glm4_moe_and_phimoe(moe_family, world, expert_parallel):
     path, arrays = moe_family
     check(path, arrays, moe_expected(8, expert_parallel), world, expert_parallel=expert_parallel)
+    _, report = gpuload.load_sharded(path, 0, world, device="cpu", return_report=True)
+    assert not report.unknown
+
+
+@pytest.fixture(scope="module")
+def qwen3_next(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3_next")
+    return path, tiny_moe("qwen3_next", path)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_qwen3_next(qwen3_next, world, expert_parallel):
+    path, arrays = qwen3_next
+    expected = qwen3_next_expected(expert_parallel)
+    check(path, arrays, expected, world, expert_parallel=expert_parallel)
     _, report = gpuload.load_sharded(path, 0, world, device="cpu", return_report=True)
     assert not report.unknown
