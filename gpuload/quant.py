@@ -22,11 +22,11 @@ from typing import Any
 from .errors import ShardingError
 from .selection import Selection
 
-# Integer-quantized linear layers: per format, each tensor's dims as axes of
+# Per format, each tensor's dims as axes of
 # the logical [out, in] weight, counted in elements, packed int32 words
 # ("pack", 32 / bits values) or quantization groups ("group", the size read
 # from the shapes), and whether it is the packed weight that gives the
-# logical shape. No axes: whole on every rank. gpuload.quant applies them.
+# logical shape. No axes: whole on every rank. select() applies them.
 PACKED: Mapping[str, Mapping[str, tuple[tuple[tuple[str, str], ...], bool]]] = {
     # vLLM auto_gptq.py AutoGPTQLinearMethod.create_weights: qweight packed
     # on input_dim 0, qzeros on output_dim 1, scales [in/g, out].
@@ -149,8 +149,9 @@ def select(
     if sel is None:  # another rank's expert
         return None
     rule = f"{fmt.name} {suffix} of {weight}" + (f" ({sel.rule})" if sel.rule else "")
-    if sel.dim is None or not axes:
-        return Selection.whole(shape, sel.kind, rule if sel.rule else None)
+    if sel.dim is None or not axes:  # a whole (or unknown) weight, or g_idx / weight_shape
+        kind = sel.kind if sel.dim is None else "replicated"
+        return Selection.whole(shape, kind, rule if sel.rule else None)
     axis = ("out", "in")[sel.dim]
     dim = next((d for d, (a, _) in enumerate(axes) if a == axis), None)
     if dim is None or shape[dim] == 1:  # per channel beside a split of the other axis

@@ -248,17 +248,25 @@ def qwen3_vl_moe(tmp_path_factory):
     cfg = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
     path = tmp_path_factory.mktemp("qwen3_vl_moe")
     arrays = save(transformers.Qwen3VLMoeForConditionalGeneration(cfg), path)
-    # transformers 5 saves the experts [E, out, in]; the checkpoints vLLM
+    # transformers 5.24 saves the experts [E, out, in]; the checkpoints vLLM
     # loads (and transformers' conversion_mapping "qwen3_vl_moe" Transpose(1,
-    # 2) reads) store them [E, in, out]. Write that layout, keep the other.
+    # 2) reads) store them [E, in, out]. Write both layouts.
+    layouts = {"hub": {}, "untransposed": {}}
+    for name, a in arrays.items():
+        out_first = ".mlp.experts." in name and a.shape[2] == H  # [E, 2I, H] / [E, H, I]
+        if name.endswith("down_proj"):
+            out_first = a.shape[1] == H
+        flip = np.ascontiguousarray(a.transpose(0, 2, 1)) if ".mlp.experts." in name else a
+        layouts["hub"][name] = flip if out_first else a
+        layouts["untransposed"][name] = a if out_first else flip
+    gate_up = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    assert layouts["hub"][gate_up].shape == (E, H, 2 * INTER)
     untransposed = path / "untransposed"
     untransposed.mkdir()
-    safetensors.numpy.save_file(arrays, untransposed / "model.safetensors")
+    safetensors.numpy.save_file(layouts["untransposed"], untransposed / "model.safetensors")
     (untransposed / "config.json").write_text((path / "config.json").read_text())
-    for name in [n for n in arrays if ".mlp.experts." in n]:
-        arrays[name] = np.ascontiguousarray(arrays[name].transpose(0, 2, 1))
-    safetensors.numpy.save_file(arrays, path / "model.safetensors")
-    return path, arrays
+    safetensors.numpy.save_file(layouts["hub"], path / "model.safetensors")
+    return path, layouts["hub"]
 
 
 def qwen3_vl_moe_text(expert_parallel):
