@@ -1,4 +1,4 @@
-"""``gpuload`` command line: inspect, plan, demo, bench.
+"""``gpuload`` command line: inspect, plan, demo, bench, doctor.
 
 Human tables by default, ``--json`` for machines.
 """
@@ -206,6 +206,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    lines = doctor.run(arch=args.arch)
+    if args.json:
+        print(json.dumps(doctor.as_json(lines, args.arch), indent=2))
+    else:
+        print(doctor.report(lines))
+    return 0 if all(ln.ok for ln in lines) else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
 
@@ -241,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--world", type=int, default=2)
     s.add_argument("--dir", help="write the checkpoint here instead of a temp dir")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("doctor", help="check the GPU path here: versions, devices, kernels")
+    s.add_argument(
+        "--arch", help="compile and link the kernels for this architecture (e.g. sm_90), no GPU"
+    )
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_doctor)
 
     from .bench import add_arguments  # argparse only: the bench imports nothing heavy
 
