@@ -108,6 +108,9 @@ def _gpus(st: State) -> Iterator[Line]:
 def _kernels(st: State) -> Iterator[Line]:
     from .kernels import toolchain
 
+    if _version("numba-cuda") is None:  # numba's own, deprecated numba.cuda cannot link
+        yield Line("kernels", False, "not checked: numba-cuda is not installed", CU)
+        return
     if st.arch is None and st.gpus == 0:
         yield Line("kernels", False, "not checked: no GPU", "name one: gpuload doctor --arch sm_90")
         return
