@@ -219,6 +219,10 @@ def check(arch: str | None = None, device: int | None = None) -> Toolchain:
     """
     if (arch is None) == (device is None):
         raise ValueError("give exactly one of arch= (e.g. 'sm_90') or device= (an index)")
+    from .cuda import _SIM
+
+    if _SIM:  # the simulator runs the Python body: nothing to compile or link
+        return Toolchain(arch="simulator")
     key = (arch, device)
     with _lock:
         tc = _cache.get(key)
