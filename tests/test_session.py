@@ -41,6 +41,7 @@ def test_session_all_runs_the_gpu_tier_without_gpuload_installed(tmp_path, bare_
     }
     env |= {"PATH": f"{bare_python}:{env['PATH']}", "OUT": str(tmp_path / "out")}
     env["SESSION_DIR"] = str(tmp_path / "gl")
+    env["SESSION_WHEELS"] = str(tmp_path)  # none: .whl/ holds Python 3.12 wheels
     probe = subprocess.run(
         ["python3", "-c", "import numpy, numba, pytest, torch; import gpuload"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,

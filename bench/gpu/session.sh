@@ -32,9 +32,10 @@ OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo ?)
 
-if ls .whl/*.whl >/dev/null 2>&1; then
+WHL=${SESSION_WHEELS:-.whl}  # the wheels for the lent machine's Python (3.12)
+if ls "$WHL"/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$GL-site" .whl/*.whl || exit 1
+        --target "$GL-site" "$WHL"/*.whl || exit 1
 fi
 rm -rf "$GL" && mkdir -p "$GL"
 cp -r gpuload tests bench pyproject.toml "$GL"/ && cp -r kernels "$GL"/gpuload/kernels

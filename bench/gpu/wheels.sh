@@ -7,9 +7,7 @@
 #   bash bench/gpu/wheels.sh      # then carry .whl (see bench/gpu/session.sh)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-mkdir -p .git/info
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-mkdir -p .whl
+mkdir -p .whl  # ignored (.gitignore): the device tool carries it, git does not
 platforms=(--platform manylinux2014_x86_64)
 for n in $(seq 17 39); do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
