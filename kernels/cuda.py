@@ -149,18 +149,25 @@ def _kernel(word: int):
     return kernel
 
 
-def compiler_problem() -> str | None:
-    """Why Numba cannot compile the kernels here (no libNVVM), or None.
+def compiler_problem(device: int | None = None) -> str | None:
+    """Why the kernels cannot run here (no libNVVM; with ``device``, any
+    variant that does not compile, link or load on it), or None.
 
     Checked when a GPU Loader is made, so that a missing compiler fails
-    there and not at the first gather, half way through a load's reads."""
+    there and not at the first gather, half way through a load's reads.
+    The device check (``toolchain.check``) names the versions found and what
+    to install; it is cached per process."""
     if _SIM:
         return None
     from numba.cuda.cudadrv import nvvm
 
-    if nvvm.is_available():
+    if not nvvm.is_available():
+        return "Numba finds no libNVVM to compile the gather kernels"
+    if device is None:
         return None
-    return "Numba finds no libNVVM to compile the gather kernels"
+    from .toolchain import check
+
+    return check(device=device).problem
 
 
 def variants() -> dict[int, int]:
