@@ -65,7 +65,7 @@ def test_session_all_runs_the_gpu_tier_without_gpuload_installed(tmp_path, bare_
 
     assert "problem(s) found" in (out / "doctor.txt").read_text()
     assert "no usable GPU" in (out / "gather.md").read_text()
-    for mode in ("warm", "cold"):
+    for mode in ("strategies", "warm", "cold"):
         assert "skipped" in (out / mode / "bench.txt").read_text()
     machine = (out / "machine.txt").read_text()
     assert f"gpuload 0.1.0 {tmp_path / 'gl'}" in machine, machine  # the laid-out copy ran
