@@ -194,10 +194,21 @@ class CupyRuntime:
         # a load. The caller's current device is left alone: work on device
         # N runs inside ``with Device(N)`` or on reader threads bound to it.
         self._kernels = importlib.import_module("gpuload.kernels.cuda")
-        if (problem := self._kernels.compiler_problem()) is not None:
+        # With the device index the check compiles, links and loads every
+        # variant on this device and names the NVVM / nvJitLink / driver
+        # versions behind a mismatch, before the warm-up below would fail
+        # with the linker's bare message.
+        try:
+            # The first CUDA call: a missing or too old driver is named by
+            # cupy's own error here, before Numba's driver init would hide it.
+            self._rt.getDeviceCount()
+            problem = self._kernels.compiler_problem(index)
+        except Exception as e:
+            raise BackendUnavailable(f"the GPU path cannot run on cuda:{index}: {e}") from e
+        if problem is not None:
             raise BackendUnavailable(
-                f"the GPU path cannot run: {problem}; "
-                "pip install 'gpuload[cu12]' (or [cu13]), which brings numba-cuda and NVVM"
+                f"the GPU path cannot run on cuda:{index}: {problem} "
+                "(`gpuload doctor` reports the whole toolchain)"
             )
         self._warm()
 

@@ -162,7 +162,10 @@ def compiler_problem(device: int | None = None) -> str | None:
     from numba.cuda.cudadrv import nvvm
 
     if not nvvm.is_available():
-        return "Numba finds no libNVVM to compile the gather kernels"
+        return (
+            "Numba finds no libNVVM to compile the gather kernels; fix: pip install "
+            "'gpuload[cu13]' (or [cu12]), which brings numba-cuda and NVVM"
+        )
     if device is None:
         return None
     from .toolchain import check
