@@ -9,6 +9,7 @@ from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .config import Config
 from .errors import (
     BackendUnavailable,
+    ConfigFileError,
     GpuloadError,
     HeaderError,
     IndexFileError,
@@ -28,6 +29,7 @@ __all__ = [
     "BackendUnavailable",
     "Checkpoint",
     "Config",
+    "ConfigFileError",
     "GpuloadError",
     "HeaderError",
     "IndexFileError",

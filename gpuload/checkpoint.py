@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import DTYPES, DType
-from .errors import HeaderError, IndexFileError, ReadError
+from .errors import ConfigFileError, HeaderError, IndexFileError, ReadError
 from .gcpause import paused
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap (HeaderTooLarge)
@@ -179,6 +179,27 @@ def _parse_entry(file: str, name: str, entry: Any, data_start: int) -> tuple[Ten
     return info, begin
 
 
+# Magic numbers of files often mistaken for safetensors, and what they are.
+_MAGIC = (
+    (b"PK\x03\x04", "a zip archive (a PyTorch .bin/.pt checkpoint saved by torch.save?)"),
+    (b"\x1f\x8b", "gzip-compressed"),
+    (b"GGUF", "a GGUF file (llama.cpp)"),
+    (b"\x89HDF", "an HDF5 file (Keras .h5?)"),
+    (b"\x93NUMPY", "a numpy .npy file"),
+)
+
+
+def _looks_like(prefix: bytes) -> str:
+    """`` (it looks like ...)`` when the first bytes say what the file is."""
+    head = bytes(prefix[:8])
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return f" (it looks like {what})"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:  # pickle PROTO opcode
+        return " (it looks like a pickle: a PyTorch .bin checkpoint?)"
+    return ""
+
+
 def parse_header_bytes(
     file: str, prefix: bytes, file_size: int, identity: tuple[int, int, int, int] = (0, 0, 0, 0)
 ) -> FileHeader:
@@ -192,9 +213,17 @@ def parse_header_bytes(
     if n == 0:
         raise HeaderError(file, "header length is 0")
     if n > MAX_HEADER_BYTES:
-        raise HeaderError(file, f"header length {n} exceeds the {MAX_HEADER_BYTES} byte cap")
+        raise HeaderError(
+            file,
+            f"not a safetensors file{_looks_like(prefix)}: the first 8 bytes, read as the "
+            f"header length, give {n}, over the {MAX_HEADER_BYTES} byte cap",
+        )
     if 8 + n > file_size:
-        raise HeaderError(file, f"header length {n} runs past the end of the {file_size}-byte file")
+        raise HeaderError(
+            file,
+            f"not a safetensors file{_looks_like(prefix)}: header length {n} runs past the "
+            f"end of the {file_size}-byte file",
+        )
     if len(prefix) < 8 + n:
         raise HeaderError(file, f"header truncated: have {len(prefix) - 8} of {n} bytes")
     try:
@@ -377,21 +406,29 @@ def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     weight_map: dict[str, str] | None = None
     index: Path | None = None
     root: Path | None = None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
     if isinstance(path, (str, os.PathLike)):
         p = Path(path)
         if p.is_dir():
             root = p
             paths, weight_map, index = _files_in_dir(p)
-        elif p.is_file():
+        elif p.exists():  # a FIFO or device too: parse_header refuses it by name
             paths = [p]
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
     else:
-        paths = [Path(x) for x in path]
+        if not isinstance(path, Sequence) or not all(
+            isinstance(x, str | bytes | os.PathLike) for x in path
+        ):
+            raise TypeError(
+                f"path has to be a file or directory path or a list of file paths, got {path!r}"
+            )
+        paths = [Path(os.fsdecode(x)) for x in path]
         if not paths:
             raise ValueError("path is an empty list of files")
         for p in paths:
-            if not p.is_file():
+            if not p.exists():
                 raise FileNotFoundError(f"{p}: no such file")
 
     headers = [parse_header(p) for p in paths]
@@ -421,9 +458,9 @@ def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     cfg_dir = root if root is not None else paths[0].parent
     cfg = cfg_dir / "config.json"
     if cfg.is_file():
-        doc = _read_json(cfg, HeaderError)
+        doc = _read_json(cfg, ConfigFileError)
         if not isinstance(doc, dict):
-            raise HeaderError(str(cfg), "config.json is not a JSON object")
+            raise ConfigFileError(str(cfg), "config.json is not a JSON object")
         config = doc
     root_str = None if root is None else str(root)
     return Checkpoint(root_str, tuple(headers), tensors, config, str(cfg) if config else None)

@@ -1,4 +1,4 @@
-"""``gpuload`` command line: inspect, plan, demo, bench, doctor.
+"""The ``gpuload`` command line: inspect, plan, demo, bench, doctor.
 
 Human tables by default, ``--json`` for machines.
 """
@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 from . import __version__
+from . import config as _config
 from .checkpoint import open_checkpoint
 from .errors import GpuloadError
-from .loader import Loader
+from .loader import Loader, touched_bytes
+
+DESCRIPTION = (
+    "Load safetensors checkpoints cut into one tensor-parallel rank's shard. "
+    "Human tables by default, --json for machines."
+)
 
 
 def _alignment(offset: int) -> int:
@@ -84,10 +91,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _sharding_kwargs(args: argparse.Namespace) -> dict:
     kw = {"expert_parallel": args.expert_parallel, "allow_uneven": args.allow_uneven}
-    if args.num_heads:
-        kw["num_heads"] = args.num_heads
-    if args.num_kv_heads:
-        kw["num_kv_heads"] = args.num_kv_heads
+    for name in ("num_heads", "num_kv_heads", "num_experts", "qkv_sections", "cpu_resident"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
     return kw
 
 
@@ -106,7 +112,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         names = {p.tensor for p in op.pieces}
         for n in names:  # a shared read is charged to each tensor in it once
             reads[n] += 1
-    file_bytes = sum(i.nbytes for i in lp.checkpoint.tensors.values())
+    file_bytes = touched_bytes(lp.checkpoint, plan, lp.resident)
     tensors = [
         {
             "name": t.name,
@@ -128,6 +134,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "bytes_read": plan.bytes_read,
         "bytes_useful": plan.bytes_useful,
         "bytes_wasted": plan.bytes_wasted,
+        "bytes_gap": plan.bytes_gap,
+        "cpu_resident": sorted(lp.resident),
         "read_ops": len(plan.ops),
         "staged_ops": sum(op.staged for op in plan.ops),
         "unknown": list(lp.unknown),
@@ -184,6 +192,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"unknown tensors, replicated: {', '.join(lp.unknown)}")
     if lp.skipped:
         print(f"not owned by this rank: {len(lp.skipped)} tensors")
+    if lp.resident:
+        print(f"cpu_resident (mapped, not read): {len(lp.resident)} tensors")
     if args.ops:
         print()
         print(
@@ -223,8 +233,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is less than {low}")
+        return n
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _sections(text: str) -> tuple[int, int, int]:
+    try:
+        q, k, v = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not Q,K,V (three integers)") from None
+    return q, k, v
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpuload", description=__doc__)
+    p = argparse.ArgumentParser(prog="gpuload", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"gpuload {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -235,13 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plan", help="per-tensor split and the reads one rank would do")
     s.add_argument("path")
-    s.add_argument("--rank", type=int, required=True)
-    s.add_argument("--world", type=int, required=True)
+    s.add_argument("--rank", type=_int_at_least(0), required=True)
+    s.add_argument("--world", type=_int_at_least(1), required=True)
     s.add_argument("--include", help="regex: plan only matching tensors")
     s.add_argument("--expert-parallel", action="store_true")
     s.add_argument("--allow-uneven", action="store_true")
-    s.add_argument("--num-heads", type=int)
-    s.add_argument("--num-kv-heads", type=int)
+    s.add_argument("--num-heads", type=_int_at_least(1))
+    s.add_argument("--num-kv-heads", type=_int_at_least(1))
+    s.add_argument("--num-experts", type=_int_at_least(1), help="routed experts (no config.json)")
+    s.add_argument("--qkv-sections", type=_sections, help="fused q,k,v sizes, e.g. 512,128,128")
+    s.add_argument(
+        "--cpu-resident",
+        nargs="?",
+        const=True,
+        metavar="REGEX",
+        help="tensors kept in host memory, mapped not read (no REGEX: routed experts)",
+    )
     s.add_argument("--chunk-bytes", help="cap on one read, e.g. 64MiB")
     s.add_argument("--ops", action="store_true", help="also list every read op")
     s.add_argument("--json", action="store_true")
@@ -249,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="write a small checkpoint, load every rank, check bytes")
     s.add_argument("--device", default=None, help="cpu or cuda:N (default: best available)")
-    s.add_argument("--world", type=int, default=2)
+    s.add_argument("--world", type=_int_at_least(1), default=2)
     s.add_argument("--dir", help="write the checkpoint here instead of a temp dir")
     s.set_defaults(fn=cmd_demo)
 
@@ -271,10 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        _config.get()  # every GPULOAD_* flag, checked before any command runs
+        rc = args.fn(args)
+        sys.stdout.flush()  # inside the try: a closed pipe raises here, not at exit
+        return rc
     except (GpuloadError, FileNotFoundError, ValueError) as e:
         print(f"gpuload: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `gpuload inspect m | head`: the reader left. Quiet, like a tool
+        # killed by SIGPIPE; stdout goes to /dev/null so the exit flush
+        # cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":

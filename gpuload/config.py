@@ -27,13 +27,17 @@ GPULOAD_GATHER             auto | device | zerocopy   how covering reads reach a
 =========================  =========================  ==================================
 
 Sizes accept a plain byte count or a suffix: ``K``/``KiB``, ``M``/``MiB``,
-``G``/``GiB`` (powers of 1024).
+``G``/``GiB`` (powers of 1024). Nothing else: ``64MB`` is refused, since many
+read MB as 10**6 bytes. Counts are whole numbers (``threads=2.7`` is refused,
+not cut to 2). Booleans take ``0``/``1`` (and ``false``/``true``,
+``no``/``yes``, ``off``/``on``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -42,21 +46,27 @@ from typing import Any, Literal
 MiB = 1 << 20
 _GATHERS = ("auto", "device", "zerocopy", "pack")  # gpuload.transfer.GATHERS and auto
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([kmg])(ib)?)?\s*$", re.IGNORECASE)
+_SIZE_SHIFT = {None: 0, "k": 10, "m": 20, "g": 30}
 
 
 def parse_size(name: str, value: str | int) -> int:
-    """Parse a byte size such as ``"64MiB"`` or ``4194304``; fail naming ``name``."""
+    """Parse a byte size such as ``"64MiB"``, ``"64M"`` or ``4194304``; fail naming ``name``."""
     if isinstance(value, bool):
         raise ValueError(f"{name} has to be a size in bytes, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE_RE.match(str(value))
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
         if not m:
-            raise ValueError(f"{name} has to be a size like 67108864 or 64MiB, got {value!r}")
-        n = int(m.group(1)) << _SIZE_SHIFT[m.group(2).lower()]
+            raise ValueError(
+                f"{name} has to be a byte count or a K/M/G size (KiB/MiB/GiB, powers of 1024) "
+                f"like 67108864, 64M or 64MiB, got {value!r}"
+            )
+        n = int(m.group(1)) << _SIZE_SHIFT[m.group(2) and m.group(2).lower()]
+    else:
+        try:
+            n = operator.index(value)  # ints of any integral type, not 64.5
+        except TypeError:
+            raise ValueError(f"{name} has to be a whole number of bytes, got {value!r}") from None
     if n <= 0:
         raise ValueError(f"{name} has to be a positive size in bytes, got {value!r}")
     return n
@@ -90,12 +100,15 @@ def parse_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 
 def parse_positive_int(name: str, value: str | int) -> int:
-    try:
-        n = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        n = 0
-    not_digits = isinstance(value, str) and not value.strip().isdigit()
-    if isinstance(value, bool) or n <= 0 or not_digits:
+    n = 0
+    if isinstance(value, str):
+        n = int(value) if value.strip().isdigit() else 0
+    elif not isinstance(value, bool):
+        try:
+            n = operator.index(value)  # 2.7 is refused, not cut to 2
+        except TypeError:
+            n = 0
+    if n <= 0:
         raise ValueError(f"{name} has to be a positive integer, got {value!r}")
     return n
 

@@ -19,10 +19,11 @@ from .verify import as_bytes, cut, mismatches, reference_tensors
 
 
 def run_demo(directory: Path, *, device: str | None = None, world: int = 2) -> bool:
-    model = synth.write_model(directory / "tiny-llama", "tiny", num_files=2)
-    print(f"wrote {model} (synthetic tiny Llama, bf16, 2 files + index.json)")
     ok = True
+    # The Loader first: a device that cannot be used fails before anything is written.
     with Loader(device=device) as loader:
+        model = synth.write_model(directory / "tiny-llama", "tiny", num_files=2)
+        print(f"wrote {model} (synthetic tiny Llama, bf16, 2 files + index.json)")
         print(f"device: {loader.device}, reader: {loader.backend} ({loader.backend_reason})")
         shards: dict[str, list[np.ndarray]] = {}
         reference = None

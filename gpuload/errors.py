@@ -30,6 +30,10 @@ class IndexFileError(HeaderError):
     """model.safetensors.index.json is malformed or disagrees with the files."""
 
 
+class ConfigFileError(HeaderError):
+    """config.json is not valid JSON, or not a JSON object."""
+
+
 class ShardingError(GpuloadError):
     """A tensor cannot be split as its rule asks (uneven, unknown heads...)."""
 
@@ -48,6 +52,7 @@ class BackendUnavailable(GpuloadError):
 
 __all__ = [
     "BackendUnavailable",
+    "ConfigFileError",
     "GpuloadError",
     "HeaderError",
     "IndexFileError",

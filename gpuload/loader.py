@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import os
 import re
 import time
@@ -19,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import config as _config
+from . import options as _options
 from . import resident as _resident
 from .backend import make_backend
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
@@ -38,17 +40,26 @@ PathLike = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 Filter = str | re.Pattern[str] | Callable[[str], bool] | Iterable[str] | None
 
 
-def name_filter(spec: Filter) -> Callable[[str], bool] | None:
+def name_filter(spec: Filter, what: str = "include") -> Callable[[str], bool] | None:
     """A tensor-name predicate (regex, callable or names), or None for "all"."""
-    return None if spec is None else _resident.name_filter(spec)
+    return None if spec is None else _resident.name_filter(spec, what)
 
 
-def check_rank(rank: int, world: int) -> None:
+def check_rank(rank: Any, world: Any) -> tuple[int, int]:
+    """``(rank, world)`` as Python ints: any integral type (numpy, torch
+    scalars) is accepted through ``operator.index``; bools and floats are not."""
+    out = []
     for name, v in (("rank", rank), ("world", world)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-            raise TypeError(f"{name} must be an int, got {v!r}")
+        try:
+            if isinstance(v, bool | np.bool_):
+                raise TypeError
+            out.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {v!r}") from None
+    rank, world = out
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+    return rank, world
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +106,7 @@ class Loader:
         runtime: Any = None,
         **settings: Any,
     ) -> None:
+        _options.check(settings, _options.SETTINGS, "Loader(...)")
         self.config = _config.get().replace(**settings)
         # A caller-supplied CUDA runtime (the CPU tests' fake) needs no probe.
         self.device = resolve_device(device, probe=runtime is None)
@@ -128,27 +140,21 @@ class Loader:
         )
 
     @paused()  # many small acyclic objects: see gpuload.gcpause
-    def plan(
-        self,
-        path: PathLike,
-        rank: int,
-        world: int,
-        *,
-        rules: Any = None,
-        include: Filter = None,
-        cpu_resident: Filter | bool = None,
-        **sharding: Any,
-    ) -> LoadPlan:
-        """Parse, shard and plan without reading any tensor data."""
-        check_rank(rank, world)
+    def plan(self, path: PathLike, rank: int, world: int, **options: Any) -> LoadPlan:
+        """Parse, shard and plan without reading any tensor data.
+
+        ``options``: the per-load keywords of :func:`load_sharded` (``rules``,
+        ``include``, ``cpu_resident`` and the sharding options), checked
+        against :data:`gpuload.options.PER_LOAD` before any file is opened.
+        """
+        self._check_open()
+        _options.check(options, _options.PER_LOAD, "Loader.plan")
+        rank, world = check_rank(rank, world)
+        keep, resident_of, rules, options = _per_load(options)
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
-        keep = name_filter(include)
-        if cpu_resident is True:
-            cpu_resident = _resident.PRESET_EXPERTS
-        resident_of = name_filter(cpu_resident or None)
         shapes = {name: info.shape for name, info in ckpt.tensors.items()}
         try:
-            sharder = Sharder(ckpt.config, rules, shapes=shapes, **sharding)
+            sharder = Sharder(ckpt.config, rules, shapes=shapes, **options)
         except ShardingError as e:  # a bad value in config.json
             raise ShardingError(f"{ckpt.config_path}: {e}") from None
         items: list[tuple[TensorInfo, Selection]] = []
@@ -187,21 +193,22 @@ class Loader:
         rank: int,
         world: int,
         *,
-        rules: Any = None,
-        include: Filter = None,
-        cpu_resident: Filter | bool = None,
         return_report: bool = False,
-        **sharding: Any,
+        **options: Any,
     ):
-        """Load this rank's shard of every tensor; see :func:`load_sharded`."""
-        if self._closed:
-            raise RuntimeError("this Loader is closed")
+        """Load this rank's shard of every tensor; see :func:`load_sharded`.
+
+        ``options``: the per-load keywords (``rules``, ``include``,
+        ``cpu_resident``, sharding options); settings go to ``Loader(...)``.
+        """
+        self._check_open()
+        _options.check(options, _options.PER_LOAD, "Loader.load")
+        rank, world = check_rank(rank, world)
+        _per_load(options)  # bad values fail here, before any file is opened
         t0 = time.perf_counter()
         ckpt = open_checkpoint(path) if not isinstance(path, Checkpoint) else path
         t1 = time.perf_counter()
-        lp = self.plan(
-            ckpt, rank, world, rules=rules, include=include, cpu_resident=cpu_resident, **sharding
-        )
+        lp = self.plan(ckpt, rank, world, **options)
         plan = lp.plan
         t2 = time.perf_counter()
         report = LoadReport(
@@ -211,8 +218,9 @@ class Loader:
             device=self.device,
             backend=self.backend,
             backend_reason=self.backend_reason,
-            tensors=len(plan.tensors),
-            file_bytes=sum(i.nbytes for i in ckpt.tensors.values()),
+            tensors=len(plan.tensors) + len(lp.resident),
+            file_bytes=touched_bytes(ckpt, plan, lp.resident),
+            bytes_gap=plan.bytes_gap,
             header_s=t1 - t0,
             plan_s=t2 - t1,
             unknown=list(lp.unknown),
@@ -246,11 +254,20 @@ class Loader:
         if lp.resident:
             # Zero-copy host arrays over the checkpoint's mapping, prefaulted
             # and pinned: they stay on the CPU whatever the device.
+            # torch has no read-only tensors: it gets a private copy-on-write
+            # mapping, so a write copies the touched pages, never reaching
+            # the file (see gpuload.resident).
             gpu = int(self.device.split(":")[1]) if self.device != "cpu" else None
             arrays, report.prefault = _resident.map_resident(
-                ckpt, lp.resident, self.config, device=gpu
+                ckpt,
+                lp.resident,
+                self.config,
+                device=gpu,
+                writable=self.framework == "torch",
             )
             result.update(resident_as(arrays, self.framework))
+            report.bytes_resident = sum(a.nbytes for a in arrays.values())
+            report.resident_copies = list(report.prefault.copies)
         report.seconds = time.perf_counter() - t0
         self.last_report = report
         log.info("%s", report.summary())
@@ -271,6 +288,10 @@ class Loader:
             leave=False,
         )
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Loader is closed")
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -283,18 +304,36 @@ class Loader:
         self.close()
 
 
+def _per_load(options: dict[str, Any]):
+    """Per-load keywords -> (include filter, cpu_resident filter, rules,
+    sharding options), every value checked: a bad regex or count raises
+    ValueError/TypeError here, before any file is opened."""
+    options = dict(options)
+    keep = name_filter(options.pop("include", None))
+    resident_spec = options.pop("cpu_resident", None)
+    if resident_spec is True:
+        resident_spec = _resident.PRESET_EXPERTS
+    resident_of = name_filter(resident_spec or None, "cpu_resident")
+    rules = options.pop("rules", None)
+    Sharder(None, rules, **options)  # validates rules and every sharding option
+    return keep, resident_of, rules, options
+
+
+def touched_bytes(ckpt: Checkpoint, plan: Plan, resident: dict[str, Selection]) -> int:
+    """Tensor bytes of the files this load read from or mapped."""
+    files = {op.file for op in plan.ops} | {ckpt.tensors[n].file for n in resident}
+    return sum(i.nbytes for i in ckpt.tensors.values() if i.file in files)
+
+
 def load_sharded(
     path: PathLike,
     rank: int,
     world: int,
     *,
     device: str | None = None,
-    rules: Any = None,
-    include: Filter = None,
     framework: str | None = None,
-    cpu_resident: Filter | bool = None,
     return_report: bool = False,
-    **kwargs: Any,
+    **options: Any,
 ):
     """Load one tensor-parallel rank's shard of a safetensors checkpoint.
 
@@ -348,9 +387,6 @@ def load_sharded(
     reported as wasted bytes). bf16 and fp8 numpy arrays use ``ml_dtypes``;
     packed sub-byte dtypes (F4, F6) come back as ``uint8`` bytes.
     """
-    setting_names = {f.name for f in dataclasses.fields(_config.Config)}
-    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in setting_names}
+    settings, per_load = _options.split(options, "load_sharded")
     with Loader(device=device, framework=framework, **settings) as loader:
-        return loader.load(
-            path, rank, world, rules=rules, include=include, return_report=return_report, **kwargs
-        )
+        return loader.load(path, rank, world, return_report=return_report, **per_load)

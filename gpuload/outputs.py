@@ -20,7 +20,6 @@ sees the device, else ``cupy``.
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import Any
 
 import numpy as np
@@ -143,32 +142,34 @@ def convert(buffers: dict[str, np.ndarray], plans: list[TensorPlan], framework: 
 
 
 def resident_as(arrays: dict[str, np.ndarray], framework: str) -> dict:
-    """CPU-resident (mapped, read-only) arrays in the caller's framework."""
+    """CPU-resident arrays in the caller's framework, sharing their memory.
+
+    For torch they are writable views of a private copy-on-write mapping
+    (torch has no read-only tensors: a write to a read-only mapping would
+    kill the process with SIGSEGV); see :func:`gpuload.resident.map_resident`.
+    """
     if framework != "torch":
         return arrays
-    torch = _torch()
-    out = {}
-    for name, a in arrays.items():
-        with warnings.catch_warnings():
-            # torch warns that the array is not writable: it is a read-only
-            # mapping of the checkpoint by design (zero-copy); writing to it
-            # would fault, as with safetensors' own mmap'd tensors.
-            warnings.simplefilter("ignore", UserWarning)
-            out[name] = torch.from_numpy(a) if a.dtype.kind in "biufc" else _raw_torch(a)
-    return out
+    return {name: _raw_torch(a) for name, a in arrays.items()}
+
+
+_TORCH_NAMES = {
+    "bfloat16": "bfloat16",
+    "float8_e4m3fn": "float8_e4m3fn",
+    "float8_e5m2": "float8_e5m2",
+    "float8_e8m0fnu": "float8_e8m0fnu",
+    "float8_e4m3fnuz": "float8_e4m3fnuz",
+    "float8_e5m2fnuz": "float8_e5m2fnuz",
+}
 
 
 def _raw_torch(a: np.ndarray):
-    """ml_dtypes arrays (bf16, fp8) as torch tensors of the same bytes."""
+    """A numpy array as a torch tensor of the same memory, strides kept
+    (column cuts stay views): ml_dtypes (bf16, fp8), which torch cannot
+    import, go through an unsigned integer of the same width."""
     torch = _torch()
-    raw = torch.from_numpy(np.ascontiguousarray(a).view(np.uint8))
-    name = {
-        "bfloat16": "bfloat16",
-        "float8_e4m3fn": "float8_e4m3fn",
-        "float8_e5m2": "float8_e5m2",
-        "float8_e8m0fnu": "float8_e8m0fnu",
-        "float8_e4m3fnuz": "float8_e4m3fnuz",
-        "float8_e5m2fnuz": "float8_e5m2fnuz",
-    }
-    tdtype = getattr(torch, name.get(a.dtype.name, ""), None)
-    return raw.view(tdtype).reshape(a.shape) if tdtype is not None else raw
+    if a.dtype.kind in "biufc":
+        return torch.from_numpy(a)
+    tdtype = getattr(torch, _TORCH_NAMES.get(a.dtype.name, ""), None)
+    raw = torch.from_numpy(a.view(f"u{a.dtype.itemsize}"))
+    return raw.view(tdtype) if tdtype is not None else raw

@@ -98,17 +98,35 @@ class _Release:
 
 
 class Mapping:
-    """A read-only shared mapping of one whole file.
+    """A read-only shared mapping of one whole file, or a private one.
 
-    ``np.asarray(mapping)`` gives a read-only ``uint8`` array of the file's
-    bytes; arrays cut from it keep the mapping (and its pins) alive.
-    ``identity`` (``st_dev, st_ino, st_size, st_mtime_ns``, as in
+    ``np.asarray(mapping)`` gives a ``uint8`` array of the file's bytes;
+    arrays cut from it keep the mapping (and its pins) alive. ``identity``
+    (``st_dev, st_ino, st_size, st_mtime_ns``, as in
     :class:`~gpuload.checkpoint.FileHeader`) guards against a file replaced
     since its header was parsed.
+
+    ``private=True`` maps ``MAP_PRIVATE`` with write permission, for
+    frameworks that cannot mark memory read-only (torch): reads share the
+    page cache (one copy in RAM), and a write copies only the page it
+    touches into this process; the file never changes. Such a mapping is
+    never locked itself: ``mlock`` (or a long-term CUDA registration) of a
+    writable private mapping breaks copy-on-write up front, copying every
+    page. :meth:`pin_target` gives a read-only shared twin of the same file
+    to lock instead: locking it keeps the same page-cache pages resident.
     """
 
-    def __init__(self, path: str, identity: tuple[int, int, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        identity: tuple[int, int, int, int] | None = None,
+        *,
+        private: bool = False,
+    ) -> None:
         self.path = os.fspath(path)
+        self.private = private
+        self._identity = identity
+        self._twin: Mapping | None = None
         # O_NONBLOCK: a FIFO swapped in for the file must not hang the open;
         # the identity (a regular file's inode) check below then refuses it.
         fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
@@ -119,7 +137,10 @@ class Mapping:
                 raise ReadError(f"{self.path}: file changed since its header was parsed")
             if st.st_size == 0:
                 raise ReadError(f"{self.path}: cannot map an empty file")
-            addr = libc().mmap(None, st.st_size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            prot, flags = mmap.PROT_READ, mmap.MAP_SHARED
+            if private:
+                prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE
+            addr = libc().mmap(None, st.st_size, prot, flags, fd, 0)
             if addr is None or addr == ctypes.c_void_p(-1).value:
                 raise ReadError(f"{self.path}: {_os_error('mmap')}")
         finally:
@@ -133,9 +154,19 @@ class Mapping:
         self.__array_interface__ = {
             "shape": (st.st_size,),
             "typestr": "|u1",
-            "data": (addr, True),  # read-only: a write would be SIGSEGV
+            # shared: read-only (a write would be SIGSEGV); private: writable
+            "data": (addr, not private),
             "version": 3,
         }
+
+    def pin_target(self) -> Mapping:
+        """The mapping to pin for this one: itself, or for a private mapping
+        a read-only shared twin of the file, kept alive by this mapping."""
+        if not self.private:
+            return self
+        if self._twin is None:
+            self._twin = Mapping(self.path, self._identity)
+        return self._twin
 
     @property
     def pinned(self) -> str | None:
@@ -315,7 +346,7 @@ def _mlock(m: Mapping, ranges: Ranges) -> str | None:
 
 
 def pin(
-    mappings: Sequence[tuple[Mapping, Ranges]], device: int | None = None
+    mappings: Sequence[tuple[Mapping, Ranges]], device: int | None = None, *, cuda: bool = True
 ) -> tuple[str | None, str]:
     """Pin page-aligned ranges of each mapping until it is released.
 
@@ -324,7 +355,10 @@ def pin(
     pinned); reason says why not, or why CUDA fell back to mlock. All or
     nothing: a failure part-way undoes what was pinned.
     """
-    runtime, why = _cuda_runtime(device)
+    if cuda:
+        runtime, why = _cuda_runtime(device)
+    else:  # a private mapping's twin: registering it would not pin the arrays' addresses
+        runtime, why = None, "copy-on-write mapping: not registered with CUDA"
     if runtime is not None:
         for m, ranges in mappings:
             refused = _cuda_pin(m, ranges, runtime, device)

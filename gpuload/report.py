@@ -12,45 +12,57 @@ GiB = float(1 << 30)
 
 @dataclasses.dataclass
 class LoadReport:
+    """What one load did. Every byte figure counts tensor data, not headers.
+
+    Results: ``tensors`` arrays came back, ``bytes_useful`` of them read
+    into owned buffers and ``bytes_resident`` mapped (``cpu_resident``, not
+    read: their prefault is reported in ``prefault``).
+    """
+
     path: str
     rank: int
     world: int
     device: str
     backend: str
     backend_reason: str = ""
-    tensors: int = 0
-    file_bytes: int = 0  # bytes of tensor data in the files this load touched
-    bytes_useful: int = 0  # bytes delivered into results
-    bytes_read: int = 0  # bytes read from files (useful + wasted)
+    tensors: int = 0  # arrays returned: read ones + cpu_resident ones
+    file_bytes: int = 0  # tensor bytes of the files this load read from or mapped
+    bytes_useful: int = 0  # bytes read into results (cpu_resident ones are mapped: not here)
+    bytes_read: int = 0  # bytes read from files: useful + wasted
+    bytes_gap: int = 0  # of the wasted: gaps merged over (others' bytes), <= 25% of useful
+    bytes_resident: int = 0  # bytes of the cpu_resident arrays returned
     # Bytes gpuload moved from host memory to the device: H2D copies plus the
     # owned segments zero-copy gathers read (kvikio reads are not counted).
     bytes_pcie: int = 0
-    ops: int = 0
-    staged_ops: int = 0
+    ops: int = 0  # read operations
+    staged_ops: int = 0  # of which read into staging and gathered
     seconds: float = 0.0  # wall time of the whole load
-    header_s: float = 0.0
-    plan_s: float = 0.0
+    header_s: float = 0.0  # parsing headers, index.json, config.json
+    plan_s: float = 0.0  # sharding and planning
     read_s: float = 0.0  # summed over reader threads
-    h2d_s: float = 0.0
+    h2d_s: float = 0.0  # host-to-device copies (GPU path)
     gather_s: float = 0.0  # summed over threads
     wait_s: float = 0.0  # threads waiting for a free staging slot
     pack_s: float = 0.0  # reader threads packing segments for gather="pack"
-    strategies: dict[str, int] = dataclasses.field(default_factory=dict)
+    strategies: dict[str, int] = dataclasses.field(default_factory=dict)  # read tensors by plan
     # GPU loads: covering tensor -> "device" | "zerocopy" | "pack" (gpuload.transfer)
     gather: dict[str, str] = dataclasses.field(default_factory=dict)
     unknown: list[str] = dataclasses.field(default_factory=list)  # replicated, no rule
     skipped: list[str] = dataclasses.field(default_factory=list)  # other ranks' experts
     excluded: int = 0  # tensors dropped by include=
-    cpu_resident: list[str] = dataclasses.field(default_factory=list)
-    prefault: Any = None
+    cpu_resident: list[str] = dataclasses.field(default_factory=list)  # mapped, not read
+    resident_copies: list[str] = dataclasses.field(default_factory=list)  # of those: copies
+    prefault: Any = None  # the PrefaultReport of the cpu_resident tensors, or None
 
     @property
     def bytes_wasted(self) -> int:
+        """Bytes read and not delivered: covering reads' other columns, gaps."""
         return self.bytes_read - self.bytes_useful
 
     @property
     def gib_per_s(self) -> float:
-        """Delivered bytes per wall second."""
+        """Bytes read into results (``bytes_useful``) per wall second of the
+        whole load; mapped cpu_resident bytes are not counted."""
         return self.bytes_useful / GiB / self.seconds if self.seconds > 0 else 0.0
 
     @property
@@ -63,7 +75,7 @@ class LoadReport:
 
     @property
     def read_fraction(self) -> float:
-        """Bytes this rank read, as a fraction of the files' tensor bytes."""
+        """Bytes this rank read, as a fraction of ``file_bytes``."""
         return self.bytes_read / self.file_bytes if self.file_bytes else 0.0
 
     def summary(self) -> str:
@@ -82,8 +94,9 @@ class LoadReport:
         rows = [
             ("tensors", f"{self.tensors}"),
             ("bytes delivered", f"{self.bytes_useful:,}"),
+            ("bytes cpu_resident", f"{self.bytes_resident:,}"),
             ("bytes read", f"{self.bytes_read:,} ({100 * self.read_fraction:.1f}% of files)"),
-            ("bytes wasted", f"{self.bytes_wasted:,}"),
+            ("bytes wasted (gaps)", f"{self.bytes_wasted:,} ({self.bytes_gap:,})"),
             ("reads (staged)", f"{self.ops} ({self.staged_ops})"),
             ("wall seconds", f"{self.seconds:.4f}"),
             ("GiB/s", f"{self.gib_per_s:.2f}"),

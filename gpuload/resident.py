@@ -66,11 +66,14 @@ PRESET_EXPERTS = r"(?:^|\.)experts\.|(?:^|\.)ffn_[a-z0-9_]+_exps(?:\.|$)"
 NameFilter = str | re.Pattern[str] | Callable[[str], bool] | Iterable[str]
 
 
-def name_filter(spec: NameFilter) -> Callable[[str], bool]:
+def name_filter(spec: NameFilter, what: str = "tensors") -> Callable[[str], bool]:
     """A predicate on tensor names: a regex (``re.search``), a callable, or
-    an iterable of exact names."""
+    an iterable of exact names. ``what`` names the argument in errors."""
     if isinstance(spec, str):
-        spec = re.compile(spec)
+        try:
+            spec = re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"{what}: bad regex {spec!r}: {e}") from None
     if isinstance(spec, re.Pattern):
         rx = spec
         return lambda name: rx.search(name) is not None
@@ -79,7 +82,7 @@ def name_filter(spec: NameFilter) -> Callable[[str], bool]:
     if isinstance(spec, Iterable):
         names = frozenset(spec)
         return names.__contains__
-    raise TypeError(f"tensors={spec!r} is not a regex, a callable or a list of names")
+    raise TypeError(f"{what}={spec!r} is not a regex, a callable or a list of names")
 
 
 def should_prefault(
@@ -123,6 +126,7 @@ class PrefaultReport:
     pin_seconds: float = 0.0
     threads: int = 0
     files: int = 0
+    copies: list[str] = dataclasses.field(default_factory=list)  # returned as copies: not here
     _keep: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
@@ -223,10 +227,14 @@ def _prefault(
 
     t1, rep.pin_reason = time.perf_counter(), "pinning off (GPULOAD_PIN=0 or pin=False)"
     if cfg.pin:
-        rep.pin_method, rep.pin_reason = pinning.pin(spans, device)
+        # A copy-on-write mapping is pinned through a read-only twin (see
+        # pinning.Mapping.pin_target): mlock of the same page-cache pages.
+        private = any(m.private for m, _ in spans)
+        targets = [(m.pin_target(), sp) for m, sp in spans]
+        rep.pin_method, rep.pin_reason = pinning.pin(targets, device, cuda=not private)
     rep.pinned, rep.pin_seconds = rep.pin_method is not None, time.perf_counter() - t1
     if keep and rep.pinned:  # a standalone prefault: the report holds the pins
-        rep._keep = tuple(m for m, _ in spans)
+        rep._keep = tuple(m.pin_target() for m, _ in spans)
     _log.info(rep.summary())
     return rep
 
@@ -268,16 +276,24 @@ def _array(base: np.ndarray, info: TensorInfo, sel: Selection) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=d)
 
 
+def is_copy(info: TensorInfo, sel: Selection) -> bool:
+    """Whether ``sel`` of ``info`` comes back as a copy, not a view: several
+    ranges (a fused tensor, such as ``gate_up_proj``, split per section under
+    tensor parallelism) cannot be one strided view of the file."""
+    return sel.dim is not None and len(sel.ranges) > 1
+
+
 def map_resident(
     checkpoint: Checkpoint,
     selections: Mapping[str, Selection],
     cfg: config.Config | None = None,
     *,
     device: int | None = None,
+    writable: bool = False,
 ) -> tuple[dict[str, np.ndarray], PrefaultReport]:
     """Host arrays for ``selections``, backed by the checkpoint's files.
 
-    Each file is mapped once, read-only; the selected tensors' bytes are
+    Each file is mapped once; the bytes of the tensors returned as views are
     prefaulted (per ``cfg.prefault``) and pinned (per ``cfg.pin``) for CUDA
     ``device`` (default: the current device).
 
@@ -287,9 +303,14 @@ def map_resident(
         name -> numpy array of the tensor's dtype (packed sub-byte dtypes:
         ``uint8`` bytes, see :func:`~gpuload.dtypes.numpy_shape`) and the
         selection's shape. A whole tensor, or a selection with one range, is
-        a **read-only, zero-copy view** of the mapping (strided for a column
-        cut; ``np.array(a)`` for a writable copy). A selection with several
-        ranges (a fused tensor) cannot be one view: it is an owned copy.
+        a **zero-copy view** of the mapping (strided for a column cut):
+        read-only over a shared mapping, or with ``writable=True`` writable
+        over a private copy-on-write one (a write copies the page it touches;
+        the file never changes; pinned by ``mlock`` of the same page-cache
+        pages, never by CUDA). A selection with several ranges (a fused
+        tensor split per section, see :func:`is_copy`) cannot be one view: it
+        is an owned, writable copy, listed in ``report.copies`` and left out
+        of the prefault and the pins (its bytes are read once, to copy).
     report
         the :class:`PrefaultReport`.
 
@@ -302,14 +323,20 @@ def map_resident(
     headers = {h.path: h for h in checkpoint.files}
     maps: dict[str, pinning.Mapping] = {}
     ranges: dict[str, list[tuple[int, int]]] = {}
+    copies = []
     for name, sel in selections.items():
         info = checkpoint.tensors.get(name)
         if info is None:
             raise ValueError(f"tensor {name!r} is not in the checkpoint")
         if info.file not in maps:
-            maps[info.file] = pinning.Mapping(info.file, headers[info.file].identity)
-        ranges.setdefault(info.file, []).append(_byte_range(info, sel))
+            ident = headers[info.file].identity
+            maps[info.file] = pinning.Mapping(info.file, ident, private=writable)
+        if is_copy(info, sel):
+            copies.append(name)
+        else:
+            ranges.setdefault(info.file, []).append(_byte_range(info, sel))
     report = _prefault([(maps[f], rs) for f, rs in ranges.items()], cfg, device=device)
+    report.copies = copies
     bases = {f: np.asarray(m) for f, m in maps.items()}
     arrays = {}
     for name, sel in selections.items():

@@ -71,6 +71,13 @@ def block_sizes(config: Mapping[str, Any], given: Any = None) -> tuple[int, int]
     return sizes[0], sizes[1]
 
 
+def block_source(given: Any) -> str:
+    """Where the block sizes came from, for error messages."""
+    if given is not None:
+        return "weight_block_size= argument"
+    return "config.json quantization_config.weight_block_size"
+
+
 def follow(
     name: str,
     shape: tuple[int, ...],
@@ -79,6 +86,7 @@ def follow(
     sel: Selection | None,
     blocks: tuple[int, int] | None = None,
     experts: bool = False,
+    blocks_from: str = "config.json quantization_config.weight_block_size",
 ) -> Selection | None:
     """The part of scale ``name`` (``shape``) that goes with ``sel`` of ``weight``.
 
@@ -112,7 +120,7 @@ def follow(
         known = None
         if blocks is not None and d >= nd - 2:
             known = blocks[d - (nd - 2)]
-        b = _block(name, weight, d, wsize, size, known, sel.ranges)
+        b = _block(name, weight, d, wsize, size, known, sel.ranges, blocks_from)
         other = weight_shape[nd - 1] if d == nd - 2 else weight_shape[nd - 2]
         refine = (blocks or (b, b)) + (other,) if experts else None
         ranges = tuple(_blocks(name, weight, d, wsize, b, r, refine) for r in sel.ranges)
@@ -121,7 +129,7 @@ def follow(
     return Selection(sd, ranges, tuple(out), sel.kind, rule)
 
 
-def _block(name, weight, d, wsize, size, known, ranges) -> int:
+def _block(name, weight, d, wsize, size, known, ranges, blocks_from) -> int:
     """The block size along weight dim ``d`` that makes ``wsize`` into ``size`` blocks."""
     if size > wsize:
         raise ShardingError(
@@ -133,7 +141,7 @@ def _block(name, weight, d, wsize, size, known, ranges) -> int:
         if not lo <= known <= hi:
             raise ShardingError(
                 f"{name!r}: {size} scales along dim {d} do not match block size {known} "
-                f"(config.json weight_block_size) for {wsize} elements of {weight!r}"
+                f"({blocks_from}) for {wsize} elements of {weight!r}"
             )
         return known
     # Without the config, trust the shapes only when no rank boundary falls
@@ -177,4 +185,4 @@ def _refined(n: int, refine: tuple[int, int, int] | None) -> bool:
     return math.gcd(block_n, block_k, n, hidden) >= 32
 
 
-__all__ = ["SUFFIXES", "block_sizes", "follow", "weight_of"]
+__all__ = ["SUFFIXES", "block_sizes", "block_source", "follow", "weight_of"]

@@ -13,6 +13,7 @@ The specs and tables live in :mod:`gpuload.rules`; this module applies them.
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -231,6 +232,7 @@ class Sharder:
         self.shapes = dict(shapes or {})
         self.blocks = scales.block_sizes(config, weight_block_size)
         self.quant = quant.detect(config)  # GPTQ, AWQ, compressed-tensors packed
+        self.blocks_from = scales.block_source(weight_block_size)
         # Multimodal configs (Gemma 3, LLaVA, Mistral 3) keep the text model's
         # type and head counts in text_config; top-level keys win.
         text = config.get("text_config")
@@ -298,8 +300,12 @@ class Sharder:
             The tensor cannot be split as its rule asks (a dimension that does
             not divide, unknown or indivisible head or expert counts).
         """
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in (rank, world)):
-            raise TypeError(f"rank and world have to be ints, got {rank=!r}, {world=!r}")
+        try:  # any integral type (numpy, torch scalars), not bools or floats
+            if isinstance(rank, bool) or isinstance(world, bool):
+                raise TypeError
+            rank, world = operator.index(rank), operator.index(world)
+        except TypeError:
+            raise TypeError(f"rank and world have to be ints, got {rank=!r}, {world=!r}") from None
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"need world >= 1 and 0 <= rank < world, got {rank=}, {world=}")
         shape = tuple(shape)
@@ -317,7 +323,9 @@ class Sharder:
             wshape = tuple(self.shapes[weight])
             sel = self.select(weight, wshape, rank, world)
             experts = isinstance(self._match(weight, wshape)[1], Expert)
-            return scales.follow(name, shape, weight, wshape, sel, self.blocks, experts)
+            return scales.follow(
+                name, shape, weight, wshape, sel, self.blocks, experts, self.blocks_from
+            )
         if spec is None:
             if len(shape) <= 1:  # norms, biases and scalars no rule claimed
                 return Selection.whole(shape, "replicated", "1-d" if shape else "scalar")

@@ -1,0 +1,361 @@
+"""The README's promises, checked through the entry points a user calls:
+``gpuload.load_sharded``, ``gpuload.Loader``, ``gpuload.prefault``.
+
+Each test here failed before the fix it guards (issue 11: a keyword dropped
+on the way, a torch write that killed the process, numpy ranks refused...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import gpuload
+from gpuload import options, synth
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    return synth.write_model(tmp_path_factory.mktemp("contract") / "m", "tiny-mixtral", num_files=2)
+
+
+def _digest(directory) -> str:
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+# -- 1. every keyword reaches the load ----------------------------------------
+
+
+def test_load_sharded_keeps_cpu_resident(mixtral):
+    got, report = gpuload.load_sharded(
+        mixtral, 0, 2, device="cpu", cpu_resident=True, return_report=True
+    )
+    experts = [n for n in got if ".experts." in n]
+    assert experts and sorted(experts) == report.cpu_resident
+    assert report.prefault is not None
+    assert all(not got[n].flags.writeable for n in experts)  # mapped, not owned copies
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"cpu_resident": True},
+        {"include": r"layers\.0\."},
+        {"expert_parallel": True},
+        {"expert_parallel": True, "num_experts": 4, "cpu_resident": r"\.w2\."},
+        {"rules": {r"embed_tokens": "replicate"}, "allow_uneven": True},
+    ],
+)
+def test_load_sharded_equals_loader_load(mixtral, kw):
+    a, ra = gpuload.load_sharded(mixtral, 1, 2, device="cpu", return_report=True, **kw)
+    with gpuload.Loader(device="cpu") as loader:
+        b, rb = loader.load(mixtral, 1, 2, return_report=True, **kw)
+    assert a.keys() == b.keys()
+    assert all(a[n].tobytes() == b[n].tobytes() for n in a)
+    assert (ra.cpu_resident, ra.skipped, ra.excluded) == (rb.cpu_resident, rb.skipped, rb.excluded)
+
+
+def test_sharding_option_table_is_the_sharders_signature():
+    # A new Sharder keyword must be added to gpuload.options, or load_sharded
+    # would refuse it: this fails first.
+    params = set(inspect.signature(gpuload.Sharder).parameters) - {"config", "rules", "shapes"}
+    assert params == set(options.SHARDING)
+    assert set(options.SETTINGS) == {f for f in gpuload.Config.__dataclass_fields__}
+
+
+# -- 2. a write to a torch cpu_resident tensor ----------------------------------
+
+
+def test_torch_cpu_resident_write_neither_crashes_nor_reaches_the_file(mixtral):
+    pytest.importorskip("torch")
+    before = _digest(mixtral)
+    script = textwrap.dedent(
+        f"""
+        import gpuload, torch
+        t = gpuload.Loader(device="cpu", framework="torch").load(
+            {str(mixtral)!r}, 0, 2, cpu_resident=True)
+        name = next(n for n in t if ".experts." in n)
+        x = t[name]
+        old = x.clone()
+        x.add_(1)
+        assert not x.equal(old), "the write did not take"
+        again = gpuload.Loader(device="cpu", framework="torch").load(
+            {str(mixtral)!r}, 0, 2, cpu_resident=True)
+        # bytes, not values: random bf16 bytes hold NaNs
+        assert again[name].view(torch.int16).equal(old.view(torch.int16)), "a load saw the write"
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+    assert _digest(mixtral) == before
+
+
+# -- 3. integral ranks of any type ----------------------------------------------
+
+
+def test_numpy_and_torch_integers_as_rank_and_world(mixtral):
+    want = gpuload.load_sharded(mixtral, 1, 2, device="cpu")
+    got = gpuload.load_sharded(mixtral, np.int64(1), np.int32(2), device="cpu")
+    assert got.keys() == want.keys()
+    assert all(got[n].tobytes() == want[n].tobytes() for n in got)
+    with gpuload.Loader(device="cpu") as loader:
+        assert loader.plan(mixtral, np.uint8(0), np.int16(2)).plan.tensors
+    torch = pytest.importorskip("torch")
+    assert gpuload.load_sharded(mixtral, torch.tensor(1), 2, device="cpu").keys() == want.keys()
+    for bad in (1.0, True, "1"):
+        with pytest.raises(TypeError, match="rank"):
+            gpuload.load_sharded(mixtral, bad, 2, device="cpu")
+
+
+# -- 4. which cpu_resident results are copies -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stacked")
+    rng = np.random.default_rng(0)
+    e, i, h = 8, 64, 256  # some pages, so what is prefaulted can be told apart
+    tensors = {
+        "model.layers.0.mlp.experts.gate_up_proj": ("BF16", (e, 2 * i, h)),
+        "model.layers.0.mlp.experts.down_proj": ("BF16", (e, h, i)),
+        "model.norm.weight": ("F32", (h,)),
+    }
+    data = {
+        n: (
+            dt,
+            shape,
+            rng.integers(0, 256, int(np.prod(shape)) * (4 if dt == "F32" else 2), np.uint8),
+        )
+        for n, (dt, shape) in tensors.items()
+    }
+    path = d / "model.safetensors"
+    synth.write_safetensors(path, data)
+    return path
+
+
+def test_fused_resident_experts_are_listed_as_copies(stacked):
+    got, report = gpuload.load_sharded(
+        stacked, 1, 2, device="cpu", cpu_resident=True, return_report=True
+    )
+    fused, down = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
+    assert report.resident_copies == [fused] == report.prefault.copies
+    assert got[fused].flags.owndata or got[fused].base.flags.owndata  # a copy of its own
+    assert got[fused].flags.writeable and not got[down].flags.writeable
+    # The prefault covers what comes back as views only: down_proj's bytes.
+    assert report.prefault.bytes < os.path.getsize(stacked)
+
+
+def test_torch_column_cut_resident_expert_is_a_view(stacked):
+    torch = pytest.importorskip("torch")
+    got = gpuload.Loader(device="cpu", framework="torch").load(stacked, 1, 2, cpu_resident=True)
+    down = got["model.layers.0.mlp.experts.down_proj"]  # bf16 [E, H, I], cut along I
+    assert not down.is_contiguous()  # strided over the mapping, not a compact copy
+    # its storage spans the other ranks' columns too: the file's bytes in place
+    assert down.untyped_storage().nbytes() > down.numel() * down.element_size()
+    ref = gpuload.load_sharded(stacked, 1, 2, device="cpu")["model.layers.0.mlp.experts.down_proj"]
+    assert down.contiguous().view(torch.int16).numpy().tobytes() == ref.tobytes()
+
+
+# -- 6. a bad regex is a ValueError -------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", ["include", "cpu_resident"])
+def test_bad_regex_is_value_error(mixtral, kw):
+    with pytest.raises(ValueError, match=kw):
+        gpuload.load_sharded(mixtral, 0, 2, device="cpu", **{kw: "("})
+
+
+# -- 7. a FIFO named explicitly -------------------------------------------------------
+
+
+def test_fifo_named_explicitly_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(gpuload.HeaderError, match="not a regular file"):
+        gpuload.load_sharded(str(fifo), 0, 1, device="cpu")
+    with pytest.raises(gpuload.HeaderError, match="not a regular file"):
+        gpuload.load_sharded([fifo], 0, 1, device="cpu")
+
+
+# -- 8. misspelled and misplaced keywords -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m: gpuload.load_sharded(m, 0, 2, device="cpu", thread=4), "did you mean 'threads'"),
+        (lambda m: gpuload.load_sharded(m, 0, 2, device="cpu", num_head=8), "'num_heads'"),
+        (lambda m: gpuload.Loader(device="cpu").load(m, 0, 2, threads=2), "setting of Loader"),
+        (lambda m: gpuload.Loader(device="cpu").plan(m, 0, 2, prefetch=False), "setting"),
+        (lambda m: gpuload.Loader(num_heads=8), "sharding option of Loader.load"),
+        (lambda m: gpuload.Loader(device="cpu").load(m, 0, 2, cpu_resdent=True), "cpu_resident"),
+    ],
+)
+def test_bad_keyword_named_before_any_read(mixtral, monkeypatch, call, match):
+    import gpuload.checkpoint as ck
+
+    def no_read(*a, **k):  # the keyword is checked before any header is read
+        raise AssertionError("a header was read before the keywords were checked")
+
+    monkeypatch.setattr(ck, "parse_header", no_read)
+    with pytest.raises(TypeError, match=match):
+        call(mixtral)
+
+
+def test_bad_sharding_value_fails_before_any_read(mixtral, monkeypatch):
+    import gpuload.checkpoint as ck
+
+    def no_read(*a, **k):
+        raise AssertionError("a header was read before the values were checked")
+
+    monkeypatch.setattr(ck, "parse_header", no_read)
+    with pytest.raises(ValueError, match="num_heads"):
+        gpuload.load_sharded(mixtral, 0, 2, device="cpu", num_heads=0)
+
+
+# -- 9. what "owns its memory" means -------------------------------------------------------
+
+
+def test_results_are_exact_private_buffers(mixtral):
+    a = gpuload.load_sharded(mixtral, 0, 2, device="cpu")
+    b = gpuload.load_sharded(mixtral, 0, 2, device="cpu")
+    bases = set()
+    for name, arr in a.items():
+        base = arr.base if arr.base is not None else arr
+        assert base.base is None and base.nbytes == arr.nbytes  # a buffer of exactly its size
+        assert base.flags.owndata and arr.flags.writeable
+        assert not np.shares_memory(arr, b[name])
+        bases.add(id(base))
+    assert len(bases) == len(a)
+
+
+# -- 10. the report's figures --------------------------------------------------------------
+
+
+def test_report_counts_resident_tensors_and_touched_files(mixtral):
+    got, r = gpuload.load_sharded(
+        mixtral, 0, 2, device="cpu", cpu_resident=True, return_report=True
+    )
+    resident = set(r.cpu_resident)
+    assert r.tensors == len(got)
+    assert r.bytes_resident == sum(got[n].nbytes for n in resident)
+    assert r.bytes_useful == sum(a.nbytes for n, a in got.items() if n not in resident)
+    assert r.bytes_read == r.bytes_useful + r.bytes_wasted
+    ck = gpuload.open_checkpoint(mixtral)
+    one_file = {t.file for t in ck.tensors.values() if t.name == "model.norm.weight"}
+    _, r2 = gpuload.load_sharded(
+        mixtral, 0, 2, device="cpu", include=r"^model\.norm\.weight$", return_report=True
+    )
+    assert r2.file_bytes == sum(t.nbytes for t in ck.tensors.values() if t.file in one_file)
+    assert r2.file_bytes < sum(t.nbytes for t in ck.tensors.values())
+
+
+# -- 11. the source of weight_block_size --------------------------------------------------
+
+
+def test_weight_block_size_keyword_is_named_as_the_source(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "model.safetensors"
+    synth.write_safetensors(
+        path,
+        {
+            "model.layers.0.mlp.down_proj.weight": ("F8_E4M3", (64, 256), rng.bytes(64 * 256)),
+            "model.layers.0.mlp.down_proj.weight_scale_inv": ("F32", (1, 2), rng.bytes(8)),
+        },
+    )
+    with pytest.raises(gpuload.ShardingError) as e:
+        gpuload.load_sharded(path, 0, 2, device="cpu", weight_block_size=(64, 64))
+    assert "weight_block_size= argument" in str(e.value) and "config.json" not in str(e.value)
+
+
+# -- 12. sizes and counts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"staging_bytes": "64MB"}, {"chunk_bytes": "1T"}, {"threads": 2.7}, {"chunk_bytes": 4.5}],
+)
+def test_loose_sizes_and_counts_are_refused(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        gpuload.Loader(device="cpu", **kw)
+
+
+def test_documented_sizes_are_accepted():
+    with gpuload.Loader(device="cpu", staging_bytes="64MiB", chunk_bytes="8M") as loader:
+        assert loader.config.staging_bytes == 64 << 20 and loader.config.chunk_bytes == 8 << 20
+    with gpuload.Loader(device="cpu", threads=np.int64(3)) as loader:
+        assert loader.config.threads == 3
+
+
+# -- 15. not a safetensors file ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head,what",
+    [
+        (b"PK\x03\x04\x14\x00\x00\x00", "zip"),
+        (b"\x80\x02\x8a\nl\xfc\x9cF", "pickle"),
+        (b"\x1f\x8b\x08\x00\x00\x00\x00\x00", "gzip"),
+        (b"GGUF\x03\x00\x00\x00", "GGUF"),
+    ],
+)
+def test_other_file_types_are_named(tmp_path, head, what):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(head + bytes(4096))
+    with pytest.raises(gpuload.HeaderError, match=f"not a safetensors file.*{what}"):
+        gpuload.load_sharded(path, 0, 1, device="cpu")
+
+
+def test_bytes_path_and_bad_path_type(mixtral):
+    got = gpuload.load_sharded(os.fsencode(mixtral), 0, 2, device="cpu")
+    assert got.keys() == gpuload.load_sharded(mixtral, 0, 2, device="cpu").keys()
+    with pytest.raises(TypeError, match="path"):
+        gpuload.load_sharded([1, 2], 0, 2, device="cpu")
+
+
+def test_config_json_that_is_not_json(tmp_path, mixtral):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(mixtral, d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(gpuload.ConfigFileError, match="config.json"):
+        gpuload.load_sharded(d, 0, 2, device="cpu")
+
+
+# -- closed loaders -------------------------------------------------------------------------
+
+
+def test_plan_after_close_raises_like_load(mixtral):
+    loader = gpuload.Loader(device="cpu")
+    loader.close()
+    for call in (loader.plan, loader.load):
+        with pytest.raises(RuntimeError, match="closed"):
+            call(mixtral, 0, 2)
+
+
+# -- 17. no reading across what the rank does not load -------------------------------------
+
+
+@pytest.mark.parametrize("kw", [{"cpu_resident": True}, {"expert_parallel": True}])
+def test_small_checkpoint_over_read_is_bounded(mixtral, kw):
+    got, r = gpuload.load_sharded(mixtral, 0, 2, device="cpu", return_report=True, **kw)
+    with gpuload.Loader(device="cpu") as loader:
+        plan = loader.plan(mixtral, 0, 2, **kw).plan
+    assert plan.bytes_read == r.bytes_read and plan.bytes_gap == r.bytes_gap
+    assert r.bytes_gap <= 0.25 * r.bytes_useful
+    # Before: 538,112 of 575,104 bytes read for 91,776 delivered (cpu_resident).
+    assert r.bytes_read < 2 * r.bytes_useful
