@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -50,3 +53,94 @@ def test_demo_passes(tmp_path, capsys):
     assert main(["demo", "--device", "cpu", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "demo passed" in out and "all bytes match" in out
+
+
+# -- the `gpuload` command as a user runs it (issue 11) -------------------------
+
+
+def _gpuload(*args, env=None, **kw):
+    e = {k: v for k, v in os.environ.items() if not k.startswith("GPULOAD_")}
+    e.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "gpuload", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=e,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    return synth.write_model(tmp_path_factory.mktemp("cli-moe") / "m", "tiny-mixtral")
+
+
+@pytest.mark.parametrize("world", ["0", "-1", "x"])
+def test_demo_refuses_a_bad_world(world, tmp_path):
+    r = _gpuload("demo", "--device", "cpu", "--world", world, "--dir", tmp_path)
+    assert r.returncode == 2 and "--world" in r.stderr and "demo passed" not in r.stdout
+
+
+def test_plan_bad_include_regex_is_a_one_line_error(model):
+    r = _gpuload("plan", model, "--rank", "0", "--world", "2", "--include", "(")
+    assert r.returncode == 2
+    assert r.stderr.startswith("gpuload: error:") and "Traceback" not in r.stderr
+
+
+def test_unknown_flag_fails_every_command_at_start(model):
+    for args in (["inspect", model], ["plan", model, "--rank", "0", "--world", "2"]):
+        r = _gpuload(*args, env={"GPULOAD_FOO": "1"})
+        assert r.returncode == 2 and "GPULOAD_FOO" in r.stderr, args
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(model):
+    p = subprocess.Popen(
+        [sys.executable, "-m", "gpuload", "inspect", str(model)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    p.stdout.readline()
+    p.stdout.close()  # `| head -1`
+    err = p.stderr.read().decode()
+    p.wait()
+    p.stderr.close()
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert p.returncode == 141  # as if killed by SIGPIPE, the way `head` expects
+
+
+def test_help_has_no_markup():
+    r = _gpuload("--help")
+    assert r.returncode == 0 and "``" not in r.stdout
+
+
+def test_demo_on_an_unusable_device_writes_nothing(tmp_path):
+    r = _gpuload("demo", "--device", "cuda:0", "--dir", tmp_path)
+    assert r.returncode != 0 and list(tmp_path.iterdir()) == []
+
+
+def test_plan_without_config_takes_expert_count_and_resident(moe, tmp_path):
+    bare = tmp_path / "bare"  # the checkpoint without its config.json
+    bare.mkdir()
+    for f in moe.glob("*.safetensors*"):
+        (bare / f.name).write_bytes(f.read_bytes())
+    args = ["plan", bare, "--rank", "0", "--world", "2", "--json"]
+    r = _gpuload(*args, "--expert-parallel", "--num-heads", "8")
+    assert r.returncode == 2 and "num_experts" in r.stderr
+    r = _gpuload(*args, "--expert-parallel", "--num-experts", "4", "--num-heads", "8")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["summary"]["skipped"]  # the other rank's experts
+    r = _gpuload(*args, "--cpu-resident", "--num-heads", "8", "--num-kv-heads", "4")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["summary"]
+    assert s["cpu_resident"] and all(".experts." in n for n in s["cpu_resident"])
+    assert s["bytes_gap"] <= s["bytes_useful"] // 4
+    r = _gpuload(*args, "--qkv-sections", "1,2")
+    assert r.returncode == 2 and "--qkv-sections" in r.stderr
+
+
+def test_fifo_named_to_inspect_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    r = _gpuload("inspect", fifo, timeout=60)
+    assert r.returncode == 2 and "not a regular file" in r.stderr
