@@ -93,8 +93,10 @@ class Loader:
         Keyword twins of the ``GPULOAD_*`` flags (``prefetch``, ``prefault``,
         ``backend``, ``pin``, ``threads``, ``staging_bytes``, ``chunk_bytes``,
         ``min_chunk_bytes``, ``device_scratch_bytes``, ``progress``,
-        ``gather``); a
-        keyword wins over the environment.
+        ``gather``); a keyword wins over the environment. Selection and
+        sharding options (``include``, ``num_heads``...) go to :meth:`load`
+        and :meth:`plan`; the table of which goes where is
+        :mod:`gpuload.options`.
     """
 
     def __init__(
@@ -349,43 +351,50 @@ def load_sharded(
         ``"cpu"``, ``"cuda"`` (the current device) or ``"cuda:N"``; None picks
         the current CUDA device when cupy sees one, else ``"cpu"``. The rank
         is never used as a device index.
-    rules
-        Caller sharding rules, ``{regex: spec}`` or ``callable(name, shape)``,
-        consulted before the built-in tables (see :mod:`gpuload.sharding`).
-    include
-        Keep only matching tensors (regex, callable or names); the others are
-        never read.
     framework
         ``"numpy"`` (default on the CPU), ``"torch"`` (default on a GPU when
         installed) or ``"cupy"`` (GPU only; bf16/fp8 as raw integer views).
-    cpu_resident
-        Tensors to keep in host memory (MoE experts on a small GPU): a regex,
-        callable or names, or True for the routed-expert preset
-        (``gpuload.resident.PRESET_EXPERTS``; shared experts stay on the
-        device). They come back as read-only, zero-copy arrays over the
-        checkpoint's mapping, prefaulted (``GPULOAD_PREFAULT``) and pinned
-        (``GPULOAD_PIN``); see :func:`gpuload.resident.map_resident`.
     return_report
         Also return the :class:`~gpuload.report.LoadReport` (stage breakdown).
-    **kwargs
-        Sharding options (``num_heads``, ``num_kv_heads``, ``num_experts``,
-        ``qkv_sections``, ``expert_parallel``, ``allow_uneven``,
-        ``weight_block_size``, ``vision_tp``) and the
-        keyword twins of the ``GPULOAD_*`` flags (``threads``,
-        ``chunk_bytes``, ``prefetch``...).
+    **options
+        Every other keyword, checked against :mod:`gpuload.options` before
+        any file is opened (a misspelled one raises TypeError naming it and
+        the close match):
+
+        * selection: ``rules`` (caller sharding rules, ``{regex: spec}`` or
+          ``callable(name, shape)``, consulted before the built-in tables),
+          ``include`` (keep only matching tensors; the others are never
+          read), ``cpu_resident`` (tensors kept in host memory: a regex,
+          callable or names, or True for the routed-expert preset
+          ``gpuload.resident.PRESET_EXPERTS``; see
+          :func:`gpuload.resident.map_resident` for views and copies);
+        * sharding: ``num_heads``, ``num_kv_heads``, ``num_experts``,
+          ``qkv_sections``, ``expert_parallel``, ``allow_uneven``,
+          ``weight_block_size``, ``vision_tp``;
+        * settings, the keyword twins of the ``GPULOAD_*`` flags:
+          ``threads``, ``chunk_bytes``, ``prefetch``, ...
+
+        With a :class:`Loader`, settings go to ``Loader(...)`` and the
+        selection and sharding options to ``Loader.load``/``Loader.plan``.
 
     Returns
     -------
     dict
-        Tensor name -> array owning its memory (numpy or torch), holding this
-        rank's shard. Tensors owned by other ranks (expert parallel) are
-        absent.
+        Tensor name -> array (numpy or torch) holding this rank's shard.
+        Read tensors are private buffers of exactly their size (a dtype view
+        of a ``uint8`` buffer of their own: ``.base`` is that buffer, never
+        shared with another tensor or load); cpu_resident ones are views of
+        the checkpoint's mapping (or copies, see
+        :func:`gpuload.resident.map_resident`). Tensors owned by other ranks
+        (expert parallel) are absent.
 
     Notes
     -----
-    Only the bytes this rank owns are read (plus gaps of covering reads,
-    reported as wasted bytes). bf16 and fp8 numpy arrays use ``ml_dtypes``;
-    packed sub-byte dtypes (F4, F6) come back as ``uint8`` bytes.
+    Only the bytes this rank owns are read, plus the other ranks' columns
+    inside covering reads and small gaps merged into one read (at most a
+    quarter of the bytes around them), all reported as wasted bytes. bf16
+    and fp8 numpy arrays use ``ml_dtypes``; packed sub-byte dtypes (F4, F6)
+    come back as ``uint8`` bytes.
     """
     settings, per_load = _options.split(options, "load_sharded")
     with Loader(device=device, framework=framework, **settings) as loader:

@@ -1,11 +1,12 @@
 """Read-only file mappings, the pins that keep their pages in RAM, and what
 the kernel says about residency (``mincore``) and free memory.
 
-A :class:`Mapping` is one ``mmap(PROT_READ, MAP_SHARED)`` of a whole file,
-made with libc through ctypes so gpuload owns the address and decides when it
-goes away. It exposes ``__array_interface__``: ``np.asarray(mapping)`` is a
-read-only ``uint8`` array whose ``.base`` is the mapping, so every view cut
-from it keeps the mapping alive. When the last one dies, a finalizer undoes
+A :class:`Mapping` is one ``mmap(PROT_READ, MAP_SHARED)`` of a whole file
+(or, for torch, a writable ``MAP_PRIVATE`` one: see the class), made with
+libc through ctypes so gpuload owns the address and decides when it goes
+away. It exposes ``__array_interface__``: ``np.asarray(mapping)`` is a
+``uint8`` array whose ``.base`` is the mapping, so every view cut from it
+keeps the mapping alive. When the last one dies, a finalizer undoes
 the pins (``cudaHostUnregister`` or ``munlock``) and then unmaps: a range must
 never be unmapped while the driver still has it registered.
 

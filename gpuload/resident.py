@@ -13,7 +13,12 @@ handing arrays out, a thread pool sweeps the ranges in 32 MiB chunks:
    page cache *and* mapped in this process's page tables, so a first touch
    costs what a warm one does;
 3. pin (see :mod:`gpuload.pinning`): ``cudaHostRegister`` read-only, or
-   ``mlock`` without CUDA.
+   ``mlock`` without CUDA; a private copy-on-write mapping (torch results)
+   through ``mlock`` of a read-only twin, since locking the writable
+   mapping itself would copy every page.
+
+Only the ranges returned as views are swept and pinned: a fused tensor cut
+per section comes back as a copy (:func:`is_copy`) and is read once, to copy.
 
 ``GPULOAD_PREFAULT`` gates all three (:func:`should_prefault`);
 ``GPULOAD_PIN=0`` skips step 3. Residency is measured with ``mincore``.

@@ -103,6 +103,44 @@ def test_torch_cpu_resident_write_neither_crashes_nor_reaches_the_file(mixtral):
     assert _digest(mixtral) == before
 
 
+def test_torch_cpu_resident_keeps_one_copy_in_ram(mixtral):
+    # The private mapping's pages stay the page cache's own until written:
+    # pinning (mlock of a read-only twin) copies none; a write copies only
+    # the pages it touches. /proc/self/smaps counts the copies (Private_Dirty).
+    pytest.importorskip("torch")
+    script = textwrap.dedent(
+        f"""
+        import os
+        import gpuload
+        root = {str(mixtral)!r}
+        os.sync()  # freshly written page-cache pages count as dirty in smaps
+
+        def copied_kib():
+            total, ours = 0, False
+            for line in open("/proc/self/smaps"):
+                parts = line.split()
+                if "-" in parts[0] and len(parts) >= 5:  # a mapping's first line
+                    ours = len(parts) >= 6 and parts[-1].startswith(root)
+                elif ours and parts[0] == "Private_Dirty:":
+                    total += int(parts[1])
+            return total
+
+        t, r = gpuload.Loader(device="cpu", framework="torch").load(
+            root, 0, 2, cpu_resident=True, return_report=True)
+        assert r.prefault.skipped_reason is None, r.prefault.summary()
+        assert copied_kib() == 0, (copied_kib(), r.prefault.summary())
+        x = t[next(n for n in t if ".experts." in n)]
+        x.add_(1)
+        print(copied_kib(), x.nbytes // 1024, r.prefault.pinned)
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    copied, tensor_kib, _ = r.stdout.split()
+    total_kib = sum(f.stat().st_size for f in mixtral.glob("*.safetensors")) // 1024
+    assert 0 < int(copied) <= 4 * int(tensor_kib) + 8 < total_kib
+
+
 # -- 3. integral ranks of any type ----------------------------------------------
 
 
