@@ -215,14 +215,14 @@ def parse_header_bytes(
     if n > MAX_HEADER_BYTES:
         raise HeaderError(
             file,
-            f"not a safetensors file{_looks_like(prefix)}: the first 8 bytes, read as the "
-            f"header length, give {n}, over the {MAX_HEADER_BYTES} byte cap",
+            f"not a safetensors file{_looks_like(prefix)}: header length {n} (its first 8 "
+            f"bytes) exceeds the {MAX_HEADER_BYTES} byte cap",
         )
     if 8 + n > file_size:
         raise HeaderError(
             file,
-            f"not a safetensors file{_looks_like(prefix)}: header length {n} runs past the "
-            f"end of the {file_size}-byte file",
+            f"header length {n} runs past the end of the {file_size}-byte file "
+            f"(truncated, or not a safetensors file{_looks_like(prefix)})",
         )
     if len(prefix) < 8 + n:
         raise HeaderError(file, f"header truncated: have {len(prefix) - 8} of {n} bytes")

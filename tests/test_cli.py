@@ -108,8 +108,9 @@ def test_inspect_into_a_closed_pipe_is_quiet(model):
     assert p.returncode == 141  # as if killed by SIGPIPE, the way `head` expects
 
 
-def test_help_has_no_markup():
-    r = _gpuload("--help")
+@pytest.mark.parametrize("cmd", [[], ["inspect"], ["plan"], ["demo"], ["bench"]])
+def test_help_has_no_markup(cmd):
+    r = _gpuload(*cmd, "--help")
     assert r.returncode == 0 and "``" not in r.stdout
 
 

@@ -338,6 +338,29 @@ def test_documented_sizes_are_accepted():
         assert loader.config.threads == 3
 
 
+# -- 13. what GPULOAD_PIN and GPULOAD_PREFAULT do (as the README's table says) ------------
+
+
+def test_prefault_off_means_not_pinned_either(mixtral):
+    _, r = gpuload.load_sharded(
+        mixtral, 0, 2, device="cpu", cpu_resident=True, prefault=False, pin=True, return_report=True
+    )
+    assert r.prefault.skipped_reason and not r.prefault.pinned
+
+
+def test_plain_cpu_load_locks_no_memory(mixtral):
+    script = textwrap.dedent(
+        f"""
+        import gpuload
+        t = gpuload.load_sharded({str(mixtral)!r}, 0, 2, device="cpu", pin=True)
+        print(next(l for l in open("/proc/self/status") if l.startswith("VmLck:")).split()[1])
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0"  # the CPU path has no staging to pin
+
+
 # -- 15. not a safetensors file ---------------------------------------------------------------
 
 

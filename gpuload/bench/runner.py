@@ -47,7 +47,7 @@ FULL, MOE = _goals.FULL, "MoE world=1, experts cpu_resident"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The bench's options, on ``p`` (``gpuload bench`` and ``bench/run.py``)."""
-    p.description = p.description or __doc__
+    p.description = p.description or __doc__.replace("``", "")  # --help is plain text
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--preset", choices=sorted(PRESETS), help="default: 12gb on a GPU, else cpu-2gb")
     p.add_argument("--device", default="auto", help="auto (a GPU when usable), cpu, cuda[:N]")

@@ -323,7 +323,7 @@ def dir_cases() -> None:
     BX = st_file({"x": ("F32", [2], pattern(8, 3)), "y": ("U8", [3], pattern(3, 2))})
     BZ = st_file({"y": ("U8", [3], pattern(3, 2)), "z": ("U8", [1], pattern(1, 7))})
     ab = {"a.safetensors": A, "b.safetensors": B}
-    IX, E = "IndexFileError", "HeaderError"
+    IX, E, CF = "IndexFileError", "HeaderError", "ConfigFileError"
     wm = {"x": "a.safetensors", "y": "b.safetensors"}
 
     def with_index(weight_map, extra=None):
@@ -446,7 +446,7 @@ def dir_cases() -> None:
     bad_dir(
         "config_not_object",
         {**ab, INDEX: index(wm), "config.json": b"[1]"},
-        E,
+        CF,
         "not a JSON object",
         "config.json",
         None,
@@ -454,7 +454,7 @@ def dir_cases() -> None:
     bad_dir(
         "config_not_json",
         {**ab, INDEX: index(wm), "config.json": b"{model_type}"},
-        E,
+        CF,
         "not valid JSON",
         "config.json",
         None,
