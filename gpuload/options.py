@@ -49,7 +49,11 @@ _WHERE = {
     **{k: "a selection option of Loader.load / Loader.plan / load_sharded" for k in SELECTION},
     **{k: "a sharding option of Loader.load / Loader.plan / load_sharded" for k in SHARDING},
     **{k: "a setting of Loader(...) / load_sharded (GPULOAD_* twin)" for k in SETTINGS},
-    **{k: "a keyword of Loader(...) / load_sharded" for k in LOADER},
+    "device": "a keyword of Loader(...) / load_sharded",
+    "framework": "a keyword of Loader(...) / load_sharded",
+    "reader_factory": "a keyword of Loader(...)",
+    "runtime": "a keyword of Loader(...)",
+    "return_report": "a keyword of Loader.load / load_sharded",
 }
 
 

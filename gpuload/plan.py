@@ -91,6 +91,7 @@ class ReadOp:
     length: int
     pieces: tuple[Piece, ...]
     staged: bool
+    gap_bytes: int = 0  # bytes between the reads merged into this one (see _coalesce)
 
     def __post_init__(self) -> None:
         if self.offset < 0 or self.length < 1 or not self.pieces:
@@ -113,17 +114,6 @@ class ReadOp:
     @property
     def wasted_bytes(self) -> int:
         return self.length - self.useful_bytes
-
-    @property
-    def gap_bytes(self) -> int:
-        """Bytes between this read's pieces' spans (merged-over gaps); a
-        covering read's strides between rows are not counted here."""
-        gap, pos = 0, self.offset
-        for p in sorted(self.pieces, key=lambda p: p.src):
-            if p.src > pos:
-                gap += p.src - pos
-            pos = max(pos, p.src_end)
-        return gap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,7 +393,8 @@ def _merged(group: list[ReadOp]) -> ReadOp:
     first, last = group[0], group[-1]
     pieces = tuple(p for op in group for p in op.pieces)
     length = last.offset + last.length - first.offset
-    return ReadOp(first.file, first.offset, length, pieces, first.staged)
+    gap = length - sum(op.length for op in group)
+    return ReadOp(first.file, first.offset, length, pieces, first.staged, gap)
 
 
 def plan_reads(

@@ -72,6 +72,10 @@ def test_sharding_option_table_is_the_sharders_signature():
     params = set(inspect.signature(gpuload.Sharder).parameters) - {"config", "rules", "shapes"}
     assert params == set(options.SHARDING)
     assert set(options.SETTINGS) == {f for f in gpuload.Config.__dataclass_fields__}
+    loader = set(inspect.signature(gpuload.Loader).parameters) - {"settings"}
+    assert loader == set(options.LOADER)
+    every = options.SELECTION + options.SHARDING + options.SETTINGS + options.LOADER
+    assert set(options._WHERE) == {*every, "return_report"}  # each one's place is known
 
 
 # -- 2. a write to a torch cpu_resident tensor ----------------------------------

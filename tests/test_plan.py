@@ -125,6 +125,7 @@ def test_plan_reproduces_numpy_slicing(cases, chunk, gap, prefer):
         assert op.length <= chunk or not op.staged
         assert op.length <= max(chunk, opts.min_chunk_bytes)
     assert plan.bytes_read == plan.bytes_useful + plan.bytes_wasted
+    assert plan.bytes_gap <= opts.max_overread * plan.bytes_useful  # merged gaps are bounded
     offsets = [(op.file, op.offset) for op in plan.ops]
     assert offsets == sorted(offsets)
 
