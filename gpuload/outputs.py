@@ -166,10 +166,12 @@ _TORCH_NAMES = {
 def _raw_torch(a: np.ndarray):
     """A numpy array as a torch tensor of the same memory, strides kept
     (column cuts stay views): ml_dtypes (bf16, fp8), which torch cannot
-    import, go through an unsigned integer of the same width."""
+    import, go through an integer of the same width."""
     torch = _torch()
     if a.dtype.kind in "biufc":
         return torch.from_numpy(a)
     tdtype = getattr(torch, _TORCH_NAMES.get(a.dtype.name, ""), None)
-    raw = torch.from_numpy(a.view(f"u{a.dtype.itemsize}"))
-    return raw.view(tdtype) if tdtype is not None else raw
+    if tdtype is None:  # a dtype torch lacks: its bytes, as elsewhere
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint8))
+    # signed: torch < 2.3 cannot import numpy uint16 arrays
+    return torch.from_numpy(a.view(f"i{a.dtype.itemsize}")).view(tdtype)
