@@ -115,8 +115,10 @@ def test_help_has_no_markup(cmd):
 
 
 def test_demo_on_an_unusable_device_writes_nothing(tmp_path):
-    r = _gpuload("demo", "--device", "cuda:0", "--dir", tmp_path)
-    assert r.returncode != 0 and list(tmp_path.iterdir()) == []
+    # cuda:4096: no machine has it, so this fails with or without a GPU
+    r = _gpuload("demo", "--device", "cuda:4096", "--dir", tmp_path)
+    assert r.returncode == 2 and "cuda:4096" in r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plan_without_config_takes_expert_count_and_resident(moe, tmp_path):
