@@ -189,15 +189,13 @@ _MAGIC = (
 )
 
 
-def _looks_like(prefix: bytes) -> str:
-    """`` (it looks like ...)`` when the first bytes say what the file is."""
+def _looks_like(prefix: bytes) -> str | None:
+    """What the first bytes say the file is, when they say."""
     head = bytes(prefix[:8])
-    for magic, what in _MAGIC:
-        if head.startswith(magic):
-            return f" (it looks like {what})"
-    if head[:1] == b"\x80" and 2 <= head[1] <= 5:  # pickle PROTO opcode
-        return " (it looks like a pickle: a PyTorch .bin checkpoint?)"
-    return ""
+    what = next((w for magic, w in _MAGIC if head.startswith(magic)), None)
+    if what is None and head[:1] == b"\x80" and 2 <= head[1] <= 5:  # pickle PROTO opcode
+        what = "a pickle (a PyTorch .bin checkpoint?)"
+    return what
 
 
 def parse_header_bytes(
@@ -212,17 +210,20 @@ def parse_header_bytes(
     n = int.from_bytes(prefix[:8], "little")
     if n == 0:
         raise HeaderError(file, "header length is 0")
+    what = _looks_like(prefix)
     if n > MAX_HEADER_BYTES:
+        kind = f" (it looks like {what})" if what else ""
         raise HeaderError(
             file,
-            f"not a safetensors file{_looks_like(prefix)}: header length {n} (its first 8 "
-            f"bytes) exceeds the {MAX_HEADER_BYTES} byte cap",
+            f"not a safetensors file{kind}: header length {n} (its first 8 bytes) "
+            f"exceeds the {MAX_HEADER_BYTES} byte cap",
         )
     if 8 + n > file_size:
+        kind = f": it looks like {what}" if what else ""
         raise HeaderError(
             file,
             f"header length {n} runs past the end of the {file_size}-byte file "
-            f"(truncated, or not a safetensors file{_looks_like(prefix)})",
+            f"(truncated, or not a safetensors file{kind})",
         )
     if len(prefix) < 8 + n:
         raise HeaderError(file, f"header truncated: have {len(prefix) - 8} of {n} bytes")

@@ -397,5 +397,7 @@ def load_sharded(
     come back as ``uint8`` bytes.
     """
     settings, per_load = _options.split(options, "load_sharded")
+    check_rank(rank, world)  # before the Loader probes the device
+    _per_load(per_load)
     with Loader(device=device, framework=framework, **settings) as loader:
         return loader.load(path, rank, world, return_report=return_report, **per_load)
