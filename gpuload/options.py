@@ -33,6 +33,7 @@ SHARDING = (
     "expert_parallel",
     "allow_uneven",
     "weight_block_size",
+    "vision_tp",
 )
 
 #: The keyword twins of the ``GPULOAD_*`` flags: the fields of
