@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch", help="compile and link the kernels for this architecture (e.g. sm_90), no GPU"
     )
     s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_doctor)
+    s.set_defaults(fn=cmd_doctor, reports_env=True)  # a bad flag is one of its findings
 
     from .bench import add_arguments  # argparse only: the bench imports nothing heavy
 
@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _config.get()  # every GPULOAD_* flag, checked before any command runs
+        if not getattr(args, "reports_env", False):
+            _config.get()  # every GPULOAD_* flag, checked before the command runs
         rc = args.fn(args)
         sys.stdout.flush()  # inside the try: a closed pipe raises here, not at exit
         return rc
