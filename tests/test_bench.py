@@ -366,3 +366,70 @@ def test_a_contender_with_wrong_bytes_is_reported_and_fails_the_run(tmp_path, mo
     assert "corrupting" not in [r["contender"] for r in full["rows"]]
     assert any("FAILED the byte check" in s["reason"] for s in full["skipped"])
     assert doc["failed"] and "### FAILURES" in doc["markdown"]
+
+
+class _UsesDevice(contenders.VllmStyle):
+    """A peer that returns the right bytes (host arrays) while the stand-in
+    device's memory in use rises to ``to`` bytes: what a peer's allocations
+    look like to the bench's device-wide sampler."""
+
+    def __init__(self, name: str, fake: FakeGpu, to: int) -> None:
+        self.name, self.fake, self.to = name, fake, to
+
+    def open(self, ctx):
+        contenders.Contender.open(self, ctx)
+        self.st, self.gpu, self.fw, self.torch = (
+            importlib.import_module("safetensors"),
+            False,
+            "numpy",
+            None,
+        )
+
+    def load(self, case):
+        self.fake.used = max(self.fake.used, self.to)
+        return super().load(case)
+
+
+def test_every_contenders_device_peak_is_in_the_output_against_the_budget(
+    tmp_path, monkeypatch, capsys
+):
+    run_mod = importlib.import_module("gpuload.bench.runner")
+    fake = FakeGpu()
+    monkeypatch.setattr(run_mod, "probe", lambda device: (fake, ""))
+    monkeypatch.setattr(run_mod, "PROBE_BYTES", 1 << 20)
+    monkeypatch.setattr(
+        run_mod,
+        "all_contenders",
+        lambda: [_UsesDevice("light", fake, 3 << 30), _UsesDevice("heavy", fake, 12 << 30)],
+    )
+    p = presets.PRESETS["tiny"]
+    monkeypatch.setitem(
+        presets.PRESETS, "tiny", presets.dataclasses.replace(p, device_budget=11 << 30)
+    )
+    rc = main(
+        ["bench", "--preset", "tiny", "--scenarios", "full", "--modes", "warm"]
+        + ["--out", str(tmp_path), "--cache-dir", str(tmp_path / "c"), "--no-plot"]
+    )
+    assert rc == 0, capsys.readouterr().out
+    md = (tmp_path / "gpuload-bench-tiny-gpu.md").read_text()
+    doc = json.loads((tmp_path / "gpuload-bench-tiny-gpu.json").read_text())
+    rows = {r["contender"]: r for r in doc["groups"][0]["rows"]}
+    assert rows["light"]["peak_device_bytes"] == 3 << 30
+    assert rows["heavy"]["peak_device_bytes"] == 12 << 30
+    assert "| light |" in md and "| 3.00 |" in md and "| 12.00 |" in md
+    assert f"- measured peak, light, {goals.FULL} (warm): 3.00 GiB (within budget)" in md
+    assert f"- measured peak, heavy, {goals.FULL} (warm): 12.00 GiB (OVER budget)" in md
+
+
+def test_without_a_gpu_the_device_peak_says_n_a(tmp_path):
+    rc = main(
+        ["bench", "--preset", "tiny", "--device", "cpu", "--scenarios", "full", "--modes", "warm"]
+        + ["--out", str(tmp_path), "--cache-dir", str(tmp_path / "c"), "--no-plot"]
+    )
+    assert rc == 0
+    doc = json.loads((tmp_path / "gpuload-bench-tiny-cpu.json").read_text())
+    full = doc["groups"][0]
+    assert full["rows"] and all(r["peak_device_bytes"] is None for r in full["rows"])
+    lines = [ln for ln in doc["markdown"].splitlines() if ln.startswith("| gpuload (posix) |")]
+    assert lines and lines[0].rstrip(" |").endswith("n/a")
+    assert "device peak GiB" in doc["markdown"]

@@ -46,12 +46,14 @@ def budget_lines(b: Bench) -> list[str]:
         f"on the device ({plan['moe_experts_host'] / GiB:.2f} GiB of experts in host memory); "
         f"budget {p.device_budget / GiB:.0f} GiB",
     ]
+    # Every contender, peers included: the budget is what the card must hold
+    # for the whole run, and a peer that does not fit fails the run there.
     for g in b.groups:
         for r in g.rows:
-            if r.kind == "gpuload" and r.peak_device_bytes:
+            if r.kind != "limit" and r.peak_device_bytes:
                 ok = "within" if r.peak_device_bytes <= p.device_budget else "OVER"
                 lines.append(
-                    f"- measured peak, {r.name}, {g.title}: "
+                    f"- measured peak, {r.name}, {g.title} ({g.mode}): "
                     f"{r.peak_device_bytes / GiB:.2f} GiB ({ok} budget)"
                 )
     return lines + [""]

@@ -132,7 +132,9 @@ def markdown(groups: list[Group], device_col: bool) -> str:
         out.append(head + (f" ({'; '.join(facts)})" if facts else ""))
         out.append("")
         cols = ["contender", "median s (min–max)", "GiB/s", "× limit", "× best peer"]
-        cols += ["device peak GiB"] if device_col else []
+        # Device-wide peak while the row's warm runs ran (bench.gpu.PeakMemory);
+        # "n/a" without a GPU, "—" where nothing was sampled (limits, cold).
+        cols += ["device peak GiB"]
         cols += ["page cache before runs"]
         out.append("| " + " | ".join(cols) + " |")
         out.append("|" + "---|" * len(cols))
@@ -145,7 +147,7 @@ def markdown(groups: list[Group], device_col: bool) -> str:
                 "—" if r.ratio_limit is None else f"{r.ratio_limit:.2f}",
                 "—" if r.ratio_peer is None else f"{r.ratio_peer:.2f}",
             ]
-            cells += [_gib(r.peak_device_bytes)] if device_col else []
+            cells += [_gib(r.peak_device_bytes) if device_col else "n/a"]
             cells += [_residency([b for t in r.timings for b in t.extra.get("before", [])])]
             out.append("| " + " | ".join(cells) + " |")
         if g.skipped:
