@@ -47,7 +47,10 @@ cleanup() {
         kill "$DOCKERD_PID" 2>/dev/null || true
         wait "$DOCKERD_PID" 2>/dev/null || true
     fi
-    rm -rf "$WORK"
+    # An interrupted debootstrap can leave /proc or /sys mounted in the
+    # rootfs: unmount before deleting, and never cross into another filesystem.
+    findmnt -rn -o TARGET | grep "^$WORK/" | sort -r | xargs -r umount -l || true
+    rm -rf --one-file-system "$WORK"
     if [[ $rc -eq 0 ]]; then say "OK"; else say "FAILED (exit $rc)"; fi
     exit "$rc"
 }
