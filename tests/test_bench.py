@@ -368,13 +368,20 @@ def test_a_contender_with_wrong_bytes_is_reported_and_fails_the_run(tmp_path, mo
     assert doc["failed"] and "### FAILURES" in doc["markdown"]
 
 
-class _UsesDevice(contenders.VllmStyle):
-    """A peer that returns the right bytes (host arrays) while the stand-in
-    device's memory in use rises to ``to`` bytes: what a peer's allocations
-    look like to the bench's device-wide sampler."""
+class _Held(dict):
+    """A load's result that gives its stand-in device memory back when dropped."""
 
-    def __init__(self, name: str, fake: FakeGpu, to: int) -> None:
-        self.name, self.fake, self.to = name, fake, to
+    def __del__(self):
+        self.fake.used -= self.nbytes
+
+
+class _UsesDevice(contenders.VllmStyle):
+    """A peer that returns the right bytes (host arrays) and holds ``nbytes``
+    of the stand-in device's memory while its result lives: what a peer's
+    allocations look like to the bench's device-wide sampler."""
+
+    def __init__(self, name: str, fake: FakeGpu, nbytes: int) -> None:
+        self.name, self.fake, self.nbytes = name, fake, nbytes
 
     def open(self, ctx):
         contenders.Contender.open(self, ctx)
@@ -386,8 +393,10 @@ class _UsesDevice(contenders.VllmStyle):
         )
 
     def load(self, case):
-        self.fake.used = max(self.fake.used, self.to)
-        return super().load(case)
+        out = _Held(super().load(case))
+        out.fake, out.nbytes = self.fake, self.nbytes
+        self.fake.used += self.nbytes
+        return out
 
 
 def test_every_contenders_device_peak_is_in_the_output_against_the_budget(
@@ -400,7 +409,7 @@ def test_every_contenders_device_peak_is_in_the_output_against_the_budget(
     monkeypatch.setattr(
         run_mod,
         "all_contenders",
-        lambda: [_UsesDevice("light", fake, 3 << 30), _UsesDevice("heavy", fake, 12 << 30)],
+        lambda: [_UsesDevice("light", fake, 2 << 30), _UsesDevice("heavy", fake, 11 << 30)],
     )
     p = presets.PRESETS["tiny"]
     monkeypatch.setitem(
@@ -430,6 +439,7 @@ def test_without_a_gpu_the_device_peak_says_n_a(tmp_path):
     doc = json.loads((tmp_path / "gpuload-bench-tiny-cpu.json").read_text())
     full = doc["groups"][0]
     assert full["rows"] and all(r["peak_device_bytes"] is None for r in full["rows"])
-    lines = [ln for ln in doc["markdown"].splitlines() if ln.startswith("| gpuload (posix) |")]
-    assert lines and lines[0].rstrip(" |").endswith("n/a")
-    assert "device peak GiB" in doc["markdown"]
+    md = doc["markdown"].splitlines()
+    head = next(ln for ln in md if ln.startswith("| contender |")).strip("| ").split(" | ")
+    row = next(ln for ln in md if ln.startswith("| gpuload (posix) |")).strip("| ").split(" | ")
+    assert row[head.index("device peak GiB")] == "n/a"
