@@ -52,8 +52,8 @@ def plan(preset: str, modes: list[str], worlds: list[int] | None) -> list[tuple]
     dense = footprint(p.dense, p.dtype)[0] / GiB
     moe = footprint(p.moe, p.dtype)[0] / GiB
     loads, later = p.warmup + p.runs, p.runs  # later ranks reuse the warmed loader
-    names = {s: [c.name for c in all_contenders() if not c.why_not(s)] for s in ("full", "shard")}
-    names["moe"] = [c.name for c in all_contenders() if not c.why_not("moe")]
+    default = [c for c in all_contenders() if not c.opt_in]  # what runs without --contenders
+    names = {s: [c.name for c in default if not c.why_not(s)] for s in ("full", "shard", "moe")}
     out = []
     for mode in modes:
         for key, gib in (("dense", dense), ("moe", moe)):
