@@ -157,7 +157,7 @@ done
 # --- the summary ------------------------------------------------------------
 if [[ -n $SUMMARY_DIR ]]; then
     mkdir -p "$SUMMARY_DIR"
-    cp "$WORK"/results/gpuload-bench-tiny-cpu.* "$SUMMARY_DIR/"
+    cp "$WORK"/results/* "$SUMMARY_DIR/"
     cp "$WORK/build.log" "$SUMMARY_DIR/build.log"
     {
         echo "# Docker smoke build, $(date -u +%Y-%m-%d)"
@@ -173,7 +173,7 @@ if [[ -n $SUMMARY_DIR ]]; then
             "$(grep -c 'Using cache' "$WORK/build.log" || true) of" \
             "$(grep -c '^Step ' "$WORK/build.log" || true) steps from the layer cache"
         echo "- image size: $((SIZE >> 20)) MiB ($SIZE bytes, as docker image inspect reports)"
-        echo "- bench run time: ${RUN2_S} s"
+        echo "- bench run time: ${RUN2_S} s; the whole script so far: ${SECONDS} s"
         echo
         echo "## Versions in the image"
         echo

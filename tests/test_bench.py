@@ -265,6 +265,20 @@ def test_docker_installs_extras_that_exist_and_every_peer():
             assert (ROOT / src).exists(), f"COPY {src}: no such path"
 
 
+def test_docker_smoke_build_sends_every_copy_source():
+    """docker/smoke.sh sends the build a tar of named paths (the legacy
+    builder ignores Dockerfile.dockerignore): a COPY of a path it leaves out
+    would fail only in the smoke build, so the lists must agree."""
+    smoke = (ROOT / "docker" / "smoke.sh").read_text()
+    m = re.search(r"^tar -c --exclude=__pycache__ (.+?) \\$", smoke, re.M)
+    assert m, "docker/smoke.sh: no 'tar -c --exclude=__pycache__ PATHS \\' line"
+    sent = set(m.group(1).split())
+    assert "docker/Dockerfile" in sent
+    for line in re.findall(r"^COPY\s+(.+)$", DOCKERFILE.read_text(), re.M):
+        for src in line.split()[:-1]:
+            assert src in sent, f"COPY {src}: docker/smoke.sh does not send it"
+
+
 def test_hadolint_passes_when_installed():
     exe = shutil.which("hadolint")
     if exe is None:
