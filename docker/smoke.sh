@@ -7,8 +7,9 @@
 #    when it is missing (cached as $SMOKE_BASE; the mirror is the one this
 #    machine's apt already uses);
 # 2. builds docker/Dockerfile from it with --network host and PyPI's torch;
-# 3. runs the container twice, with no network: `gpuload --version`, then the
-#    bench entrypoint with `--preset tiny` on the CPU into a mounted folder.
+# 3. runs the container twice, with no network: `gpuload doctor --arch sm_86`
+#    (no GPU needed), then the bench entrypoint with `--preset tiny` on the CPU
+#    into a mounted folder.
 #
 # Exits non-zero when any step fails. Starts dockerd when none answers and
 # stops it at the end; removes the image it built (SMOKE_KEEP_IMAGE=1 keeps
@@ -133,9 +134,11 @@ say "built in ${BUILD_S} s, $((SIZE >> 20)) MiB"
 
 # --- the two runs -----------------------------------------------------------
 mkdir -p "$WORK/results" "$WORK/cache"
-# When `gpuload doctor` exists, run it here instead of --version:
-#   docker run --rm --network none --entrypoint gpuload "$IMAGE" doctor
-RUN1=(docker run --rm --network none --entrypoint gpuload "$IMAGE" --version)
+# gpuload doctor: versions, and the gather kernels compiled and linked for
+# one architecture with the image's NVVM and nvJitLink, which needs no GPU
+# (sm_86: the RTX 3060 12 GB; any `--arch` doctor knows will do).
+RUN1=(docker run --rm --network none --entrypoint gpuload "$IMAGE"
+    doctor --arch "${SMOKE_ARCH:-sm_86}")
 say "run 1: ${RUN1[*]}"
 "${RUN1[@]}" >"$WORK/run1.log" 2>&1 || { cat "$WORK/run1.log" >&2; exit 1; }
 cat "$WORK/run1.log" >&2
