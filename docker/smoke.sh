@@ -32,6 +32,8 @@ TORCH_SPEC=${SMOKE_TORCH_SPEC:-torch==2.10.0}
 SUMMARY_DIR=${1:-}
 
 cd "$(dirname "$0")/.."
+# The tree being built, read before the summary's own files dirty it.
+REV=$(git describe --always --dirty 2>/dev/null || echo unknown)
 WORK=$(mktemp -d /tmp/gpuload-smoke.XXXXXX)
 DOCKERD_PID=""
 BUILT=""
@@ -166,7 +168,7 @@ if [[ -n $SUMMARY_DIR ]]; then
         echo "# Docker smoke build, $(date -u +%Y-%m-%d)"
         echo
         echo "Made by \`bash docker/smoke.sh $SUMMARY_DIR\` at commit" \
-            "$(git describe --always --dirty 2>/dev/null || echo unknown)" \
+            "$REV" \
             "on $(uname -m), $(nproc) cores, docker $(docker version -f '{{.Server.Version}}')."
         echo
         echo "- base: \`$BASE\` (debootstrap bookworm minbase, docker import)"
