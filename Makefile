@@ -37,8 +37,8 @@ $(STAMP_CU13): pyproject.toml Makefile
 install-cu13: $(STAMP_CU13)
 
 lint: $(STAMP)
-	$(BIN)/ruff check gpuload kernels tests bench
-	$(BIN)/ruff format --check gpuload kernels tests bench
+	$(BIN)/ruff check gpuload kernels tests bench examples
+	$(BIN)/ruff format --check gpuload kernels tests bench examples
 	$(BIN)/hadolint docker/Dockerfile
 
 test: lint
