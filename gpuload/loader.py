@@ -32,6 +32,7 @@ from .plan import Plan, PlanOptions, plan_reads
 from .report import LoadReport
 from .selection import Selection
 from .sharding import Sharder
+from .torch.group import current_device, ranks
 from .transfer import GatherOptions
 
 log = logging.getLogger("gpuload")
@@ -192,9 +193,10 @@ class Loader:
     def load(
         self,
         path: PathLike,
-        rank: int,
-        world: int,
+        rank: int | None = None,
+        world: int | None = None,
         *,
+        group: Any = None,
         return_report: bool = False,
         **options: Any,
     ):
@@ -205,7 +207,7 @@ class Loader:
         """
         self._check_open()
         _options.check(options, _options.PER_LOAD, "Loader.load")
-        rank, world = check_rank(rank, world)
+        rank, world = check_rank(*ranks(rank, world, group))  # torch.distributed if omitted
         _per_load(options)  # bad values fail here, before any file is opened
         t0 = time.perf_counter()
         ckpt = open_checkpoint(path) if not isinstance(path, Checkpoint) else path
@@ -329,9 +331,10 @@ def touched_bytes(ckpt: Checkpoint, plan: Plan, resident: dict[str, Selection]) 
 
 def load_sharded(
     path: PathLike,
-    rank: int,
-    world: int,
+    rank: int | None = None,
+    world: int | None = None,
     *,
+    group: Any = None,
     device: str | None = None,
     framework: str | None = None,
     return_report: bool = False,
@@ -347,10 +350,18 @@ def load_sharded(
         expert counts).
     rank, world
         This rank and the tensor-parallel world size, ``0 <= rank < world``.
+        Omitted inside an initialized ``torch.distributed`` job: this
+        process's rank and size in ``group``.
+    group
+        A ``torch.distributed`` process group (the tensor-parallel group)
+        to take ``rank`` and ``world`` from; None: the default group, when
+        ``rank`` and ``world`` are omitted. Explicit ``rank`` and ``world``
+        never import torch.
     device
         ``"cpu"``, ``"cuda"`` (the current device) or ``"cuda:N"``; None picks
-        the current CUDA device when cupy sees one, else ``"cpu"``. The rank
-        is never used as a device index.
+        the current CUDA device (torch's, when the job has initialized CUDA;
+        else cupy's) when one is usable, else ``"cpu"``. The rank is never
+        used as a device index.
     framework
         ``"numpy"`` (default on the CPU), ``"torch"`` (default on a GPU when
         installed) or ``"cupy"`` (GPU only; bf16/fp8 as raw integer views).
@@ -397,7 +408,7 @@ def load_sharded(
     come back as ``uint8`` bytes.
     """
     settings, per_load = _options.split(options, "load_sharded")
-    check_rank(rank, world)  # before the Loader probes the device
+    rank, world = check_rank(*ranks(rank, world, group))  # before the Loader probes the device
     _per_load(per_load)
-    with Loader(device=device, framework=framework, **settings) as loader:
+    with Loader(device=device or current_device(), framework=framework, **settings) as loader:
         return loader.load(path, rank, world, return_report=return_report, **per_load)
