@@ -53,6 +53,10 @@ class LoadReport:
     cpu_resident: list[str] = dataclasses.field(default_factory=list)  # mapped, not read
     resident_copies: list[str] = dataclasses.field(default_factory=list)  # of those: copies
     prefault: Any = None  # the PrefaultReport of the cpu_resident tensors, or None
+    # gpuload.torch.load_into: state_dict keys the checkpoint lacks, and
+    # checkpoint tensors no key asked for (load_state_dict's lists).
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def bytes_wasted(self) -> int:

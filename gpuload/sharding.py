@@ -73,8 +73,10 @@ def expert_block(num_experts: int, rank: int, world: int) -> tuple[int, int]:
     return rank * base + min(rank, extra), base + (rank < extra)
 
 
-def _as_spec(value: Any, where: str) -> Spec:
-    if isinstance(value, Spec):
+def _as_spec(value: Any, where: str) -> Spec | Selection:
+    # A Selection is taken as it is: exactly what the rank reads (the
+    # DTensor loader's boxes, gpuload.torch.boxes).
+    if isinstance(value, Spec | Selection):
         return value
     if isinstance(value, str) and value in _SHORTHANDS:
         return _SHORTHANDS[value]
@@ -178,7 +180,8 @@ class Sharder:
         ``{regex: spec}`` searched in order, or a callable
         ``(name, shape) -> spec | None`` (None falls through). A spec is a
         spec object or ``"replicate"``, ``"row"`` (dim 0), ``"column"``
-        (dim 1) or an int dim.
+        (dim 1) or an int dim, or a :class:`~gpuload.selection.Selection`:
+        exactly what the rank reads, whatever ``rank`` and ``world``.
     num_heads, num_kv_heads, num_experts, qkv_sections
         Override the config: attention and key/value head counts, routed
         expert count, and fused qkv section sizes ``(q, k, v)`` in elements.
@@ -350,6 +353,8 @@ class Sharder:
         return hit
 
     def _apply(self, spec, rule, name, shape, rank, world) -> Selection | None:
+        if isinstance(spec, Selection):
+            return spec
         if isinstance(spec, Expert):  # expert parallelism reads the index in the name
             return self._expert(spec, rule, name, shape, rank, world)
         key = (spec, rule, shape, rank, world)

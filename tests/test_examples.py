@@ -48,3 +48,11 @@ def test_tp_generate_matches_transformers(model, family, world):
     where, expected = model(family)
     assert len(expected) == NEW_TOKENS
     assert torchrun("tp_generate.py", world, str(where), *ARGS) == expected
+
+
+# FSDP2: the transformers model on meta, fully_shard per layer and root,
+# filled by gpuload.torch.load_into (tied embeddings: test_torch_load_into.py).
+@pytest.mark.parametrize("family", ["llama"])
+def test_fsdp2_generate_matches_transformers(model, family):
+    where, expected = model(family)
+    assert torchrun("fsdp2_generate.py", 2, str(where), *ARGS) == expected

@@ -1,0 +1,203 @@
+"""``load_into``: a checkpoint into a module's parameters, DTensor shards included.
+
+For each ``state_dict()`` entry, the local shard its placements give this
+rank (:mod:`gpuload.torch.boxes`) is planned as a box read, all of them in
+one gpuload load, and copied into the parameter's local tensor. A rank reads
+only its local shards' bytes and never holds a tensor it does not own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..checkpoint import open_checkpoint
+from ..errors import ShardingError
+from ..loader import Loader
+from ..report import LoadReport
+from ..selection import Selection
+from .boxes import box_read, local_box
+from .group import current_device
+
+NameMap = Mapping[str, str] | Callable[[str], str] | None
+
+
+def _mapper(name_map: NameMap) -> Callable[[str], str]:
+    if name_map is None:
+        return lambda key: key
+    if isinstance(name_map, Mapping):
+        return lambda key: name_map.get(key, key)
+    if callable(name_map):
+        return name_map
+    raise TypeError(f"name_map has to be a dict or a callable, got {type(name_map).__name__}")
+
+
+def _targets(module: Any, mapping: Callable[[str], str], names: Any):
+    """``{checkpoint name: (tensor, key)}``, missing keys, unexpected names.
+
+    Tied parameters (one tensor under several keys, e.g. ``lm_head.weight``
+    and ``model.embed_tokens.weight``) load once, from whichever key the
+    checkpoint has."""
+    groups: dict[int, tuple[Any, list[str]]] = {}
+    for key, t in module.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), (t, []))[1].append(key)
+    wanted: dict[str, tuple[Any, str]] = {}
+    missing: list[str] = []
+    asked: set[str] = set()
+    for t, keys in groups.values():
+        mapped = [(k, mapping(k)) for k in keys]
+        asked.update(n for _, n in mapped)
+        found = [(k, n) for k, n in mapped if n in names]
+        if not found:
+            missing.extend(keys)
+        for k, n in found[:1]:
+            wanted[n] = (t, k)
+    unexpected = sorted(set(names) - asked)
+    return wanted, missing, unexpected
+
+
+def _to_empty(module: Any, device: str) -> None:
+    """``module.to_empty(device=...)``, keeping tied parameters tied: torch
+    gives every parameter moved off ``meta`` a tensor of its own."""
+    tied: dict[int, list[str]] = {}
+    for key, p in module.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(key)
+    module.to_empty(device=device)
+    for keys in tied.values():
+        first = module.get_parameter(keys[0])
+        for key in keys[1:]:
+            owner, _, attr = key.rpartition(".")
+            setattr(module.get_submodule(owner), attr, first)
+
+
+def _local(t: Any, name: str, shape: tuple[int, ...]):
+    """The tensor's local part and its box in the global tensor, or None
+    when this rank is outside the DTensor's mesh."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t.data if hasattr(t, "data") else t, tuple((0, n) for n in shape)
+    mesh = t.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    box = local_box(name, shape, mesh.shape, coordinate, t.placements)
+    return t.to_local().data, box
+
+
+def load_into(
+    module: Any,
+    path: Any,
+    *,
+    name_map: NameMap = None,
+    strict: bool = True,
+    device: str | None = None,
+    cast: bool = False,
+    **settings: Any,
+) -> LoadReport:
+    """Load a safetensors checkpoint into ``module``'s parameters and buffers.
+
+    Parameters
+    ----------
+    module
+        A ``torch.nn.Module`` whose parameters are DTensors (after
+        ``fully_shard``, ``parallelize_module`` or both on a 2-D mesh) or
+        plain tensors. Each DTensor gets its local shard as its placements and
+        this rank's mesh coordinate make it (``Shard(d)`` with
+        ``torch.chunk`` sizes, uneven and empty included; ``Replicate``;
+        nested shards; FSDP2's strided shards); plain tensors get the whole
+        tensor. A module on the ``meta`` device is first given empty tensors
+        on ``device`` (``module.to_empty``), then filled.
+    path
+        A ``.safetensors`` file, a list of them, or a model directory.
+    name_map
+        ``state_dict()`` key -> checkpoint name: a dict (keys it lacks map to
+        themselves) or a callable. Default: the identity.
+    strict
+        Raise, before any read, when a key has no tensor in the checkpoint
+        or a checkpoint tensor no key, as ``load_state_dict`` does; either
+        way the report lists them (``missing``, ``unexpected``).
+    device
+        Where a meta module is materialized: default the job's current CUDA
+        device when torch has initialized CUDA, else ``"cpu"``. Allocated
+        modules load where their tensors are.
+    cast
+        False: a checkpoint dtype that differs from the parameter's is an
+        error (before any read). True: convert to the parameter's dtype
+        while copying.
+    **settings
+        :class:`~gpuload.Loader` settings (``threads``, ``chunk_bytes``...).
+
+    Returns
+    -------
+    LoadReport
+        Bytes read (only the local shards', plus covering-read gaps), time,
+        and the missing / unexpected keys.
+
+    Raises
+    ------
+    RuntimeError
+        ``strict`` and the module and checkpoint disagree on names.
+    ShardingError
+        A shape mismatch, a placement with no checkpoint slice (``Partial``)
+        or a local shard gpuload cannot read as one box; before any I/O.
+    TypeError
+        A dtype mismatch without ``cast=True``.
+    """
+    import torch
+
+    ckpt = open_checkpoint(path)
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        _to_empty(module, device or current_device() or "cpu")
+    mapping = _mapper(name_map)
+    wanted, missing, unexpected = _targets(module, mapping, ckpt.tensors)
+    if strict and (missing or unexpected):
+        raise RuntimeError(
+            f"Error(s) loading {ckpt.root or path} into {type(module).__name__}: "
+            f"missing keys {missing}, unexpected keys {unexpected}"
+        )
+    infos, selections, locals_, devices = {}, {}, {}, set()
+    for name, (t, key) in wanted.items():
+        info = ckpt.tensors[name]
+        if tuple(t.shape) != info.shape:
+            raise ShardingError(
+                f"{info.file}: {name!r} has shape {info.shape}, {key!r} {tuple(t.shape)}"
+            )
+        found = _local(t, name, info.shape)
+        if found is None:
+            continue  # this rank is outside the tensor's mesh
+        local, box = found
+        want = tuple(b - a for a, b in box)
+        if tuple(local.shape) != want:  # a placement our box math gets wrong
+            raise ShardingError(f"{name!r}: local shard {tuple(local.shape)}, box {box}")
+        stored = getattr(torch, info.dtype.torch or "uint8")
+        if stored != local.dtype and not cast:
+            raise TypeError(
+                f"{info.file}: {name!r} is {info.dtype.name}, {key!r} is {local.dtype}; "
+                "pass cast=True to convert"
+            )
+        infos[name], selections[name] = box_read(info, box)
+        locals_[name] = local
+        devices.add(str(local.device))
+    if len(devices) > 1:
+        raise ValueError(f"parameters on several devices {sorted(devices)}: load each part")
+
+    def rule(name: str, shape: tuple[int, ...]) -> Selection:
+        return selections[name]
+
+    boxed = dataclasses.replace(ckpt, tensors=infos)
+    with Loader(device=devices.pop() if devices else "cpu", framework="torch", **settings) as ld:
+        tensors, report = ld.load(boxed, 0, 1, rules=rule, return_report=True)
+    with torch.no_grad():
+        for name, local in locals_.items():
+            local.copy_(tensors.pop(name).view(local.shape))
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        report.rank, report.world = dist.get_rank(), dist.get_world_size()
+    report.file_bytes = sum(i.nbytes for i in ckpt.tensors.values())
+    report.missing, report.unexpected = missing, unexpected
+    return report
+
+
+__all__ = ["load_into"]

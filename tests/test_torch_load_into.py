@@ -1,0 +1,179 @@
+"""gpuload.torch.load_into: DTensor local shards as boxes, read alone.
+
+The box math is held to torch's own ``_compute_local_shape_and_global_offset``;
+the 2-D mesh (FSDP x tensor parallel, 4 ranks) runs under torchrun and
+compares every local shard with ``distribute_tensor`` of the full tensor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.distributed.tensor import Replicate, Shard  # noqa: E402
+from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset  # noqa: E402
+from torch.distributed.tensor.placement_types import _StridedShard  # noqa: E402
+
+import gpuload.torch as gt  # noqa: E402
+from gpuload import ShardingError  # noqa: E402
+from gpuload.checkpoint import open_checkpoint  # noqa: E402
+from gpuload.torch.boxes import box_read, local_box  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="torch built without gloo")
+
+
+def _cases(seed: int = 0, n: int = 400):
+    """Random shapes (sizes 0..9, uneven and empty chunks), meshes and placements."""
+    rnd = random.Random(seed)
+    for _ in range(n):
+        shape = tuple(rnd.randint(0, 9) for _ in range(rnd.randint(1, 3)))
+        mesh = tuple(rnd.randint(1, 4) for _ in range(rnd.randint(1, 3)))
+        placements = [
+            Shard(rnd.randrange(len(shape))) if rnd.random() < 0.7 else Replicate() for _ in mesh
+        ]
+        yield shape, mesh, placements
+    # FSDP2 over tensor parallelism on one dim: strided on dp, shard on tp.
+    for rows, dp, tp in itertools.product((8, 12, 7, 3), (2, 3), (2, 4)):
+        yield (rows, 5), (dp, tp), [_StridedShard(0, split_factor=tp), Shard(0)]
+
+
+def test_local_box_matches_torch():
+    checked = 0
+    for shape, mesh, placements in _cases():
+        for coord in itertools.product(*(range(k) for k in mesh)):
+            want_shape, want_offset = _compute_local_shape_and_global_offset(
+                shape, mesh, list(coord), placements
+            )
+            box = local_box("t", shape, mesh, coord, placements)
+            assert tuple(b - a for a, b in box) == tuple(want_shape), (shape, mesh, placements)
+            # torch reports offset 0 ... or the dim size for an empty shard
+            for (a, b), off, n in zip(box, want_offset, shape, strict=True):
+                assert a == off or (a == b and off in (a, n)), (shape, mesh, placements, coord)
+            checked += 1
+    assert checked > 1000
+
+
+def test_partial_and_strided_rows_are_refused():
+    from torch.distributed.tensor import Partial
+
+    with pytest.raises(ShardingError, match="holds no slice"):
+        local_box("w", (4, 4), (2,), (0,), [Partial()])
+    # Strided rows that no later mesh dim closes: not one box.
+    with pytest.raises(ShardingError, match="non-contiguous"):
+        local_box("w", (8, 4), (2,), (0,), [_StridedShard(0, split_factor=2)])
+
+
+def test_box_read_limits(tmp_path):
+    save_file({"e": torch.zeros(2, 6, 8)}, tmp_path / "m.safetensors")
+    info = open_checkpoint(tmp_path / "m.safetensors").tensors["e"]
+    slab, sel = box_read(info, ((1, 2), (0, 6), (2, 6)))  # one expert, columns 2..6
+    assert slab.shape == (1, 6, 8) and slab.start == info.start + 6 * 8 * 4
+    assert (sel.dim, sel.ranges, sel.shape) == (2, ((2, 4),), (1, 6, 4))
+    with pytest.raises(ShardingError, match="cut on dims"):
+        box_read(info, ((0, 2), (0, 3), (2, 6)))  # dims 1 and 2 behind a full dim 0
+
+
+def test_meta_transformers_model_tied(tmp_path):
+    """A meta-device transformers model (tied embeddings) equals from_pretrained."""
+    pytest.importorskip("transformers")
+    from tiny_models import quiet, write_model
+
+    where = write_model("qwen3", tmp_path)
+    with quiet():
+        import transformers
+
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(
+                transformers.AutoConfig.from_pretrained(where)
+            )
+        ref = transformers.AutoModelForCausalLM.from_pretrained(where)
+    report = gt.load_into(model, where)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert report.bytes_read == report.file_bytes and not report.missing
+
+
+class _Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(3, 2, bias=False)
+
+
+def test_names_strict_and_dtype(tmp_path):
+    full = {"x.weight": torch.randn(3, 4), "x.bias": torch.randn(3), "b.weight": torch.randn(2, 3)}
+    full["stray"] = torch.ones(1)
+    path = tmp_path / "m.safetensors"
+    save_file(full, path)
+    mod = _Two()
+    with pytest.raises(RuntimeError, match=r"unexpected keys \['stray'\]"):
+        gt.load_into(mod, path, name_map={"a.weight": "x.weight", "a.bias": "x.bias"})
+    with pytest.raises(RuntimeError, match=r"missing keys \['a.weight', 'a.bias'\]"):
+        gt.load_into(mod, path)
+    report = gt.load_into(mod, path, name_map=lambda k: k.replace("a.", "x."), strict=False)
+    assert report.unexpected == ["stray"] and report.missing == []
+    assert torch.equal(mod.a.weight, full["x.weight"]) and torch.equal(
+        mod.b.weight, full["b.weight"]
+    )
+    half = _Two().to(torch.float16)
+    with pytest.raises(TypeError, match="cast=True"):
+        gt.load_into(half, path, name_map=lambda k: k.replace("a.", "x."), strict=False)
+    gt.load_into(half, path, name_map=lambda k: k.replace("a.", "x."), strict=False, cast=True)
+    assert torch.equal(half.a.weight, full["x.weight"].half())
+
+
+def test_2d_mesh_fsdp_times_tp(tmp_path):
+    """4 ranks on a 2 x 2 (dp, tp) mesh: explicit placements (2-D boxes, nested,
+    uneven, empty, 3-D, bf16) and a meta MLP under parallelize_module + fully_shard."""
+    from tiny_models import ROOT, free_port
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {
+        "a": (8, 12),
+        "b": (7, 5),
+        "c": (3, 10),
+        "d": (1, 9),
+        "e": (2, 3),
+        "f": (4, 6, 8),
+        "g": (5,),
+        "h": (6, 4),
+        "i": (8, 8),
+        "mlp.up.weight": (16, 8),
+        "mlp.up.bias": (16,),
+        "mlp.down.weight": (8, 16),
+        "mlp.down.bias": (8,),
+    }
+    tensors = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    tensors["i"] = tensors["i"].bfloat16()
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=4",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        str(ROOT / "tests" / "dist_load_into.py"),
+        str(path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    ranks = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
+    for r in ranks:
+        assert r["failures"] == [], r
+        # each rank read its shards, not the file (plus a few covering gaps)
+        assert r["bytes_read"] < r["file_bytes"], r
