@@ -67,6 +67,12 @@ def write_model(family: str, where: Path) -> Path:
         config = getattr(transformers, cls)(**{**COMMON, **extra})
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # transformers starts biases at 0 and norms at 1: a model that dropped
+        # them, or took another rank's, would still match. Random ones do not.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
         model.save_pretrained(where, max_shard_size="40KB")
     assert len(list(where.glob("*.safetensors"))) > 1
     assert (where / "model.safetensors.index.json").is_file()
