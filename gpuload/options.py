@@ -55,6 +55,7 @@ _WHERE = {
     "reader_factory": "a keyword of Loader(...)",
     "runtime": "a keyword of Loader(...)",
     "return_report": "a keyword of Loader.load / load_sharded",
+    "group": "a keyword of Loader.load / load_sharded (a torch.distributed group)",
 }
 
 

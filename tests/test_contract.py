@@ -75,7 +75,7 @@ def test_sharding_option_table_is_the_sharders_signature():
     loader = set(inspect.signature(gpuload.Loader).parameters) - {"settings"}
     assert loader == set(options.LOADER)
     every = options.SELECTION + options.SHARDING + options.SETTINGS + options.LOADER
-    assert set(options._WHERE) == {*every, "return_report"}  # each one's place is known
+    assert set(options._WHERE) == {*every, "return_report", "group"}  # each one's place is known
 
 
 # -- 2. a write to a torch cpu_resident tensor ----------------------------------
