@@ -257,7 +257,8 @@ class Loader:
         result = backend.convert(buffers, list(plan.tensors), self.framework)
         if lp.resident:
             # Zero-copy host arrays over the checkpoint's mapping, prefaulted
-            # and pinned: they stay on the CPU whatever the device.
+            # and pinned (fused cuts: copies, pinned the same way): they stay
+            # on the CPU whatever the device.
             # torch has no read-only tensors: it gets a private copy-on-write
             # mapping, so a write copies the touched pages, never reaching
             # the file (see gpuload.resident).

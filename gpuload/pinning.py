@@ -8,7 +8,9 @@ away. It exposes ``__array_interface__``: ``np.asarray(mapping)`` is a
 ``uint8`` array whose ``.base`` is the mapping, so every view cut from it
 keeps the mapping alive. When the last one dies, a finalizer undoes
 the pins (``cudaHostUnregister`` or ``munlock``) and then unmaps: a range must
-never be unmapped while the driver still has it registered.
+never be unmapped while the driver still has it registered. A
+:class:`HostBuffer` is anonymous memory held the same way: the home of a
+cpu_resident copy, pinned and released like a mapping.
 
 Pinning, best first:
 
@@ -191,6 +193,49 @@ class Mapping:
         return int(np.count_nonzero(np.frombuffer(vec, np.uint8, n) & 1))  # bit 0: resident
 
 
+class HostBuffer:
+    """Anonymous, writable memory gpuload maps and owns: the home of a
+    cpu_resident *copy* (a fused tensor cut per section cannot be one view of
+    the file), so that it is pinned like a :class:`Mapping` (``cudaHostRegister``
+    or ``mlock`` of the whole buffer) and, when its last array dies, unpinned
+    and then unmapped by the same finalizer.
+
+    ``np.asarray(buffer)`` is a writable ``uint8`` array of ``nbytes``; the
+    mapping is ``size`` bytes, whole pages. ``path`` names it in messages.
+    Its pages are written by the copy, so they are resident already: there
+    is nothing to prefault.
+    """
+
+    private = False  # anonymous: no page cache to share, registered as is
+
+    def __init__(self, nbytes: int, what: str) -> None:
+        self.path, self.nbytes = what, nbytes
+        size = max(PAGE, -(-nbytes // PAGE) * PAGE)
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        addr = libc().mmap(None, size, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            raise MemoryError(f"{what}: {_os_error(f'mmap of {size} bytes')}")
+        self.addr, self.size = addr, size
+        self._release = _Release(addr, size)
+        self._finalizer = weakref.finalize(self, self._release)
+        self._finalizer.atexit = False  # as for Mapping: the OS reclaims it at exit
+        self.__array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (addr, False),  # writable: the copy is the caller's own
+            "version": 3,
+        }
+
+    def pin_target(self) -> HostBuffer:
+        return self
+
+    @property
+    def pinned(self) -> str | None:
+        """How the buffer is pinned now: "cuda", "mlock" or None."""
+        r = self._release
+        return "cuda" if r.cuda_ptrs else "mlock" if r.locked else None
+
+
 # --------------------------------------------------------------------------
 # what the kernel says
 
@@ -284,7 +329,9 @@ def _on_device(device: int | None):
     return Device(device)
 
 
-def _cuda_pin(m: Mapping, ranges: Ranges, runtime, device: int | None = None) -> str | None:
+def _cuda_pin(
+    m: Mapping | HostBuffer, ranges: Ranges, runtime, device: int | None = None
+) -> str | None:
     """Register every piece; on a refusal undo them all and say why."""
     m._release.cuda = runtime
     with _on_device(device):
@@ -331,7 +378,7 @@ def mlock_allowance() -> int | None:
     return max(0, soft - locked)
 
 
-def _mlock(m: Mapping, ranges: Ranges) -> str | None:
+def _mlock(m: Mapping | HostBuffer, ranges: Ranges) -> str | None:
     need = sum(e - s for s, e in ranges)
     room = mlock_allowance()
     if room is not None and need > room:
@@ -347,7 +394,10 @@ def _mlock(m: Mapping, ranges: Ranges) -> str | None:
 
 
 def pin(
-    mappings: Sequence[tuple[Mapping, Ranges]], device: int | None = None, *, cuda: bool = True
+    mappings: Sequence[tuple[Mapping | HostBuffer, Ranges]],
+    device: int | None = None,
+    *,
+    cuda: bool = True,
 ) -> tuple[str | None, str]:
     """Pin page-aligned ranges of each mapping until it is released.
 

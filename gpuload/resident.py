@@ -17,8 +17,11 @@ handing arrays out, a thread pool sweeps the ranges in 32 MiB chunks:
    through ``mlock`` of a read-only twin, since locking the writable
    mapping itself would copy every page.
 
-Only the ranges returned as views are swept and pinned: a fused tensor cut
-per section comes back as a copy (:func:`is_copy`) and is read once, to copy.
+A fused tensor cut per section comes back as a copy (:func:`is_copy`), read
+once from the mapping into anonymous memory gpuload owns
+(:class:`~gpuload.pinning.HostBuffer`). It is not swept (its pages were just
+written, so they are resident) but it is pinned with the views, by the same
+method, and unpinned when its last array dies.
 
 ``GPULOAD_PREFAULT`` gates all three (:func:`should_prefault`);
 ``GPULOAD_PIN=0`` skips step 3. Residency is measured with ``mincore``.
@@ -116,8 +119,11 @@ def should_prefault(
 
 @dataclasses.dataclass
 class PrefaultReport:
-    """What a prefault did. ``bytes`` are page-rounded; ``seconds`` covers
-    hints and sweep (pinning is ``pin_seconds``); pages are ``PAGE`` bytes."""
+    """What a prefault did. ``bytes`` (the mapped ranges swept) are
+    page-rounded; ``seconds`` covers hints and sweep (pinning is
+    ``pin_seconds``); pages are ``PAGE`` bytes. ``copy_bytes`` are the owned
+    copies' buffers (whole pages; see :func:`map_resident`), not swept;
+    ``pinned_bytes`` all that is pinned: the swept ranges and the copies."""
 
     bytes: int = 0
     seconds: float = 0.0
@@ -131,7 +137,9 @@ class PrefaultReport:
     pin_seconds: float = 0.0
     threads: int = 0
     files: int = 0
-    copies: list[str] = dataclasses.field(default_factory=list)  # returned as copies: not here
+    copies: list[str] = dataclasses.field(default_factory=list)  # returned as copies
+    copy_bytes: int = 0  # their buffers, whole pages: pinned with the rest, not swept
+    pinned_bytes: int = 0  # bytes pinned: swept ranges + copies (0 when not pinned)
     _keep: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
@@ -144,6 +152,10 @@ class PrefaultReport:
         if self.skipped_reason is not None:
             return f"prefault skipped ({size} in {self.files} file(s)): {self.skipped_reason}"
         pin = f"pinned by {self.pin_reason}" if self.pinned else f"not pinned: {self.pin_reason}"
+        if self.pinned:
+            pin += f" ({self.pinned_bytes:,} bytes)"
+        if self.copies:
+            pin += f"; {len(self.copies)} copies ({self.copy_bytes:,} bytes, not swept)"
         return (
             f"prefault: {size} in {self.seconds:.3f} s ({self.gib_per_s:.2f} GiB/s, "
             f"{self.threads} threads), resident {self.pages_resident_before}"
@@ -200,17 +212,24 @@ def _prefault(
     cfg: config.Config,
     keep: bool = False,
     device: int | None = None,
+    owned: Sequence[pinning.HostBuffer] = (),
+    cuda: bool = True,
 ) -> PrefaultReport:
-    """Prefault (per the gate) and pin byte ranges of mapped files (for
-    CUDA ``device``, default the current one)."""
+    """Prefault (per the gate) and pin byte ranges of mapped files, and pin
+    the ``owned`` copies' buffers with them (for CUDA ``device``, default the
+    current one; ``cuda=False``: mlock only). The copies are not swept, nor
+    counted by the gate: their pages were just written, so they are resident
+    and already in use. But when the gate says no, they are not pinned
+    either, as the views are not."""
     spans = [(m, _page_ranges(rs, m.size)) for m, rs in jobs]
     nbytes = sum(e - s for _, sp in spans for s, e in sp)
     pages = sum(-(-(e - s) // PAGE) for _, sp in spans for s, e in sp)
     before = sum(m.mincore(s, e) for m, sp in spans for s, e in sp)
     ok, why = should_prefault(cfg.prefault, nbytes, mem_available())
-    if nbytes == 0:
+    if nbytes == 0 and not owned:
         ok, why = False, "no bytes selected"
     rep = PrefaultReport(nbytes, 0.0, pages, before, before, files=len(spans))
+    rep.copy_bytes = sum(b.size for b in owned)
     if not ok:
         rep.pin_reason, rep.skipped_reason = "prefault skipped", why
         _log.info(rep.summary())
@@ -222,11 +241,12 @@ def _prefault(
         for s, e in sp
         for a in range(s, e, CHUNK_BYTES)
     ]
-    threads = max(1, min(cfg.threads, len(chunks)))
+    threads = min(cfg.threads, len(chunks))  # 0: only copies, nothing to sweep
     bases = {id(m): np.asarray(m) for m, _ in spans}
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads, thread_name_prefix="gpuload-prefault") as pool:
-        list(pool.map(lambda c: _sweep_chunk(c[0], bases[id(c[0])], c[1], c[2]), chunks))
+    if chunks:
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="gpuload-prefault") as pool:
+            list(pool.map(lambda c: _sweep_chunk(c[0], bases[id(c[0])], c[1], c[2]), chunks))
     rep.seconds, rep.threads = time.perf_counter() - t0, threads
     rep.pages_resident_after = sum(m.mincore(s, e) for m, sp in spans for s, e in sp)
 
@@ -234,10 +254,15 @@ def _prefault(
     if cfg.pin:
         # A copy-on-write mapping is pinned through a read-only twin (see
         # pinning.Mapping.pin_target): mlock of the same page-cache pages.
-        private = any(m.private for m, _ in spans)
+        # The copies go with the views, all or nothing, by the same method
+        # (a torch load's copies too are locked, not registered: one method
+        # per report, and the views of a private mapping cannot be).
+        private = not cuda or any(m.private for m, _ in spans)
         targets = [(m.pin_target(), sp) for m, sp in spans]
+        targets += [(b, [(0, b.size)]) for b in owned]
         rep.pin_method, rep.pin_reason = pinning.pin(targets, device, cuda=not private)
     rep.pinned, rep.pin_seconds = rep.pin_method is not None, time.perf_counter() - t1
+    rep.pinned_bytes = nbytes + rep.copy_bytes if rep.pinned else 0
     if keep and rep.pinned:  # a standalone prefault: the report holds the pins
         rep._keep = tuple(m.pin_target() for m, _ in spans)
     _log.info(rep.summary())
@@ -262,7 +287,11 @@ def _byte_range(info: TensorInfo, sel: Selection) -> tuple[int, int]:
     return info.start + lo * row, info.start + hi * row
 
 
-def _array(base: np.ndarray, info: TensorInfo, sel: Selection) -> np.ndarray:
+def _array(
+    base: np.ndarray, info: TensorInfo, sel: Selection, owned: list[pinning.HostBuffer]
+) -> np.ndarray:
+    """``sel`` of ``info`` as a view of ``base``, or (several ranges) a copy
+    in a :class:`~gpuload.pinning.HostBuffer` appended to ``owned``."""
     dt, shape = info.dtype, numpy_shape(info.dtype, info.shape)
     full = base[info.start : info.end].view(dt.numpy or np.uint8).reshape(shape)
     if sel.dim is None:
@@ -278,7 +307,18 @@ def _array(base: np.ndarray, info: TensorInfo, sel: Selection) -> np.ndarray:
     if any(s + n > shape[d] for s, n in ranges):
         raise ValueError(f"{info.name}: ranges {sel.ranges} exceed shape {info.shape}[{d}]")
     parts = [full[(slice(None),) * d + (slice(s, s + n),)] for s, n in ranges]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=d)
+    if len(parts) == 1:
+        return parts[0]
+    out_shape = shape[:d] + (sum(n for _, n in ranges),) + shape[d + 1 :]
+    nbytes = int(np.prod(out_shape)) * full.dtype.itemsize
+    if nbytes == 0:  # nothing to pin
+        return np.concatenate(parts, axis=d)
+    # Into memory gpuload owns, so the copy can be pinned like the views and
+    # unpinned, then unmapped, when its last array dies.
+    buf = pinning.HostBuffer(nbytes, f"the copy of {info.name}")
+    owned.append(buf)
+    out = np.asarray(buf).view(full.dtype).reshape(out_shape)
+    return np.concatenate(parts, axis=d, out=out)
 
 
 def is_copy(info: TensorInfo, sel: Selection) -> bool:
@@ -300,7 +340,8 @@ def map_resident(
 
     Each file is mapped once; the bytes of the tensors returned as views are
     prefaulted (per ``cfg.prefault``) and pinned (per ``cfg.pin``) for CUDA
-    ``device`` (default: the current device).
+    ``device`` (default: the current device), and so are the copies (pinned
+    by the same method; not prefaulted: their pages were just written).
 
     Returns
     -------
@@ -314,15 +355,18 @@ def map_resident(
         the file never changes; pinned by ``mlock`` of the same page-cache
         pages, never by CUDA). A selection with several ranges (a fused
         tensor split per section, see :func:`is_copy`) cannot be one view: it
-        is an owned, writable copy, listed in ``report.copies`` and left out
-        of the prefault and the pins (its bytes are read once, to copy).
+        is an owned, writable copy (its bytes read once, to copy) in
+        anonymous memory gpuload maps (:class:`~gpuload.pinning.HostBuffer`),
+        listed in ``report.copies`` and pinned with the views: by CUDA when
+        they are, else by ``mlock`` (``report.pinned_bytes`` counts it).
     report
         the :class:`PrefaultReport`.
 
     Notes
     -----
     The mapping and its pins live as long as any view does, whatever happens
-    to ``checkpoint``; the last view to die unpins, then unmaps.
+    to ``checkpoint``; the last view to die unpins, then unmaps. A copy's
+    buffer and its pin live as long as the copy (or a view of it) does.
     """
     cfg = config.get() if cfg is None else cfg
     headers = {h.path: h for h in checkpoint.files}
@@ -340,13 +384,15 @@ def map_resident(
             copies.append(name)
         else:
             ranges.setdefault(info.file, []).append(_byte_range(info, sel))
-    report = _prefault([(maps[f], rs) for f, rs in ranges.items()], cfg, device=device)
-    report.copies = copies
+    # The arrays first: the copies have to exist to be pinned with the views.
     bases = {f: np.asarray(m) for f, m in maps.items()}
-    arrays = {}
+    arrays, owned = {}, []
     for name, sel in selections.items():
         info = checkpoint.tensors[name]
-        arrays[name] = _array(bases[info.file], info, sel)
+        arrays[name] = _array(bases[info.file], info, sel, owned)
+    jobs = [(maps[f], rs) for f, rs in ranges.items()]
+    report = _prefault(jobs, cfg, device=device, owned=owned, cuda=not writable)
+    report.copies = copies
     return arrays, report
 
 

@@ -7,6 +7,7 @@ on the way, a torch write that killed the process, numpy ranks refused...).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import inspect
 import os
@@ -16,9 +17,13 @@ import textwrap
 
 import numpy as np
 import pytest
+import safetensors
+from test_prefault import FakeRuntime as FakeHostRegistration
 
 import gpuload
-from gpuload import options, synth
+from gpuload import options, pinning, synth
+
+PAGE = pinning.PAGE
 
 
 @pytest.fixture(scope="module")
@@ -194,10 +199,167 @@ def test_fused_resident_experts_are_listed_as_copies(stacked):
     )
     fused, down = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
     assert report.resident_copies == [fused] == report.prefault.copies
-    assert got[fused].flags.owndata or got[fused].base.flags.owndata  # a copy of its own
+    assert isinstance(_owner(got[fused]), pinning.HostBuffer)  # a copy of its own
+    assert isinstance(_owner(got[down]), pinning.Mapping)  # a view of the file
     assert got[fused].flags.writeable and not got[down].flags.writeable
-    # The prefault covers what comes back as views only: down_proj's bytes.
+    # The prefault sweeps what comes back as views only: down_proj's bytes.
     assert report.prefault.bytes < os.path.getsize(stacked)
+
+
+_FUSED = "model.layers.0.mlp.experts.gate_up_proj"
+_DOWN = "model.layers.0.mlp.experts.down_proj"
+
+
+def _owner(a):
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a
+
+
+def _vm_locked() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmLck:"))
+
+
+def _mapped_at(addr: int) -> bool:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return True
+    return False
+
+
+def _fused_oracle(path) -> np.ndarray:
+    """Rank 1 of 2 of the stacked gate_up_proj [E, 2I, H], by safetensors and
+    numpy alone: its half of the gate rows, then its half of the up rows."""
+    with open(path, "rb") as f:
+        entry = dict(safetensors.deserialize(f.read()))[_FUSED]
+    x = np.frombuffer(entry["data"], np.uint16).reshape(entry["shape"])  # bf16 bits
+    i = x.shape[1] // 2
+    return np.concatenate([x[:, i // 2 : i], x[:, i + i // 2 :]], axis=1)
+
+
+def test_fused_resident_copy_is_pinned_while_it_lives(stacked, monkeypatch):
+    # Issue 11 item 4: prefault/pin what is actually returned. The copy is
+    # pinned with the views (mlock here: CUDA is held off so that the test
+    # reads the same with cupy and a GPU), and unpinned when it dies.
+    monkeypatch.setattr(pinning, "_cuda_runtime", lambda device=None: (None, "no CUDA (test)"))
+    gc.collect()
+    base = _vm_locked()
+    got, report = gpuload.load_sharded(
+        stacked,
+        1,
+        2,
+        device="cpu",
+        cpu_resident=True,
+        pin=True,
+        prefault=True,
+        return_report=True,
+    )
+    pf, copy = report.prefault, got[_FUSED]
+    if not pf.pinned and "RLIMIT_MEMLOCK" in pf.pin_reason:
+        pytest.skip(f"this process may not lock memory: {pf.pin_reason}")
+    assert pf.pin_method == "mlock", pf.pin_reason
+    assert copy.tobytes() == _fused_oracle(stacked).tobytes()  # exact, in order
+    assert copy.flags.c_contiguous and copy.ctypes.data % PAGE == 0
+    assert pf.copies == [_FUSED] and pf.copy_bytes == -(-copy.nbytes // PAGE) * PAGE
+    assert pf.pinned_bytes == pf.bytes + pf.copy_bytes  # the views' ranges and the copy
+    assert pf.bytes > 0  # down_proj, a view, is pinned too
+    assert f"{pf.pinned_bytes:,} bytes" in pf.summary()
+    assert _vm_locked() - base >= pf.pinned_bytes  # measured: the kernel's count
+    # The copy's pin lives as long as the copy: the views dying leaves it.
+    addr, fin = copy.ctypes.data, _owner(copy)._finalizer  # unpins, then unmaps
+    del got
+    gc.collect()
+    assert _vm_locked() - base >= pf.copy_bytes and _mapped_at(addr) and fin.alive
+    assert copy.tobytes() == _fused_oracle(stacked).tobytes()
+    copy[0, 0, 0] = 1  # the caller's own memory: writable
+    del copy
+    gc.collect()
+    assert _vm_locked() <= base and not fin.alive  # unpinned, then unmapped
+
+
+def test_fused_resident_copy_is_not_pinned_when_pinning_is_off(stacked):
+    got, report = gpuload.load_sharded(
+        stacked, 1, 2, device="cpu", cpu_resident=True, pin=False, return_report=True
+    )
+    pf = report.prefault
+    assert not pf.pinned and pf.pinned_bytes == 0 and pf.copy_bytes > 0
+    assert pinning.HostBuffer is type(_owner(got[_FUSED])) and not _owner(got[_FUSED]).pinned
+
+
+def test_fused_resident_copy_is_cuda_registered_with_the_views(stacked, monkeypatch):
+    fake = FakeHostRegistration(stacked)
+    unregistered = []
+    real = fake.hostUnregister
+
+    def unregister(ptr):
+        unregistered.append((ptr, _mapped_at(ptr)))  # the driver's range before munmap
+        real(ptr)
+
+    fake.hostUnregister = unregister
+    monkeypatch.setattr(pinning, "_cuda_runtime", lambda device=None: (fake, ""))
+    got, report = gpuload.load_sharded(
+        stacked,
+        1,
+        2,
+        device="cpu",
+        cpu_resident=True,
+        pin=True,
+        prefault=True,
+        return_report=True,
+    )
+    pf, copy = report.prefault, got[_FUSED]
+    assert pf.pin_method == "cuda" and pf.pinned, pf.pin_reason
+    assert copy.tobytes() == _fused_oracle(stacked).tobytes()
+    lo = copy.ctypes.data
+    hi = lo + pf.copy_bytes
+    pieces = sorted((p, n) for p, (n, _) in fake.registered.items() if lo <= p < hi)
+    assert pieces and pieces[0][0] == lo and sum(n for _, n in pieces) == pf.copy_bytes
+    assert all(p + n == q for (p, n), (q, _) in zip(pieces, pieces[1:], strict=False))
+    assert sum(n for n, _ in fake.registered.values()) == pf.pinned_bytes  # views + copy
+    del got
+    gc.collect()
+    assert all(lo <= p < hi for p in fake.registered)  # the views' pins went with them
+    del copy
+    gc.collect()
+    assert not fake.registered
+    assert {p for p, _ in unregistered} >= {p for p, _ in pieces}
+    assert all(still for _, still in unregistered)  # unregistered, then unmapped
+
+
+def test_cuda_refusing_the_copy_falls_back_to_mlock_for_all(stacked, monkeypatch):
+    fake = FakeHostRegistration(stacked, refuse_at=1)  # the view's one piece, then the copy
+    monkeypatch.setattr(pinning, "_cuda_runtime", lambda device=None: (fake, ""))
+    got, report = gpuload.load_sharded(
+        stacked, 1, 2, device="cpu", cpu_resident=True, pin=True, return_report=True
+    )
+    pf = report.prefault
+    assert not fake.registered  # the view's registration was undone too
+    assert f"the copy of {_FUSED}" in pf.pin_reason and "cudaErrorNotSupported" in pf.pin_reason
+    if pf.pinned:
+        assert pf.pin_method == "mlock" and pf.pin_reason.startswith("mlock, the fallback")
+        assert _owner(got[_FUSED]).pinned == "mlock" == _owner(got[_DOWN]).pinned
+    else:  # mlock refused as well (RLIMIT_MEMLOCK): nothing is pinned, and it says so
+        assert "RLIMIT_MEMLOCK" in pf.pin_reason and pf.pinned_bytes == 0
+
+
+def test_torch_fused_resident_copy_is_locked_not_registered(stacked, monkeypatch):
+    # torch views sit on a private mapping that CUDA must not register; the
+    # copies go with them, by mlock: one method per load.
+    torch = pytest.importorskip("torch")
+    fake = FakeHostRegistration(stacked)
+    monkeypatch.setattr(pinning, "_cuda_runtime", lambda device=None: (fake, ""))
+    with gpuload.Loader(device="cpu", framework="torch", pin=True, prefault=True) as loader:
+        got, report = loader.load(stacked, 1, 2, cpu_resident=True, return_report=True)
+    pf = report.prefault
+    assert not fake.registered
+    if not pf.pinned and "RLIMIT_MEMLOCK" in pf.pin_reason:
+        pytest.skip(f"this process may not lock memory: {pf.pin_reason}")
+    assert pf.pin_method == "mlock" and pf.pinned_bytes == pf.bytes + pf.copy_bytes > pf.bytes
+    t = got[_FUSED]
+    assert t.view(torch.int16).numpy().tobytes() == _fused_oracle(stacked).tobytes()
 
 
 def test_torch_column_cut_resident_expert_is_a_view(stacked):
