@@ -17,7 +17,8 @@ import ctypes
 import errno
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,29 @@ def _preadv_raw(fd: int, iov: np.ndarray, offset: int) -> int:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return int(n)
+
+
+def _read_some(
+    preadv: Callable[[int, Any, int], int], fd: int, iov: Any, file: str, pos: int, want: int
+) -> int:
+    """One ``preadv(fd, iov, pos)`` of up to ``want`` bytes, retried on EINTR:
+    the bytes read, never 0. A failed read or end of file raises ReadError.
+    The loops of :meth:`PosixReader.readinto` (buffers) and
+    :meth:`PosixReader.readinto_iov` (raw iovecs) share it; each advances its
+    own entries past a short read."""
+    while True:
+        try:
+            got = preadv(fd, iov, pos)
+        except OSError as e:
+            if e.errno == errno.EINTR:  # PEP 475 retries, but be explicit
+                continue
+            raise ReadError(f"{file}: read of {want} bytes at {pos} failed: {e.strerror}") from e
+        if got == 0:
+            raise ReadError(
+                f"{file}: unexpected end of file at offset {pos} "
+                f"({want} bytes still to read); was the file truncated?"
+            )
+        return got
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -118,19 +142,7 @@ class PosixReader:
         while bufs:
             batch = bufs[:IOV_MAX]
             want = sum(len(b) for b in batch)
-            try:
-                got = os.preadv(fd, batch, pos)
-            except OSError as e:
-                if e.errno == errno.EINTR:  # PEP 475 retries, but be explicit
-                    continue
-                raise ReadError(
-                    f"{file}: read of {want} bytes at {pos} failed: {e.strerror}"
-                ) from e
-            if got == 0:
-                raise ReadError(
-                    f"{file}: unexpected end of file at offset {pos} "
-                    f"({want} bytes still to read); was the file truncated?"
-                )
+            got = _read_some(os.preadv, fd, batch, file, pos, want)
             pos += got
             # Drop the buffers that are full; trim the one a short read split.
             while got and bufs:
@@ -157,19 +169,7 @@ class PosixReader:
         while i < len(work):
             batch = work[i : i + IOV_MAX]
             want = int(batch[:, 1].sum())
-            try:
-                got = _preadv_raw(fd, batch, pos)
-            except OSError as e:
-                if e.errno == errno.EINTR:
-                    continue
-                raise ReadError(
-                    f"{file}: read of {want} bytes at {pos} failed: {e.strerror}"
-                ) from e
-            if got == 0:
-                raise ReadError(
-                    f"{file}: unexpected end of file at offset {pos} "
-                    f"({want} bytes still to read); was the file truncated?"
-                )
+            got = _read_some(_preadv_raw, fd, batch, file, pos, want)
             pos += got
             # Skip the entries that are full; trim the one a short read split.
             ends = np.cumsum(batch[:, 1], dtype=np.uint64)
