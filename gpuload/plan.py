@@ -367,6 +367,7 @@ def _coalesce(ops: list[ReadOp], opts: PlanOptions) -> list[ReadOp]:
     group: list[ReadOp] = []
     useful = gaps = 0  # of the group: useful bytes, bytes of the gaps merged over
     for op in ops:
+        u = op.useful_bytes  # a sum over the op's pieces: once per op
         if group:
             first, last = group[0], group[-1]
             gap = op.offset - (last.offset + last.length)
@@ -374,14 +375,14 @@ def _coalesce(ops: list[ReadOp], opts: PlanOptions) -> list[ReadOp]:
                 first.file == op.file
                 and first.staged == op.staged
                 and 0 <= gap <= opts.coalesce_gap
-                and gaps + gap <= opts.max_overread * (useful + op.useful_bytes)
+                and gaps + gap <= opts.max_overread * (useful + u)
                 and op.offset + op.length - first.offset <= opts.chunk_bytes
             ):
                 group.append(op)
-                useful, gaps = useful + op.useful_bytes, gaps + gap
+                useful, gaps = useful + u, gaps + gap
                 continue
             out.append(_merged(group))
-        group, useful, gaps = [op], op.useful_bytes, 0
+        group, useful, gaps = [op], u, 0
     if group:
         out.append(_merged(group))
     return out
