@@ -163,8 +163,8 @@ class PosixReader:
         with numpy, a covering read scatters thousands of rows per syscall
         without a Python object per row."""
         fd = self.fd(file)
-        work = np.array(iov, dtype=np.uint64, order="C").reshape(-1, 2)
-        work = work[work[:, 1] > 0]
+        work = np.asarray(iov, dtype=np.uint64).reshape(-1, 2)
+        work = work[work[:, 1] > 0]  # a fresh C-contiguous copy: trimmed below, never iov
         i, pos = 0, offset
         while i < len(work):
             batch = work[i : i + IOV_MAX]
