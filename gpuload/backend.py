@@ -107,19 +107,4 @@ def make_backend(
         mod = importlib.import_module("gpuload.device_cuda")
     except ImportError as e:
         raise BackendUnavailable(f"device={device!r}: the GPU backend is unavailable ({e})") from e
-    backend = mod.CudaBackend(device, cfg, reader_factory, runtime=runtime)
-    if runtime is None:
-        _check_kernels(backend)
-    return backend
-
-
-def _check_kernels(backend) -> None:
-    """Compile, link and load every gather kernel on the real device now,
-    before any I/O: a toolchain whose PTX the linker or driver rejects would
-    otherwise fail the first gather, half way through a load's reads."""
-    from .kernels import toolchain
-
-    tc = toolchain.check(device=backend.index)
-    if tc.problem is not None:
-        backend.close()
-        raise BackendUnavailable(f"device={backend.device}: {tc.problem}")
+    return mod.CudaBackend(device, cfg, reader_factory, runtime=runtime)

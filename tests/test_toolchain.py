@@ -7,6 +7,9 @@ any read, naming the versions and the fix; and the version arithmetic.
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 from fake_cuda import FakeRuntime
 from gpuload.kernels import toolchain
@@ -23,12 +26,24 @@ FOUND = toolchain.Toolchain(
 
 @pytest.fixture
 def real_runtime_is_fake(monkeypatch):
-    """make_backend as for a real GPU (runtime=None), with the fake runtime under it."""
+    """make_backend as for a real GPU (runtime=None): the real ``CupyRuntime``
+    constructor runs its checks over a stand-in cupy (with libNVVM present and
+    the warm-up skipped), then the fake runtime serves the backend."""
+    from numba.cuda.cudadrv import nvvm
+
     import gpuload.device_cuda as dc
 
-    made = []
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(
+        Device=lambda index: None, runtime=types.SimpleNamespace(getDeviceCount=lambda: 8)
+    )
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(nvvm, "is_available", lambda: True)
+    monkeypatch.setattr(dc.CupyRuntime, "_warm", lambda self: None)
+    real, made = dc.CupyRuntime, []
 
     def runtime(index):
+        real(index)  # raises BackendUnavailable for a toolchain problem
         made.append(FakeRuntime())
         return made[-1]
 
