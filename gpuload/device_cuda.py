@@ -370,9 +370,7 @@ class CupyRuntime:
         raise ValueError(f"framework={framework!r}: GPU results are 'torch' or 'cupy'")
 
     def kvikio(self) -> Any:
-        kvikio = importlib.import_module("kvikio")
-        importlib.import_module("kvikio.defaults")  # not imported by ``import kvikio``
-        return kvikio
+        return importlib.import_module("kvikio")
 
 
 def warm_gathers(

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import __version__, config
+from .io_kvikio import kvikio_defaults
 from .resident import mem_available
 
 CU = "pip install 'gpuload[cu13]' (NVIDIA driver >= 580, CUDA 13) or 'gpuload[cu12]' (>= 525)"
@@ -146,13 +147,13 @@ def _kvikio(st: State) -> Iterator[Line]:
     fix = "pip install kvikio-cu13 (or -cu12); without it reads go through pinned staging"
     try:
         kvikio = importlib.import_module("kvikio")
-        importlib.import_module("kvikio.defaults")  # kvikio's __init__ does not import it
+        defaults = kvikio_defaults(kvikio)
     except Exception as e:
         yield Line("kvikio", False, f"not usable ({type(e).__name__}: {e})", fix)
         return
-    mode = kvikio.defaults.get("compat_mode") if hasattr(kvikio.defaults, "get") else "?"
+    mode = defaults.get("compat_mode") if hasattr(defaults, "get") else "?"
     mode = {0: "OFF", 1: "ON", 2: "AUTO"}.get(int(mode), mode) if str(mode).isdigit() else mode
-    compat = bool(kvikio.defaults.is_compat_mode_preferred())
+    compat = bool(defaults.is_compat_mode_preferred())
     why = (
         f"compatibility mode (POSIX reads via bounce buffers; configured {mode}: "
         "cuFile or GPUDirect Storage is not usable here, or KVIKIO_COMPAT_MODE=ON)"
