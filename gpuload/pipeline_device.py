@@ -208,17 +208,13 @@ class DevicePipeline:
             for s in self.slots:
                 s.scratch = self.rt.device_alloc(scratch)
             self.scratch_size = scratch
-        out: list[ReadOp] = []
-        for op in plan.ops:
-            # An op no device gather touches needs no scratch: only staging bounds it.
-            scratched = device_reads or _scratched(op, gathers)
-            out += fit_ops(
-                [op],
-                host_bytes=self.host_size,
-                scratch_bytes=self.scratch_size if scratched else self.host_size,
-                device_reads=device_reads,
-            )
-        return out
+        return fit_ops(
+            plan.ops,
+            host_bytes=self.host_size,
+            scratch_bytes=self.scratch_size,
+            device_reads=device_reads,
+            scratched=lambda op: _scratched(op, gathers),
+        )
 
     # -- running -----------------------------------------------------------
 

@@ -13,7 +13,7 @@ section of ``plan.py`` so that the planner stays one readable stage.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .errors import PlanError
 from .plan import PAGE, Piece, ReadOp
@@ -30,7 +30,12 @@ def aligned_span(op: ReadOp) -> tuple[int, int]:
 
 
 def fit_ops(
-    ops: Iterable[ReadOp], *, host_bytes: int, scratch_bytes: int, device_reads: bool
+    ops: Iterable[ReadOp],
+    *,
+    host_bytes: int,
+    scratch_bytes: int,
+    device_reads: bool,
+    scratched: Callable[[ReadOp], bool] | None = None,
 ) -> list[ReadOp]:
     """``ops``, each split (:func:`split_op`) until it fits one pipeline slot.
 
@@ -43,13 +48,16 @@ def fit_ops(
     device_reads
         True for kvikio, which reads every op into scratch; False for posix
         reads into pinned staging.
+    scratched
+        Posix: whether a staged op is copied into scratch (every one when
+        None); one that is not (no device gather) is bounded by staging alone.
 
     Notes
     -----
     Posix: a direct op must fit the pinned buffer, a staged op the pinned
-    buffer and the scratch it is copied into. kvikio: an op fits when its
-    page-aligned span (:func:`aligned_span`) fits scratch; one that does not
-    is split into reads two pages shorter than scratch, the most that
+    buffer and, if it is copied there, the scratch. kvikio: an op fits when
+    its page-aligned span (:func:`aligned_span`) fits scratch; one that does
+    not is split into reads two pages shorter than scratch, the most that
     widening to pages can add to a read.
     """
     out: list[ReadOp] = []
@@ -58,7 +66,8 @@ def fit_ops(
             fits = aligned_span(op)[1] <= scratch_bytes
             limit = scratch_bytes - 2 * PAGE
         else:
-            limit = host_bytes if not op.staged else min(host_bytes, scratch_bytes)
+            to_scratch = op.staged and (scratched is None or scratched(op))
+            limit = min(host_bytes, scratch_bytes) if to_scratch else host_bytes
             fits = op.length <= limit
         out.extend([op] if fits else split_op(op, limit))
     return out
