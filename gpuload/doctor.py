@@ -119,17 +119,7 @@ def _kernels(st: State) -> Iterator[Line]:
     for arch, device in targets:
         tc = toolchain.check(arch=arch, device=device)
         where = arch or f"gpu {device}"
-        yield Line(
-            f"toolchain ({where})",
-            True,
-            f"NVVM {tc.nvvm or '?'} emits PTX ISA {tc.ptx_isa or '?'}; linker "
-            + (
-                f"nvJitLink {tc.nvjitlink} (reads PTX ISA <= {tc.nvjitlink_isa})"
-                if tc.nvjitlink
-                else "the driver's (no nvJitLink)"
-            )
-            + (f"; driver CUDA {tc.driver} (PTX ISA <= {tc.driver_isa})" if tc.driver else ""),
-        )
+        yield Line(f"toolchain ({where})", True, toolchain.facts(tc))
         if tc.problem:
             yield Line(
                 f"kernels ({where})",

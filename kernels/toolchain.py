@@ -96,9 +96,9 @@ def _packages(major: int) -> tuple[str, str]:
     return "nvidia-nvvm", "nvidia-nvjitlink"
 
 
-def explain(tc: Toolchain, error: str, stage: str) -> str:
-    """The problem line: what failed, the versions found, and what to install."""
-    facts = (
+def facts(tc: Toolchain) -> str:
+    """The versions found, in one line (``explain``, ``gpuload doctor``)."""
+    return (
         f"NVVM {tc.nvvm or '?'} emits PTX ISA {tc.ptx_isa or '?'}; "
         + (
             f"nvJitLink {tc.nvjitlink} reads up to {tc.nvjitlink_isa}"
@@ -107,6 +107,10 @@ def explain(tc: Toolchain, error: str, stage: str) -> str:
         )
         + (f"; the driver supports CUDA {tc.driver} (PTX ISA {tc.driver_isa})" if tc.driver else "")
     )
+
+
+def explain(tc: Toolchain, error: str, stage: str) -> str:
+    """The problem line: what failed, the versions found, and what to install."""
     nvvm, ptx, link = _release(tc.nvvm), _release(tc.ptx_isa), _release(tc.nvjitlink)
     fix = "pip install 'gpuload[cu13]' (CUDA 13 drivers) or 'gpuload[cu12]' (CUDA 12)"
     if nvvm and ptx and link and ptx > isa_for(link):
@@ -124,7 +128,7 @@ def explain(tc: Toolchain, error: str, stage: str) -> str:
     elif not link and not tc.driver:
         _, link_pkg = _packages(nvvm[0] if nvvm else 13)
         fix = f"linking without a GPU needs nvJitLink: pip install '{link_pkg}'"
-    return f"the gather kernels do not {stage} for {tc.arch}: {error} ({facts}); fix: {fix}"
+    return f"the gather kernels do not {stage} for {tc.arch}: {error} ({facts(tc)}); fix: {fix}"
 
 
 def _linker_api():
