@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .dtypes import DTYPES
 from .errors import BackendUnavailable
 from .plan import TensorPlan
 
@@ -153,14 +154,8 @@ def resident_as(arrays: dict[str, np.ndarray], framework: str) -> dict:
     return {name: _raw_torch(a) for name, a in arrays.items()}
 
 
-_TORCH_NAMES = {
-    "bfloat16": "bfloat16",
-    "float8_e4m3fn": "float8_e4m3fn",
-    "float8_e5m2": "float8_e5m2",
-    "float8_e8m0fnu": "float8_e8m0fnu",
-    "float8_e4m3fnuz": "float8_e4m3fnuz",
-    "float8_e5m2fnuz": "float8_e5m2fnuz",
-}
+# numpy dtype name -> torch dtype name, from the safetensors dtype table.
+_TORCH_NAMES = {d.numpy.name: d.torch for d in DTYPES.values() if d.numpy is not None and d.torch}
 
 
 def _raw_torch(a: np.ndarray):
