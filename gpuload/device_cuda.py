@@ -218,7 +218,7 @@ class CupyRuntime:
         # fail a load half way (and its warnings, errors under ``-W error``,
         # would be raised there).
         try:
-            with self._device:  # the first CUDA call: a driver too old shows here
+            with self._device:  # the device current for the warm-up launches
                 stream = self.stream()
                 try:
                     warm_gathers(self._kernels, self._to_device, self._to_host, stream, **launch)
