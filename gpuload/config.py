@@ -22,6 +22,11 @@ GPULOAD_DEVICE_SCRATCH_BYTES size (512MiB)            device scratch budget (GPU
 GPULOAD_PROGRESS           0 | 1 | auto (auto)        tqdm bar for loads over a few secs
 GPULOAD_SCATTER            0 | 1 (0)                  CPU: covering reads scatter rows
                                                       into results (preadv), no staging
+GPULOAD_MAPPED_GATHER      0 | 1 (1)                  CPU: a covering read whose pages are
+                                                      cached copies only the owned bytes
+                                                      from them (process_vm_readv)
+GPULOAD_HUGEPAGES          0 | 1 (1)                  CPU: results of 2 MiB and more in
+                                                      transparent huge pages (madvise)
 GPULOAD_GATHER             auto | device | zerocopy   how covering reads reach a GPU
                            | pack (auto)              (gpuload.transfer); auto: cost model
 =========================  =========================  ==================================
@@ -146,6 +151,13 @@ class Config:
     # row straight into its result and the gaps into a small discard buffer,
     # instead of staging + gather. Off until a quiet machine has measured it.
     scatter: bool = False
+    # CPU loads: a covering read whose pages are all in the page cache is
+    # not read; only its owned bytes are copied out of the cache with
+    # process_vm_readv (a syscall, so a file truncated under it is EFAULT,
+    # never SIGBUS). Cold ranges keep the planned covering read.
+    mapped_gather: bool = True
+    # CPU loads: results of >= 2 MiB in memory advised MADV_HUGEPAGE.
+    hugepages: bool = True
 
     def __post_init__(self) -> None:
         # Validate at construction (keywords arrive here unparsed), so a bad
@@ -161,6 +173,8 @@ class Config:
         set_(self, "progress", parse_tristate("progress", self.progress))
         set_(self, "gather", parse_choice("gather", self.gather, _GATHERS))
         set_(self, "scatter", parse_bool("scatter", self.scatter))
+        set_(self, "mapped_gather", parse_bool("mapped_gather", self.mapped_gather))
+        set_(self, "hugepages", parse_bool("hugepages", self.hugepages))
         # min_chunk_bytes above chunk_bytes is not an error: the planner clamps
         # the floor to the cap, so setting only a small cap just works.
 
@@ -187,6 +201,8 @@ _FLAGS = {
     "GPULOAD_PROGRESS": "progress",
     "GPULOAD_GATHER": "gather",
     "GPULOAD_SCATTER": "scatter",
+    "GPULOAD_MAPPED_GATHER": "mapped_gather",
+    "GPULOAD_HUGEPAGES": "hugepages",
 }
 
 

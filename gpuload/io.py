@@ -8,6 +8,14 @@ Readers never touch CUDA streams: the pipeline owns ordering.
 Each file is checked against the identity (device, inode, size, mtime) its
 header was parsed with, at open and again at close: a file replaced or
 rewritten during a load raises :class:`~gpuload.errors.ReadError`.
+
+``PosixReader.copy_mapped`` is the warm-cache path for covering reads: when
+every page of the range is cached, the owned rows are copied out of a
+read-only mapping of the file with ``process_vm_readv`` on this process,
+so only the owned bytes are copied and nothing is read twice. It is a
+syscall copy, not a load from the mapping: a page that vanished (the file
+was truncated) fails the call with EFAULT, where a memcpy from the mapping
+would kill the process with SIGBUS.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import numpy as np
 
 from .checkpoint import FileHeader
 from .errors import ReadError
+from .pinning import PAGE, Mapping
 
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 
@@ -46,6 +55,35 @@ def _preadv_raw(fd: int, iov: np.ndarray, offset: int) -> int:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return int(n)
+
+
+def _vm_readv_raw(local: np.ndarray, remote: np.ndarray) -> int:
+    """One ``process_vm_readv(2)`` on this process: copy the ``remote``
+    ranges (addresses in this process, here a file mapping) into the
+    ``local`` ones, both ``(n, 2)`` uint64 ``struct iovec`` arrays. Bytes
+    copied, or OSError (EFAULT: a remote page could not be faulted in)."""
+    n = _vm_lib().process_vm_readv(
+        os.getpid(), local.ctypes.data, len(local), remote.ctypes.data, len(remote), 0
+    )
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return int(n)
+
+
+_vm: ctypes.CDLL | None = None
+
+
+def _vm_lib() -> ctypes.CDLL:
+    global _vm
+    if _vm is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        f = lib.process_vm_readv
+        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong]
+        f.argtypes += [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+        f.restype = ctypes.c_ssize_t
+        _vm = lib
+    return _vm
 
 
 def _read_some(
@@ -92,9 +130,13 @@ class PosixReader:
     def __init__(self, headers: Sequence[FileHeader], *, prefetch: bool = True) -> None:
         self._headers = {h.path: h for h in headers}
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, Mapping | None] = {}  # for copy_mapped; None: cannot map
         self._lock = threading.Lock()
         self._closed = False
         self.prefetch = prefetch
+        # False once process_vm_readv was refused (seccomp, no syscall):
+        # copy_mapped then declines and covering ranges are read.
+        self.vm_ok = True
 
     def fd(self, file: str) -> int:
         fd = self._fds.get(file)
@@ -180,10 +222,102 @@ class PosixReader:
                 work[i, 0] += np.uint64(done)
                 work[i, 1] -= np.uint64(done)
 
+    def _mapping(self, file: str) -> Mapping | None:
+        """The file's read-only mapping (made once), or None where it cannot
+        be mapped: such a file is read with pread instead."""
+        if file in self._maps:
+            return self._maps[file]
+        self.fd(file)  # opened and its identity checked first: a changed file raises
+        with self._lock:
+            if file not in self._maps:
+                if self._closed:
+                    raise ReadError(f"{file}: the reader is closed")
+                try:
+                    self._maps[file] = Mapping(file, self._headers[file].identity)
+                except (ReadError, OSError):
+                    self._maps[file] = None
+            return self._maps[file]
+
+    def cached(self, file: str, offset: int, length: int) -> bool:
+        """Whether every page of ``[offset, offset+length)`` is in the page
+        cache (``mincore`` on the file's mapping); False when unknown."""
+        m = self._mapping(file) if self.vm_ok else None
+        if m is None or length <= 0 or offset + length > m.size:
+            return False
+        start = offset - offset % PAGE
+        try:
+            return m.mincore(start, offset + length) == -(-(offset + length - start) // PAGE)
+        except OSError:
+            return False
+
+    def copy_mapped(self, file: str, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray) -> bool:
+        """Copy file bytes ``[src[i], src[i] + lengths[i])`` to the addresses
+        ``dst[i]`` out of the page cache, with ``process_vm_readv`` from the
+        file's read-only mapping: only these bytes are copied.
+
+        The caller guarantees every destination is writable memory it owns
+        (the host pipeline checks each against its result). Returns False,
+        having copied nothing, where the syscall or the mapping is refused:
+        the caller reads the range instead. A page that cannot be faulted in
+        (the file was truncated) raises ReadError; it never signals.
+        """
+        m = self._mapping(file) if self.vm_ok else None
+        if m is None or not len(src):
+            return m is not None
+        src = np.asarray(src, np.int64)
+        lengths = np.asarray(lengths, np.int64)
+        bad = (src < 0) | (src + lengths > m.size)
+        if bad.any():
+            at = int(np.argmax(bad))
+            raise ReadError(
+                f"{file}: a copy of {int(lengths[at])} bytes at offset {int(src[at])} "
+                f"runs past the file's {m.size} bytes"
+            )
+        local = np.empty((len(src), 2), np.uint64)
+        remote = np.empty((len(src), 2), np.uint64)
+        local[:, 0], local[:, 1] = dst, lengths
+        remote[:, 0], remote[:, 1] = m.addr + src, lengths
+        i, first = 0, True
+        while i < len(local):
+            k = min(len(local), i + IOV_MAX)
+            want = int(local[i:k, 1].sum())
+            try:
+                got = _vm_readv_raw(local[i:k], remote[i:k])
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                if first and e.errno in (errno.EPERM, errno.ENOSYS, errno.EACCES):
+                    self.vm_ok = False  # refused, nothing copied: read instead
+                    return False
+                got, err = 0, e.strerror
+            else:
+                err = "nothing copied"
+            first = False
+            if got == 0:
+                at = int(remote[i, 0]) - m.addr
+                raise ReadError(
+                    f"{file}: copying {want} bytes at offset {at} out of the page cache "
+                    f"failed ({err}); was the file truncated?"
+                )
+            # Skip the entries that are full; trim the one a short copy split.
+            ends = np.cumsum(local[i:k, 1], dtype=np.uint64)
+            full = int(np.searchsorted(ends, got, side="right"))
+            done = got - (int(ends[full - 1]) if full else 0)
+            i += full
+            if done:
+                for iov in (local, remote):
+                    iov[i, 0] += np.uint64(done)
+                    iov[i, 1] -= np.uint64(done)
+        return True
+
     def close(self) -> None:
         """Close every file; raise if one changed while it was being read."""
         with self._lock:
             fds, self._fds, self._closed = self._fds, {}, True
+            maps, self._maps = self._maps, {}
+        for m in maps.values():  # no copy runs now: the pipeline joined its threads
+            if m is not None:
+                m._finalizer()
         changed = None
         for file, fd in fds.items():
             try:

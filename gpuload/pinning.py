@@ -42,6 +42,8 @@ from .errors import ReadError
 
 PAGE = mmap.PAGESIZE
 PIN_PIECE_BYTES = 256 << 20
+HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and most arm64 kernels
+MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)  # 14 in <asm-generic/mman-common.h>
 # cudaHostRegisterPortable | cudaHostRegisterReadOnly (driver API values)
 _CUDA_REGISTER_FLAGS = 1 | 8
 _ATTR_REGISTER_READ_ONLY = 113  # cudaDevAttrHostRegisterReadOnlySupported
@@ -200,29 +202,40 @@ class HostBuffer:
     or ``mlock`` of the whole buffer) and, when its last array dies, unpinned
     and then unmapped by the same finalizer.
 
-    ``np.asarray(buffer)`` is a writable ``uint8`` array of ``nbytes``; the
-    mapping is ``size`` bytes, whole pages. ``path`` names it in messages.
+    ``np.asarray(buffer)`` is a writable ``uint8`` array of ``nbytes``
+    starting ``page_offset`` bytes into the mapping (``data``); the mapping
+    is ``size`` bytes from ``addr``, whole pages. ``path`` names it in
+    messages.
     Its pages are written by the copy, so they are resident already: there
     is nothing to prefault.
+
+    It is also where a CPU load puts a large result (``huge=True``, see
+    :func:`gpuload.backend.host_result`): aligned to 2 MiB and advised
+    ``MADV_HUGEPAGE``, so the reads that fill it fault whole huge pages;
+    ``huge`` then says whether the kernel took the advice.
     """
 
     private = False  # anonymous: no page cache to share, registered as is
 
-    def __init__(self, nbytes: int, what: str) -> None:
+    def __init__(self, nbytes: int, what: str, *, huge: bool = False, page_offset: int = 0) -> None:
+        if not 0 <= page_offset < PAGE:
+            raise ValueError(f"page_offset {page_offset} is not within a page")
         self.path, self.nbytes = what, nbytes
-        size = max(PAGE, -(-nbytes // PAGE) * PAGE)
-        prot = mmap.PROT_READ | mmap.PROT_WRITE
-        addr = libc().mmap(None, size, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        if addr is None or addr == ctypes.c_void_p(-1).value:
-            raise MemoryError(f"{what}: {_os_error(f'mmap of {size} bytes')}")
+        size = max(PAGE, -(-(page_offset + nbytes) // PAGE) * PAGE)
+        addr = _map_anonymous(size, HUGE_PAGE if huge else PAGE, what)
+        # Transparent huge pages: one fault (and one TLB entry) per 2 MiB
+        # instead of 512. A hint: where THP is off it does nothing, and
+        # 4 KiB pages work the same.
+        self.huge = huge and libc().madvise(addr, size, MADV_HUGEPAGE) == 0
         self.addr, self.size = addr, size
+        self.data = addr + page_offset  # where the array starts
         self._release = _Release(addr, size)
         self._finalizer = weakref.finalize(self, self._release)
         self._finalizer.atexit = False  # as for Mapping: the OS reclaims it at exit
         self.__array_interface__ = {
             "shape": (nbytes,),
             "typestr": "|u1",
-            "data": (addr, False),  # writable: the copy is the caller's own
+            "data": (self.data, False),  # writable: the copy is the caller's own
             "version": 3,
         }
 
@@ -234,6 +247,22 @@ class HostBuffer:
         """How the buffer is pinned now: "cuda", "mlock" or None."""
         r = self._release
         return "cuda" if r.cuda_ptrs else "mlock" if r.locked else None
+
+
+def _map_anonymous(size: int, align: int, what: str) -> int:
+    """``size`` bytes of fresh anonymous memory starting at a multiple of
+    ``align``: mapped ``align`` longer, then the slack either side unmapped."""
+    prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    span = size + (align - PAGE if align > PAGE else 0)
+    addr = libc().mmap(None, span, prot, flags, -1, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        raise MemoryError(f"{what}: {_os_error(f'mmap of {span} bytes')}")
+    start = -(-addr // align) * align
+    if start > addr:
+        libc().munmap(addr, start - addr)
+    if addr + span > start + size:
+        libc().munmap(start + size, addr + span - start - size)
+    return start
 
 
 # --------------------------------------------------------------------------

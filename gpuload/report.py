@@ -35,7 +35,10 @@ class LoadReport:
     # owned segments zero-copy gathers read (kvikio reads are not counted).
     bytes_pcie: int = 0
     ops: int = 0  # read operations
-    staged_ops: int = 0  # of which read into staging and gathered
+    staged_ops: int = 0  # of which covering reads (staged and gathered, or mapped)
+    # of the staged: cached ranges whose owned bytes were copied out of the
+    # page cache (mapped_gather); their other bytes are not in bytes_read
+    mapped_ops: int = 0
     seconds: float = 0.0  # wall time of the whole load
     header_s: float = 0.0  # parsing headers, index.json, config.json
     plan_s: float = 0.0  # sharding and planning
@@ -101,7 +104,7 @@ class LoadReport:
             ("bytes cpu_resident", f"{self.bytes_resident:,}"),
             ("bytes read", f"{self.bytes_read:,} ({100 * self.read_fraction:.1f}% of files)"),
             ("bytes wasted (gaps)", f"{self.bytes_wasted:,} ({self.bytes_gap:,})"),
-            ("reads (staged)", f"{self.ops} ({self.staged_ops})"),
+            ("reads (staged, mapped)", f"{self.ops} ({self.staged_ops}, {self.mapped_ops})"),
             ("wall seconds", f"{self.seconds:.4f}"),
             ("GiB/s", f"{self.gib_per_s:.2f}"),
             ("pack s (host, gather=pack)", f"{self.pack_s:.4f}"),

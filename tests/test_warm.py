@@ -1,0 +1,235 @@
+"""The warm-cache CPU paths: mapped gathers and placed, huge-page results.
+
+A covering read whose pages are all cached copies only the owned rows out
+of them (``process_vm_readv`` from a read-only mapping: ``mapped_gather``);
+a result of 2 MiB or more lives in a 2 MiB-aligned ``MADV_HUGEPAGE``
+mapping placed at its source's page offset (``hugepages``). Both byte for
+byte against safetensors + numpy slicing through ``gpuload.Loader``; the
+mapped copy against a file truncated under it (an error, never SIGBUS), a
+refused syscall (the read path instead) and cold pages (not used).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import RULES, expected_shards, write_matrix
+
+import gpuload
+from gpuload import config
+from gpuload import io as gio
+from gpuload.backend import host_result
+from gpuload.errors import GpuloadError, ReadError
+from gpuload.io import PosixReader
+from gpuload.pinning import HUGE_PAGE, PAGE, HostBuffer, evict
+
+# Long rows (16 KiB and 8 KiB: at least the mapped path's minimum span) and
+# results of 2 MiB and more, besides the whole dtype x shape matrix.
+EXTRA = {
+    "long.col": ("F32", (64, 4096)),
+    "big.col": ("F32", (512, 2048)),
+    "big.row": ("F32", (1024, 1024)),
+}
+DIMS = {"long.col": 1, "big.col": 1, "big.row": 0}
+RULES_X = {**RULES, r"\.col$": 1, r"\.row$": 0}
+
+
+class Counting(PosixReader):
+    copies = 0
+
+    def copy_mapped(self, file, src, dst, lengths):
+        done = super().copy_mapped(file, src, dst, lengths)
+        Counting.copies += done
+        return done
+
+
+def same(got: dict, want: dict[str, bytes]) -> list[str]:
+    assert set(got) == set(want)
+    return [n for n in want if np.ascontiguousarray(got[n]).tobytes() != want[n]]
+
+
+@pytest.fixture
+def model(tmp_path, rng):
+    return write_matrix(tmp_path, rng, aligned=False, extra=EXTRA)
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+@pytest.mark.parametrize("world", [1, 2, 8])
+def test_warm_loads_match_the_oracle(model, world, mapped):
+    Counting.copies = 0
+    with gpuload.Loader(
+        device="cpu", mapped_gather=mapped, reader_factory=Counting, threads=3
+    ) as ld:
+        for rank in range(world):
+            got, rep = ld.load(model, rank, world, rules=RULES_X, return_report=True)
+            want = expected_shards(model, rank, world, DIMS)
+            assert not (bad := same(got, want)), (rank, bad[:5])
+            if mapped and world > 1:  # the long rows took the mapped path
+                assert rep.mapped_ops > 0
+            assert rep.bytes_useful == sum(len(b) for b in want.values())
+    assert (Counting.copies > 0) == (mapped and world > 1)
+
+
+def test_mapped_ops_read_only_their_owned_bytes(model):
+    with gpuload.Loader(device="cpu", mapped_gather=False) as ld:
+        _, read = ld.load(
+            model, 0, 8, rules=RULES_X, include=r"^(long|big)\.col$", return_report=True
+        )
+    with gpuload.Loader(device="cpu") as ld:
+        _, mapped = ld.load(
+            model, 0, 8, rules=RULES_X, include=r"^(long|big)\.col$", return_report=True
+        )
+    assert read.staged_ops == mapped.staged_ops == mapped.mapped_ops > 0
+    assert read.bytes_read > 7 * read.bytes_useful  # covering reads: whole rows, but the last
+    assert mapped.bytes_read == mapped.bytes_useful  # only the owned rows
+    assert "mapped" in mapped.table()
+
+
+def test_short_rows_keep_the_covering_read(model):
+    # 24 x 96 matrices: rows far shorter than MAPPED_MIN_SPAN.
+    with gpuload.Loader(device="cpu") as ld:
+        _, rep = ld.load(model, 0, 4, rules=RULES_X, include=r"^F32\.col$", return_report=True)
+    assert rep.staged_ops > 0 and rep.mapped_ops == 0
+
+
+def test_cold_pages_are_read_not_mapped(model):
+    if evict(model) > 0:  # tmpfs keeps its pages: nothing is cold there
+        pytest.skip("the page cache of this filesystem cannot be dropped")
+    with gpuload.Loader(device="cpu", threads=1, prefetch=False) as ld:
+        got, rep = ld.load(model, 1, 2, rules=RULES_X, include=r"^long\.col$", return_report=True)
+    assert rep.staged_ops > 0 and rep.mapped_ops == 0
+    assert not same(got, {"long.col": expected_shards(model, 1, 2, DIMS)["long.col"]})
+
+
+def test_a_refused_syscall_falls_back_to_reading(model, monkeypatch):
+    calls = []
+
+    def refused(local, remote):
+        calls.append(len(local))
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))  # seccomp's answer
+
+    monkeypatch.setattr(gio, "_vm_readv_raw", refused)
+    with gpuload.Loader(device="cpu", threads=1) as ld:
+        got, rep = ld.load(model, 0, 2, rules=RULES_X, return_report=True)
+    assert calls and rep.mapped_ops == 0 and rep.staged_ops > 0
+    assert not same(got, expected_shards(model, 0, 2, DIMS))
+
+
+def test_copy_mapped_after_truncation_raises_instead_of_sigbus(model):
+    """Run in a child: were it a SIGBUS, this test's process would die."""
+    code = textwrap.dedent(
+        f"""
+        import os, numpy as np
+        from gpuload.checkpoint import parse_header
+        from gpuload.errors import ReadError
+        from gpuload.io import PosixReader
+        path = {str(model)!r}
+        h = parse_header(path)
+        size = os.path.getsize(path)
+        out = np.zeros(8192, np.uint8)
+        with PosixReader([h]) as r:
+            assert r.cached(path, 0, 4096) in (True, False)  # maps the file
+            os.truncate(path, size // 2)
+            src = np.array([size - 8192], np.int64)
+            try:
+                r.copy_mapped(path, src, np.array([out.ctypes.data]), np.array([8192]))
+            except ReadError as e:
+                print("ReadError:", e)
+            else:
+                raise SystemExit("no error")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != -7, "killed by SIGBUS"
+    # close() raises too (the file changed), after the copy's own error
+    assert "ReadError:" in done.stdout, done.stdout + done.stderr
+    assert "truncated" in done.stdout and str(model) in done.stdout
+
+
+def test_a_load_whose_file_is_truncated_mid_copy_fails_cleanly(model):
+    class Truncating(PosixReader):
+        def copy_mapped(self, file, src, dst, lengths):
+            os.truncate(file, os.path.getsize(file) // 2)
+            return super().copy_mapped(file, src, dst, lengths)
+
+    ld = gpuload.Loader(device="cpu", reader_factory=Truncating, threads=1)
+    with ld, pytest.raises(GpuloadError, match="model.safetensors"):
+        ld.load(model, 0, 2, rules=RULES_X, include=r"^long\.col$")
+
+
+def test_copy_mapped_rejects_ranges_outside_the_file(model):
+    from gpuload.checkpoint import parse_header
+
+    out = np.zeros(16, np.uint8)
+    with PosixReader([parse_header(model)]) as r:
+        size = os.path.getsize(model)
+        with pytest.raises(ReadError, match="runs past"):
+            r.copy_mapped(
+                str(model), np.array([size - 8]), np.array([out.ctypes.data]), np.array([16])
+            )
+
+
+# ---------------------------------------------------------------------------
+# results
+
+
+@pytest.mark.parametrize("src", [0, 8, 3000, 4095, 12345])
+def test_large_results_sit_at_their_sources_page_offset(src):
+    a = host_result(HUGE_PAGE + 100, "t", src)
+    assert isinstance(a.base, HostBuffer) and a.base.huge in (True, False)
+    assert a.ctypes.data % PAGE == src % PAGE & ~63
+    assert a.ctypes.data % 64 == 0
+    assert (a.ctypes.data - a.ctypes.data % PAGE - a.base.addr) % HUGE_PAGE == 0
+    a[:] = 7  # writable, all of it
+    assert int(a.sum()) == 7 * a.size
+
+
+def test_small_results_and_the_flag_off_use_numpy():
+    assert host_result(HUGE_PAGE - 1, "t", 0).base is None
+    assert host_result(HUGE_PAGE * 2, "t", 0, hugepages=False).base is None
+
+
+def _mapped_ranges() -> set[int]:
+    with open("/proc/self/maps") as f:
+        return {int(line.split("-")[0], 16) for line in f}
+
+
+def test_a_result_mapping_goes_when_its_last_view_dies():
+    a = host_result(3 * HUGE_PAGE, "t", 64)
+    start = a.base.addr
+    view = a[10:20]
+    del a
+    assert start in _mapped_ranges()
+    del view
+    assert start not in _mapped_ranges()
+
+
+def test_large_results_through_the_loader(model):
+    with gpuload.Loader(device="cpu") as ld:
+        got = ld.load(model, 0, 1, rules=RULES_X)
+    big = got["big.row"]
+    assert big.nbytes == 4 << 20 and big.flags.writeable
+    assert isinstance(big.base.base, HostBuffer)  # dtype view of the owned buffer
+    big[0, 0] = 1.5  # a result is the caller's own memory
+    assert big[0, 0] == 1.5
+    torch = pytest.importorskip("torch")
+    with gpuload.Loader(device="cpu", framework="torch") as ld:
+        t = ld.load(model, 0, 2, rules=RULES_X, include=r"^big\.")
+    assert t["big.col"].shape == (512, 1024)
+    t["big.col"].add_(1)  # writable torch memory
+    assert t["big.col"].dtype == torch.float32
+
+
+def test_flags_and_keywords():
+    env = config.from_env({"GPULOAD_MAPPED_GATHER": "0", "GPULOAD_HUGEPAGES": "0"})
+    assert env.mapped_gather is False and env.hugepages is False
+    assert config.Config().mapped_gather is True and config.Config().hugepages is True
+    for flag in ("GPULOAD_MAPPED_GATHER", "GPULOAD_HUGEPAGES"):
+        with pytest.raises(ValueError, match=flag):
+            config.from_env({flag: "maybe"})
