@@ -457,3 +457,29 @@ def test_without_a_gpu_the_device_peak_says_n_a(tmp_path):
     head = next(ln for ln in md if ln.startswith("| contender |")).strip("| ").split(" | ")
     row = next(ln for ln in md if ln.startswith("| gpuload (posix) |")).strip("| ").split(" | ")
     assert row[head.index("device peak GiB")] == "n/a"
+
+
+def test_bench_cpu_script_runs_and_states_every_goal(tmp_path):
+    """bench/cpu.py end to end on a tiny model: bytes checked, every row
+    timed with its page-cache evidence, the four goals printed, the JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu.py"
+    out = tmp_path / "cpu.json"
+    res = subprocess.run(
+        [sys.executable, str(script), "--size-gib", "0.02", "--runs", "1", "--world", "2"]
+        + ["--cache-dir", str(tmp_path / "synth"), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    for goal in ("pread into a fresh buffer", "load_file", "get_slice", "world=1 time / 2"):
+        assert goal in res.stdout
+    rec = json.loads(out.read_text())
+    assert len(rec["runs"]) == 6 and len(rec["checks"]) == 4
+    assert all(r["page_cache"].startswith("≥") for r in rec["runs"].values())
+    assert rec["report"]["world"] == 2
