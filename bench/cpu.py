@@ -69,6 +69,44 @@ def model_for(shape: str, size: int, cache_dir):
     return synth.cached_model(spec, None, dtype="F16", cache_dir=cache_dir)
 
 
+GROUPS = {
+    "embeddings (row shards)": r"embed_tokens|lm_head",
+    "q/k/v/gate/up (row shards)": r"[qkv]_proj|gate_proj|up_proj",
+    "o_proj (column shards)": r"o_proj",
+    "down_proj (column shards)": r"down_proj",
+}
+
+
+def breakdown(loader, ckpt, world: int, runs: int, before) -> str:
+    """Where rank 0's time goes: each tensor group loaded alone at world 1
+    and at ``world``. A group that scales with its bytes takes 1/world of its
+    world-1 time; a column shard reads (or copies) whole rows and does not."""
+    entries, meta = [], []
+    for name, pattern in GROUPS.items():
+        _, rep = loader.load(ckpt, 0, world, include=pattern, return_report=True)
+        if not rep.bytes_useful:
+            continue
+        for w in (1, world):
+            e = Entry(f"{name} w{w}", 0, lambda w=w, p=pattern: loader.load(ckpt, 0, w, include=p))
+            e.before = before
+            entries.append(e)
+        meta.append((name, rep))
+    rows = alternate(entries, runs)
+    out = [
+        f"| group | world=1 s | world={world} s | × (world=1 / {world}) | MiB owned | MiB read "
+        "| reads (staged, mapped) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for (name, rep), t1, tw in zip(meta, rows[0::2], rows[1::2], strict=True):
+        ratio = tw.median / (t1.median / world)
+        out.append(
+            f"| {name} | {t1.median:.4f} | {tw.median:.4f} | {ratio:.2f} "
+            f"| {rep.bytes_useful / 2**20:.1f} | {rep.bytes_read / 2**20:.1f} "
+            f"| {rep.ops} ({rep.staged_ops}, {rep.mapped_ops}) |"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gib", type=float, default=1.0)
@@ -112,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         _LIBC.malloc_trim(0)  # freed pages back to the OS: every run writes fresh memory
         return ensure_warm(files)
 
-    ring = np.empty(ring_bytes(total, threads), np.uint8)
+    ring = fresh_buffer(ring_bytes(total, threads))  # page-aligned, as the fresh one
     w = args.world
     entries = [
         Entry("pread → reused buffer", total, lambda: pread_all(files, ring, threads)),
@@ -139,13 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         "gpuload world=1": "safetensors load_file",
         f"gpuload world={w} rank 0": f"safetensors get_slice world={w} rank 0",
     }
-    table = markdown(rows, fresh, peers)
+    table = markdown(rows, limit, peers)
     warm = {r.name: summary(r.extra.get("before", [])) for r in rows}
     print()
     print(table)
     print("\npage cache before each row's runs: " + "; ".join(f"{k} {v}" for k, v in warm.items()))
     _, rep = loader.load(ckpt, 0, w, return_report=True)
     print(f"\nworld={w} rank 0, one more load:\n{rep.table()}")
+    groups = breakdown(loader, ckpt, w, args.runs, before)
+    print(f"\nrank 0 by tensor group (world=1 vs world={w}, medians, runs in turn):\n{groups}")
     checks = [
         # Against the fastest fresh-buffer run, not the median: on a VM,
         # fresh memory is sometimes slow to get (0.10-0.52 s for the same
@@ -174,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                     },
                     "checks": {w: r for w, r, _, _ in checks},
                     "report": rep.to_dict(),
+                    "groups": groups,
                     "table": table,
                 },
                 indent=2,

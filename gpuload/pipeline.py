@@ -38,13 +38,15 @@ from .workers import Busy, run_jobs
 _ZERO = np.zeros(0, np.uint8)
 DISCARD = 256 << 10  # scatter's gap buffer: gaps longer than this reuse it in parts
 # A cached covering op is copied row by row out of the page cache only when
-# its rows are at least this far apart in the file. process_vm_readv costs
-# about a microsecond per row on top of the copy, while re-reading a short
-# row whole is cheap: on the 2-core VM, at worlds 2 and 8, covering reads
-# won for 4 KiB rows (o_proj of a 2048-wide model: 6.0 against 9.0 ms) and
-# mapped copies for 8 KiB and longer (down_proj 4096x14336 at world 8: 11.8
-# against 21.1 ms; 11 KiB rows were a tie).
-MAPPED_MIN_SPAN = 8 << 10
+# its rows are at least this far apart in the file (on average over the op's
+# rows: the op's length over its row count): process_vm_readv costs
+# about a microsecond or more per row on top of the copy, while re-reading a
+# short row whole is cheap. On the 2-core VM (bench/mapped_gather.py
+# --min-span 0, bench/results/2026-11-29-cpu/warm/mapped-gather.md) the
+# mapped copy won only for 28 KiB rows at world 8 (down_proj of a 4096-wide
+# model: 17.0 against 21.8 ms; a tie at world 2), and lost for 4 and 11 KiB
+# rows (down_proj 2048x5632 at world 8: 23.7 against 15.8 ms).
+MAPPED_MIN_SPAN = 16 << 10
 
 
 def piece_tables(op: ReadOp) -> dict[str, np.ndarray]:

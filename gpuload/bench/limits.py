@@ -109,7 +109,7 @@ def pread_timing(
         t.note = "a new page-aligned huge-page buffer per run: the floor of owned results"
         return t
     nring = ring_bytes(total, threads)
-    _, ring = pinned.pinned(nring) if pinned is not None else (None, np.empty(nring, np.uint8))
+    _, ring = pinned.pinned(nring) if pinned is not None else (None, fresh_buffer(nring))
     name = "pread → pinned" if pinned is not None else "pread → host"
     t = measure(name, total, lambda: pread_all(files, ring, threads), runs, warmup, before=before)
     t.note = f"{threads} threads, {CHUNK >> 20} MiB preads into a reused {nring >> 20} MiB buffer"

@@ -1,0 +1,81 @@
+"""Column shards on the CPU, warm: the mapped gather against the covering read.
+
+For each model shape, world and column-sharded tensor family, rank 0 loads
+only those tensors with ``mapped_gather`` on and off, in turn (A B, B A,
+...), each run from fresh memory (``malloc_trim``) with the page cache
+checked warm (``mincore``). This is what sets ``MAPPED_MIN_SPAN`` in
+gpuload/pipeline.py: the row length from which copying the owned segments
+out of the page cache (process_vm_readv, about a microsecond per row) beats
+reading whole rows and gathering.
+
+Note: the pipeline only maps ops whose rows are at least ``MAPPED_MIN_SPAN``
+apart, so rows shorter than that take the covering read either way; pass
+``--min-span 0`` to time the mapped path on every row length.
+
+    python bench/mapped_gather.py [--runs 9] [--min-span BYTES]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+
+import gpuload
+from gpuload import pipeline, synth
+from gpuload.bench.residency import ensure_warm
+from gpuload.bench.timing import Entry, alternate
+from gpuload.synth.models import ModelSpec
+
+SHAPES = {
+    "llama scaled to 1 GiB (hidden 2048)": ("llama", 1 << 30),
+    "Llama-3-8B layers x2 (hidden 4096)": (
+        ModelSpec("llama", 4096, 32, 8, 128, 14336, 4096, 2),
+        None,
+    ),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--min-span", type=int, default=None, help="override MAPPED_MIN_SPAN")
+    args = ap.parse_args()
+    if args.min_span is not None:
+        pipeline.MAPPED_MIN_SPAN = args.min_span
+    libc = ctypes.CDLL(None)
+    print("| model | world | tensors | row bytes | mapped s (min-max) | covering s (min-max) |")
+    print("|---|---:|---|---:|---|---|")
+    for label, (preset, size) in SHAPES.items():
+        ckpt = gpuload.open_checkpoint(synth.cached_model(preset, size, dtype="F16"))
+        files = [f.path for f in ckpt.files]
+
+        def before(files=files):
+            gc.collect()
+            libc.malloc_trim(0)
+            return ensure_warm(files)
+
+        loaders = [gpuload.Loader(device="cpu", progress=False, mapped_gather=m) for m in (1, 0)]
+        for world in (8, 2):
+            for family in ("o_proj", "down_proj"):
+                entries = [
+                    Entry(
+                        f"{m}",
+                        0,
+                        lambda ld=ld, c=ckpt, w=world, f=family: ld.load(c, 0, w, include=f),
+                        before=before,
+                    )
+                    for m, ld in zip(("mapped", "covering"), loaders, strict=True)
+                ]
+                mapped, covering = alternate(entries, args.runs)
+                info = ckpt.tensors[next(n for n in ckpt.tensors if family in n)]
+                row = info.shape[1] * info.dtype.bits // 8
+                print(
+                    f"| {label} | {world} | {family} | {row} "
+                    f"| {mapped.median:.4f} ({mapped.spread}) "
+                    f"| {covering.median:.4f} ({covering.spread}) |"
+                )
+
+
+if __name__ == "__main__":
+    main()
