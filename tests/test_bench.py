@@ -209,6 +209,25 @@ def test_goals_are_ratios_of_rows_in_the_same_group():
     assert w["ratio"] == pytest.approx((1 / 8 / 0.2) / 1.0) and not w["met"]  # 1.6x > 1.3x
 
 
+def test_cold_goals_name_the_fastest_peer_and_fio():
+    cold = Group(goals.FULL, "cold", limit="fio")
+    cold.rows = [
+        _row("fio", "limit", 1.0),
+        _row("gpuload (posix)", "gpuload", 1.1),
+        _row("fastsafetensors", "peer", 2.2),
+        _row("Run:ai streamer", "peer", 1.4),
+    ]
+    res = {e["goal"]: e for e in goals.evaluate([cold])}
+    best = res["cold full load >= 1.1x the best peer (Run:ai streamer)"]
+    assert best["ratio"] == pytest.approx(1.4 / 1.1) and best["met"]
+    fio = res["cold full load >= 1.0x fio"]
+    assert fio["ratio"] == pytest.approx(1.0 / 1.1) and not fio["met"]
+    empty = Group(goals.FULL, "cold", limit="fio")
+    empty.rows = [_row("gpuload (posix)", "gpuload", 1.1)]
+    res = {e["goal"]: e for e in goals.evaluate([empty])}
+    assert res["cold full load >= 1.1x the best peer (the best peer)"]["met"] is None
+
+
 def test_the_12gb_preset_fits_11_gib_and_the_moe_needs_its_experts_on_the_cpu():
     p = presets.PRESETS["12gb"]
     plan = presets.device_plan(p)

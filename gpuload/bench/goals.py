@@ -12,6 +12,7 @@ from .report import Group
 
 FULL = "full load, world=1"
 W8 = "world=8, rank 0"
+BEST = "the best peer"  # Goal.against: the group's fastest peer, whichever it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,9 @@ GOALS = (
     Goal("full load >= 1.2x InstantTensor", FULL, "warm", "InstantTensor", 1.2, True),
     Goal("world=8 rank time <= 1.3x shard bytes / {against}", W8, "warm", None, 1 / 1.3, False),
     Goal("world=8 rank 0 >= 5x the vLLM-style loader", W8, "warm", "vLLM-style", 5.0, True),
-    Goal("cold full load >= 0.9x fio", FULL, "cold", "fio", 0.9, False),
+    Goal("world=8 rank 0 >= 1.5x safetensors get_slice", W8, "warm", "safetensors", 1.5, True),
+    Goal("cold full load >= 1.0x fio", FULL, "cold", "fio", 1.0, False),
+    Goal("cold full load >= 1.1x the best peer ({against})", FULL, "cold", BEST, 1.1, True),
 )
 
 
@@ -42,8 +45,11 @@ def evaluate(groups: list[Group]) -> list[dict]:
         g = next((x for x in groups if x.title == goal.group and x.mode == goal.mode), None)
         mine = [r for r in g.rows if r.kind == "gpuload"] if g else []
         against = goal.against or (g.limit if g else None)
+        if against == BEST:
+            best = g.best_peer if g else None
+            against = best.name if best else None
         other = g.row(against) if g and against else None
-        text = goal.text.format(against=against or "limit")
+        text = goal.text.format(against=against or goal.against or "limit")
         if not mine or other is None:
             missing = "gpuload" if not mine else (against or "the limit")
             why = f"not measured ({missing} has no row in '{goal.group}' {goal.mode})"
