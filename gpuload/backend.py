@@ -8,6 +8,7 @@ staging, streams and device kernels.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -116,12 +117,27 @@ def host_result(nbytes: int, name: str, src_offset: int = 0, hugepages: bool = T
     So a result of at least a huge page is mapped by gpuload
     (:class:`gpuload.pinning.HostBuffer`, ``MADV_HUGEPAGE``) at that page
     offset. The array keeps the mapping alive and it is unmapped when the
-    last view dies. Smaller results come from ``np.empty``.
+    last view dies. Smaller results come from ``np.empty``, and so do all
+    once gpuload holds :func:`max_result_mappings` of its own mappings (a
+    process has a limit on mappings, and a CPU load of a model with tens of
+    thousands of experts must not reach it).
     """
-    if not hugepages or nbytes < HUGE_PAGE:
+    if not hugepages or nbytes < HUGE_PAGE or HostBuffer.live >= max_result_mappings():
         return np.empty(nbytes, np.uint8)
     at = src_offset % PAGE & ~63
     return np.asarray(HostBuffer(nbytes, f"the result {name!r}", huge=True, page_offset=at))
+
+
+@functools.cache
+def max_result_mappings() -> int:
+    """A quarter of the kernel's per-process mapping limit (``vm.max_map_count``,
+    65530 by default), and at most 16384."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        limit = 65530
+    return max(0, min(16384, limit // 4))
 
 
 def make_backend(

@@ -216,6 +216,7 @@ class HostBuffer:
     """
 
     private = False  # anonymous: no page cache to share, registered as is
+    live = 0  # HostBuffers mapped and not yet released: one mapping each
 
     def __init__(self, nbytes: int, what: str, *, huge: bool = False, page_offset: int = 0) -> None:
         if not 0 <= page_offset < PAGE:
@@ -230,8 +231,9 @@ class HostBuffer:
         self.addr, self.size = addr, size
         self.data = addr + page_offset  # where the array starts
         self._release = _Release(addr, size)
-        self._finalizer = weakref.finalize(self, self._release)
+        self._finalizer = weakref.finalize(self, _release_buffer, self._release)
         self._finalizer.atexit = False  # as for Mapping: the OS reclaims it at exit
+        HostBuffer.live += 1
         self.__array_interface__ = {
             "shape": (nbytes,),
             "typestr": "|u1",
@@ -247,6 +249,13 @@ class HostBuffer:
         """How the buffer is pinned now: "cuda", "mlock" or None."""
         r = self._release
         return "cuda" if r.cuda_ptrs else "mlock" if r.locked else None
+
+
+def _release_buffer(release: _Release) -> None:
+    try:
+        release()
+    finally:
+        HostBuffer.live -= 1  # finalizers run with the GIL held: no lost update
 
 
 def _map_anonymous(size: int, align: int, what: str) -> int:

@@ -233,3 +233,17 @@ def test_flags_and_keywords():
     for flag in ("GPULOAD_MAPPED_GATHER", "GPULOAD_HUGEPAGES"):
         with pytest.raises(ValueError, match=flag):
             config.from_env({flag: "maybe"})
+
+
+def test_results_stop_taking_mappings_at_the_cap(monkeypatch):
+    import gpuload.backend as gb
+
+    assert 0 < gb.max_result_mappings() <= 16384
+    before = HostBuffer.live
+    a = host_result(HUGE_PAGE, "t", 0)
+    assert HostBuffer.live == before + 1
+    monkeypatch.setattr(gb, "max_result_mappings", lambda: HostBuffer.live)
+    b = host_result(HUGE_PAGE, "t", 0)
+    assert b.base is None  # np.empty past the cap
+    del a
+    assert HostBuffer.live == before
