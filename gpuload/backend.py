@@ -117,15 +117,24 @@ def host_result(nbytes: int, name: str, src_offset: int = 0, hugepages: bool = T
     So a result of at least a huge page is mapped by gpuload
     (:class:`gpuload.pinning.HostBuffer`, ``MADV_HUGEPAGE``) at that page
     offset. The array keeps the mapping alive and it is unmapped when the
-    last view dies. Smaller results come from ``np.empty``, and so do all
-    once gpuload holds :func:`max_result_mappings` of its own mappings (a
-    process has a limit on mappings, and a CPU load of a model with tens of
-    thousands of experts must not reach it).
+    last view dies. Smaller results come from ``np.empty``, placed the same
+    way from 64 KiB on (one page more is allocated; below that the copy is
+    too short to matter), and so do all once gpuload holds
+    :func:`max_result_mappings` of its own mappings (a process has a limit
+    on mappings, and a CPU load of a model with tens of thousands of
+    experts must not reach it).
     """
-    if not hugepages or nbytes < HUGE_PAGE or HostBuffer.live >= max_result_mappings():
-        return np.empty(nbytes, np.uint8)
     at = src_offset % PAGE & ~63
-    return np.asarray(HostBuffer(nbytes, f"the result {name!r}", huge=True, page_offset=at))
+    if hugepages and nbytes >= HUGE_PAGE and HostBuffer.live < max_result_mappings():
+        return np.asarray(HostBuffer(nbytes, f"the result {name!r}", huge=True, page_offset=at))
+    if nbytes < PLACE_MIN:
+        return np.empty(nbytes, np.uint8)
+    raw = np.empty(nbytes + PAGE, np.uint8)
+    skip = (at - raw.ctypes.data) % PAGE
+    return raw[skip : skip + nbytes]
+
+
+PLACE_MIN = 64 << 10  # smaller results are not placed (see host_result)
 
 
 @functools.cache

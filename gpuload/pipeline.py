@@ -22,7 +22,9 @@ the error is raised: a failed load returns nothing.
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import threading
 import time
 from collections.abc import Callable
 
@@ -30,7 +32,7 @@ import numpy as np
 
 from .errors import PlanError
 from .kernels import NCOLS, gather_host
-from .pinning import PAGE
+from .pinning import PAGE, libc
 from .plan import Plan, ReadOp
 from .report import LoadReport
 from .workers import Busy, run_jobs
@@ -129,6 +131,59 @@ def _page_aligned(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + PAGE, np.uint8)
     skip = -raw.ctypes.data % PAGE
     return raw[skip : skip + nbytes]
+
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14: fault pages in writable, errors returned, content kept
+POPULATE_STEP = 8 << 20  # one madvise call; the stop flag is checked between them
+POPULATE_MIN = 64 << 10  # smaller results are not worth a call
+
+
+def mostly_cold(plan: Plan, reader, samples: int = 16) -> bool:
+    """Whether most of a sample of the plan's reads miss the page cache."""
+    cached = getattr(reader, "cached", None)
+    if cached is None or not plan.ops:
+        return False
+    picked = plan.ops[:: max(1, len(plan.ops) // samples)][:samples]
+    return 2 * sum(not cached(op.file, op.offset, op.length) for op in picked) > len(picked)
+
+
+class ResultPrefaulter:
+    """Faults the results' pages in, in the order the reads fill them, on a
+    thread of its own while a cold load's reads wait on storage.
+
+    A fresh result costs a page fault and a zeroing per page when the read's
+    copy first touches it; on a cold load that cost sits between the storage
+    and the copy. ``MADV_POPULATE_WRITE`` takes it ahead of time and never
+    changes a page's content, so it may run beside the reads that fill the
+    same pages. Measured on the 2-core VM, 2 GiB cold (bench/cold_sweep.py):
+    see the README's "Performance". Warm loads are CPU-bound and lose by it
+    (about 8% there), so it runs only when :func:`mostly_cold` says so.
+    """
+
+    def __init__(self, plan: Plan, outputs: dict[str, np.ndarray]) -> None:
+        self._stop = threading.Event()
+        order = dict.fromkeys(p.tensor for op in plan.ops for p in op.pieces)
+        self._bufs = [outputs[t] for t in order if outputs[t].nbytes >= POPULATE_MIN]
+        self._thread = threading.Thread(target=self._run, name="gpuload-prefault", daemon=True)
+
+    def _run(self) -> None:
+        for b in self._bufs:
+            start, end = b.ctypes.data, b.ctypes.data + b.nbytes
+            for at in range(start - start % PAGE, end, POPULATE_STEP):
+                if self._stop.is_set():
+                    return
+                if libc().madvise(at, min(POPULATE_STEP, end - at), MADV_POPULATE_WRITE):
+                    return  # an older kernel (EINVAL) or no memory: the reads fault as usual
+
+    def __enter__(self) -> ResultPrefaulter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Stopped and joined before the load returns: no madvise on a result
+        # after its buffers are the caller's (or freed, when the load failed).
+        self._stop.set()
+        self._thread.join()
 
 
 class HostPipeline:
@@ -241,9 +296,13 @@ class HostPipeline:
             if on_bytes is not None:
                 on_bytes(nbytes)
 
+        # Cold (and prefetch on): fault the results in ahead of the reads.
+        ahead = getattr(reader, "prefetch", False) and mostly_cold(plan, reader)
+        report.results_prefaulted = bool(ahead)
         # On the first error (or Ctrl-C) no op starts after it and the running
         # ones finish: no thread writes into a buffer after we return.
-        run_jobs(len(ops), self.threads, work, add, name="gpuload-read")
+        with ResultPrefaulter(plan, outputs) if ahead else contextlib.nullcontext():
+            run_jobs(len(ops), self.threads, work, add, name="gpuload-read")
         report.ops += len(ops)
         report.staged_ops += sum(op.staged for op in ops)
         report.bytes_read += plan.bytes_read - unread

@@ -190,9 +190,20 @@ def test_large_results_sit_at_their_sources_page_offset(src):
     assert int(a.sum()) == 7 * a.size
 
 
-def test_small_results_and_the_flag_off_use_numpy():
-    assert host_result(HUGE_PAGE - 1, "t", 0).base is None
-    assert host_result(HUGE_PAGE * 2, "t", 0, hugepages=False).base is None
+@pytest.mark.parametrize("hugepages", [True, False])
+@pytest.mark.parametrize("nbytes", [64 << 10, HUGE_PAGE - 1, HUGE_PAGE * 2])
+def test_smaller_results_and_the_flag_off_are_placed_numpy(nbytes, hugepages):
+    a = host_result(nbytes, "t", 4000, hugepages=hugepages)
+    if hugepages and nbytes >= HUGE_PAGE:
+        assert isinstance(a.base, HostBuffer)
+    else:
+        assert isinstance(a.base, np.ndarray) and a.base.base is None  # np.empty's own
+        assert a.size == nbytes and a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % PAGE == 4000 & ~63
+
+
+def test_tiny_results_are_plain_numpy():
+    assert host_result((64 << 10) - 1, "t", 4000).base is None
 
 
 def _mapped_ranges() -> set[int]:
@@ -244,6 +255,40 @@ def test_results_stop_taking_mappings_at_the_cap(monkeypatch):
     assert HostBuffer.live == before + 1
     monkeypatch.setattr(gb, "max_result_mappings", lambda: HostBuffer.live)
     b = host_result(HUGE_PAGE, "t", 0)
-    assert b.base is None  # np.empty past the cap
+    assert not isinstance(b.base, HostBuffer)  # np.empty past the cap
     del a
     assert HostBuffer.live == before
+
+
+# ---------------------------------------------------------------------------
+# cold loads: results faulted in ahead of the reads
+
+
+def test_a_cold_load_prefaults_its_results_and_stays_exact(model):
+    if evict(model) > 0:
+        pytest.skip("the page cache of this filesystem cannot be dropped")
+    with gpuload.Loader(device="cpu") as ld:
+        got, cold = ld.load(model, 0, 1, rules=RULES_X, return_report=True)
+        assert not same(got, expected_shards(model, 0, 1, DIMS))
+        _, warm = ld.load(model, 0, 1, rules=RULES_X, return_report=True)
+    assert cold.results_prefaulted and not warm.results_prefaulted
+    evict(model)
+    with gpuload.Loader(device="cpu", prefetch=False) as ld:  # GPULOAD_PREFETCH=0: none
+        _, off = ld.load(model, 0, 1, rules=RULES_X, return_report=True)
+    assert not off.results_prefaulted
+
+
+def test_the_prefaulter_keeps_content_and_stops_before_the_load_returns():
+    from gpuload.pipeline import ResultPrefaulter
+    from gpuload.plan import Piece, Plan, ReadOp
+
+    data = np.random.default_rng(0).integers(0, 256, 3 * HUGE_PAGE, dtype=np.uint8)
+    out = host_result(data.size, "t", 0)
+    out[: HUGE_PAGE + 5] = data[: HUGE_PAGE + 5]  # half written, as mid-load
+    piece = Piece("t", 0, 1, data.size, data.size, 0, data.size)
+    plan = Plan(ops=(ReadOp("f", 0, data.size, (piece,), staged=False),), tensors=())
+    with ResultPrefaulter(plan, {"t": out}) as pre:
+        pass
+    assert not pre._thread.is_alive()
+    assert np.array_equal(out[: HUGE_PAGE + 5], data[: HUGE_PAGE + 5])
+    assert not out[HUGE_PAGE + 5 :].any()  # faulted in as zeros, nothing else
