@@ -241,7 +241,7 @@ class PosixReader:
     def cached(self, file: str, offset: int, length: int) -> bool:
         """Whether every page of ``[offset, offset+length)`` is in the page
         cache (``mincore`` on the file's mapping); False when unknown."""
-        m = self._mapping(file) if self.vm_ok else None
+        m = self._mapping(file)
         if m is None or length <= 0 or offset + length > m.size:
             return False
         start = offset - offset % PAGE

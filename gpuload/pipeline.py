@@ -252,6 +252,7 @@ class HostPipeline:
                 return op.length, time.perf_counter() - t0, 0.0, 0.0, 0
             if (
                 mapped
+                and reader.vm_ok  # process_vm_readv not refused so far
                 and op.length >= MAPPED_MIN_SPAN * sum(p.rows for p in op.pieces)
                 and reader.cached(op.file, op.offset, op.length)
             ):
