@@ -101,18 +101,20 @@ def host_result(nbytes: int, name: str, src_offset: int = 0, hugepages: bool = T
     is read from file offset ``src_offset``.
 
     Two things decide how fast the kernel copies file pages into fresh
-    memory, each worth 2-3x (measured on the 2-core VM, 1 GiB of cached
-    pages, two threads; bench/cpu.py's "limits" rows):
+    memory (bench/fresh_memory.py, 2 GiB cached, 8 threads, on the 2-core
+    VM: bench/results/2026-11-29-cpu/fresh_memory.md):
 
     - where the destination sits against the source within a page: the
-      CPU's string copy runs at a third of its speed when the destination is
-      1-63 bytes past the source modulo 4 KiB (0.24 s against 0.09 s). A
-      large ``np.empty`` sits 16 bytes into a page, so every tensor whose
-      data starts on a page boundary hit it. The result is placed at the
-      source's page offset, rounded down to 64 bytes: 64-byte aligned, and
-      never just past its source.
-    - huge pages: 4 KiB pages cost a fault and a zeroing each
-      (0.31 s against 0.09 s for the same aligned copy).
+      CPU's string copy runs at a fraction of its speed when the
+      destination is 1-63 bytes past the source modulo 4 KiB. A large
+      ``np.empty`` starts 16 bytes into a page, so every tensor whose data
+      starts on a page boundary hits it: 0.568 s into ``np.empty`` (huge
+      pages by numpy's own advice) against 0.271 s into a page-aligned
+      huge-page buffer. The result is placed at the source's page offset,
+      rounded down to 64 bytes: 64-byte aligned, and never just past its
+      source.
+    - huge pages: 4 KiB pages cost a fault and a zeroing each (0.797 s
+      page-aligned with 4 KiB pages against 0.271 s with huge pages).
 
     So a result of at least a huge page is mapped by gpuload
     (:class:`gpuload.pinning.HostBuffer`, ``MADV_HUGEPAGE``) at that page

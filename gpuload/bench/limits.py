@@ -76,7 +76,8 @@ def fresh_buffer(nbytes: int) -> np.ndarray:
     the kernel has them (what gpuload's large results get, see
     :func:`gpuload.backend.host_result`). A plain ``np.empty`` of this size
     starts 16 bytes into a page, which makes the kernel's copy from a
-    page-aligned file offset about 2.5x slower: no floor at all."""
+    page-aligned file offset about 2x slower (bench/fresh_memory.py): no
+    floor at all."""
     return host_result(nbytes, "the fresh buffer", 0)
 
 
