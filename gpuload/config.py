@@ -8,7 +8,8 @@ environment. A bad value fails loudly, naming the flag and the value.
 flag                       values (default)           effect
 =========================  =========================  ==================================
 GPULOAD_PREFETCH           0 | 1 (1)                  read-ahead hints and speculative
-                                                      reads of the next ranges
+                                                      reads of the next ranges; CPU cold
+                                                      loads: results faulted in ahead
 GPULOAD_PREFAULT           0 | 1 | auto (auto)        prefault CPU-resident tensors;
                                                       auto: only if they fit 80% of RAM
 GPULOAD_BACKEND            auto | kvikio | posix      which reader fills the staging

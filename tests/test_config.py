@@ -78,3 +78,17 @@ def test_override_context_and_reload(monkeypatch):
     assert config.get().threads == 5
     monkeypatch.delenv("GPULOAD_THREADS")
     config.reload()
+
+
+def test_every_flag_is_in_the_readme_table_and_the_module_table():
+    """A flag nobody can find is a flag nobody can turn off."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = {
+        line.split("|")[1].strip(" `")
+        for line in readme.splitlines()
+        if line.startswith("| `GPULOAD_")
+    }
+    assert set(config._FLAGS) == table
+    assert all(flag in config.__doc__ for flag in config._FLAGS)
