@@ -255,7 +255,7 @@ def _release_buffer(release: _Release) -> None:
     try:
         release()
     finally:
-        HostBuffer.live -= 1  # finalizers run with the GIL held: no lost update
+        HostBuffer.live -= 1  # a soft count for a cap: a rare lost update is harmless
 
 
 def _map_anonymous(size: int, align: int, what: str) -> int:
