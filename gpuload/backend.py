@@ -74,12 +74,32 @@ class HostBackend:
                 "are available (MemAvailable); nothing was read"
             )
 
-    def allocate(self, plan: Plan) -> dict[str, np.ndarray]:
+    def allocate(
+        self, plan: Plan, into: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         # One buffer per tensor: each result owns its memory, never staging.
         # Each is placed against the file offset its first byte comes from.
+        # ``into`` (gpuload.torch.load_into): the caller's own buffers instead.
+        into = into or {}
+        for t in plan.tensors:
+            buf = into.get(t.name)
+            if buf is not None and not (
+                isinstance(buf, np.ndarray)
+                and buf.dtype == np.uint8
+                and buf.ndim == 1
+                and buf.flags.c_contiguous
+                and buf.flags.writeable
+                and buf.nbytes == t.out_nbytes
+            ):
+                raise PlanError(
+                    f"into[{t.name!r}] must be a writable contiguous 1-D uint8 array of "
+                    f"{t.out_nbytes} bytes"
+                )
         first = {p.tensor: p.src for op in plan.ops for p in op.pieces if p.dst == 0}
         return {
-            t.name: host_result(t.out_nbytes, t.name, first.get(t.name, 0), self._hugepages)
+            t.name: into[t.name]
+            if t.name in into
+            else host_result(t.out_nbytes, t.name, first.get(t.name, 0), self._hugepages)
             for t in plan.tensors
         }
 

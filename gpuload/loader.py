@@ -205,8 +205,25 @@ class Loader:
         ``options``: the per-load keywords (``rules``, ``include``,
         ``cpu_resident``, sharding options); settings go to ``Loader(...)``.
         """
-        self._check_open()
         _options.check(options, _options.PER_LOAD, "Loader.load")
+        return self._load(path, rank, world, group=group, return_report=return_report, **options)
+
+    def _load(
+        self,
+        path: PathLike,
+        rank: int | None,
+        world: int | None,
+        *,
+        group: Any = None,
+        return_report: bool = False,
+        into: dict[str, np.ndarray] | None = None,
+        **options: Any,
+    ):
+        """:meth:`load`, and for :func:`gpuload.torch.load_into` on the CPU,
+        ``into``: name -> a writable C-contiguous ``uint8`` array of exactly
+        the result's bytes, which the load fills instead of a new buffer
+        (checked before any I/O; the result then shares that memory)."""
+        self._check_open()
         rank, world = check_rank(*ranks(rank, world, group))  # torch.distributed if omitted
         _per_load(options)  # bad values fail here, before any file is opened
         t0 = time.perf_counter()
@@ -236,8 +253,12 @@ class Loader:
             report.strategies[t.strategy] = report.strategies.get(t.strategy, 0) + 1
         report.gather = plan.gathers
         backend = self._backend
-        backend.check_memory(sum(t.out_nbytes for t in plan.tensors))  # before any I/O
-        buffers = backend.allocate(plan)
+        into = into or {}
+        if into and self.device != "cpu":
+            raise ValueError(f"into= fills host buffers; this Loader is on {self.device}")
+        fresh = sum(t.out_nbytes for t in plan.tensors if t.name not in into)
+        backend.check_memory(fresh)  # before any I/O
+        buffers = backend.allocate(plan, into) if into else backend.allocate(plan)
         bar = self._progress(plan.bytes_read)
         try:
             reader = backend.reader(ckpt.files, prefetch=self.config.prefetch)

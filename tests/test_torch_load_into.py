@@ -134,6 +134,52 @@ def test_names_strict_and_dtype(tmp_path):
     assert torch.equal(half.a.weight, full["x.weight"].half())
 
 
+def test_cpu_parameters_are_filled_in_place(tmp_path, monkeypatch):
+    """On the CPU the reads land in the module's own tensors: the parameters
+    keep their storage, and no result buffer is allocated for them."""
+    import gpuload.backend as gb
+
+    full = {"a.weight": torch.randn(300, 400), "a.bias": torch.randn(300)}
+    full["b.weight"] = torch.randn(2, 300).half()  # stored half, module float: a cast copy
+    path = tmp_path / "m.safetensors"
+    save_file(full, path)
+    mod = nn.Module()
+    mod.a, mod.b = nn.Linear(400, 300), nn.Linear(300, 2, bias=False)
+    ptrs = {k: v.data_ptr() for k, v in mod.state_dict().items()}
+    made = []
+    real = gb.host_result
+    monkeypatch.setattr(
+        gb, "host_result", lambda n, name, *a, **k: made.append(name) or real(n, name, *a, **k)
+    )
+    report = gt.load_into(mod, path, cast=True)
+    assert made == ["b.weight"]  # only the tensor that needs a cast got a buffer
+    assert {k: v.data_ptr() for k, v in mod.state_dict().items()} == ptrs
+    assert torch.equal(mod.a.weight, full["a.weight"]) and torch.equal(mod.a.bias, full["a.bias"])
+    assert torch.equal(mod.b.weight, full["b.weight"].float())
+    assert report.bytes_read == report.file_bytes
+
+
+def test_into_buffers_are_checked_before_any_read(tmp_path):
+    import numpy as np
+
+    import gpuload
+    from gpuload.errors import PlanError
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(4, 4)}, path)
+    with gpuload.Loader(device="cpu") as ld:
+        for bad in (
+            np.zeros(63, np.uint8),
+            np.zeros(16, np.float32),
+            np.zeros(64, np.uint8)[::1][::-1],
+        ):
+            with pytest.raises(PlanError, match="into"):
+                ld._load(path, 0, 1, into={"w": bad})
+        out = np.zeros(64, np.uint8)
+        got = ld._load(path, 0, 1, into={"w": out})
+        assert np.shares_memory(got["w"], out) and (got["w"] == 1).all()
+
+
 def test_2d_mesh_fsdp_times_tp(tmp_path):
     """4 ranks on a 2 x 2 (dp, tp) mesh: explicit placements (2-D boxes, nested,
     uneven, empty, 3-D, bf16) and a meta MLP under parallelize_module + fully_shard."""

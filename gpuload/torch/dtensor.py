@@ -135,6 +135,13 @@ def load_into(
         Bytes read (only the local shards', plus covering-read gaps), time,
         and the missing / unexpected keys.
 
+    Notes
+    -----
+    On the CPU, a contiguous local tensor of the stored dtype is filled in
+    place by the reads (``Loader._load(into=...)``): no result buffer and no
+    copy. A load that fails part-way then leaves the module partly updated,
+    as ``load_state_dict`` does; the error says what failed.
+
     Raises
     ------
     RuntimeError
@@ -187,17 +194,40 @@ def load_into(
         return selections[name]
 
     boxed = dataclasses.replace(ckpt, tensors=infos)
-    with Loader(device=devices.pop() if devices else "cpu", framework="torch", **settings) as ld:
-        tensors, report = ld.load(boxed, 0, 1, rules=rule, return_report=True)
+    device = devices.pop() if devices else "cpu"
+    # On the CPU the reads land in the module's own tensors where they can
+    # (contiguous, the stored dtype): no second buffer and no copy after.
+    into = {
+        n: _bytes_of(t) for n, t in locals_.items() if device == "cpu" and _fillable(t, infos[n])
+    }
+    with Loader(device=device, framework="torch", **settings) as ld:
+        tensors, report = ld._load(boxed, 0, 1, rules=rule, return_report=True, into=into)
     with torch.no_grad():
         for name, local in locals_.items():
-            local.copy_(tensors.pop(name).view(local.shape))
+            if name not in into:
+                local.copy_(tensors.pop(name).view(local.shape))
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         report.rank, report.world = dist.get_rank(), dist.get_world_size()
     report.file_bytes = sum(i.nbytes for i in ckpt.tensors.values())
     report.missing, report.unexpected = missing, unexpected
     return report
+
+
+def _fillable(t, info) -> bool:
+    """Whether the load can write ``t``'s bytes in place: a contiguous CPU
+    tensor of the stored dtype (a cast needs the stored bytes first)."""
+    import torch
+
+    stored = getattr(torch, info.dtype.torch or "", None)
+    return t.device.type == "cpu" and t.is_contiguous() and t.dtype == stored and t.numel() > 0
+
+
+def _bytes_of(t):
+    """A writable 1-D uint8 numpy view of a contiguous CPU tensor's memory."""
+    import torch
+
+    return t.detach().reshape(-1).view(torch.uint8).numpy()
 
 
 __all__ = ["load_into"]
