@@ -5,8 +5,9 @@ range straight into the destination buffers with one ``preadv`` (gaps land
 in a discard buffer). A staged (covering) op whose pages are all in the page
 cache is not read at all with ``mapped`` on (``GPULOAD_MAPPED_GATHER``, the
 default): its owned rows are copied out of the cached pages into their
-results (:meth:`gpuload.io.PosixReader.copy_mapped`), so a column shard at
-world 8 copies an eighth of the bytes it covers. Otherwise a staged op
+results (:meth:`gpuload.io.PosixReader.copy_mapped`) when its rows are at
+least ``MAPPED_MIN_SPAN`` apart, so such a column shard at world 8 copies an
+eighth of the bytes it covers. Otherwise a staged op
 reads into one of a bounded set of staging slots and is gathered from there
 by ``gather_host`` (the numpy twin of the CUDA kernel), then the slot is
 returned. With ``scatter`` on
@@ -44,7 +45,7 @@ DISCARD = 256 << 10  # scatter's gap buffer: gaps longer than this reuse it in p
 # rows: the op's length over its row count): process_vm_readv costs
 # about a microsecond or more per row on top of the copy, while re-reading a
 # short row whole is cheap. On the 2-core VM (bench/mapped_gather.py
-# --min-span 0, bench/results/2026-11-29-cpu/warm/mapped-gather.md) the
+# --min-span 0: bench/results/2026-11-29-cpu/warm/mapped-gather-min-span-0.md) the
 # mapped copy won only for 28 KiB rows at world 8 (down_proj of a 4096-wide
 # model: 17.0 against 21.8 ms; a tie at world 2), and lost for 4 and 11 KiB
 # rows (down_proj 2048x5632 at world 8: 23.7 against 15.8 ms).
@@ -120,7 +121,7 @@ def scatter_iov(op: ReadOp, outputs: dict[str, np.ndarray], discard: np.ndarray)
 def _in_page(offset: int) -> int:
     """Where a read of file ``offset`` goes in a page-aligned buffer: the
     offset's place in its page, rounded down to 64 bytes. The kernel copies
-    a third as fast when the destination is 1-63 bytes past the source
+    at a fraction of its speed when the destination is 1-63 bytes past the source
     modulo 4 KiB (see :func:`gpuload.backend.host_result`)."""
     return offset % PAGE & ~63
 
