@@ -123,6 +123,11 @@ def test_gpuload_variants_run_only_when_named_and_in_turn(tmp_path, capsys):
     doc = json.loads((out / "gpuload-bench-tiny-cpu.json").read_text())
     group = next(g for g in doc["groups"] if g["title"] == "world=2, rank 0")
     names = {r["contender"] for r in group["rows"]}
-    assert {"gpuload (posix)", "gpuload (posix, scatter=True)"} <= names
+    assert {
+        "gpuload (posix)",
+        "gpuload (posix, scatter=True)",
+        "gpuload (posix, mapped_gather=False)",
+        "gpuload (posix, hugepages=False)",
+    } <= names
     skipped = {s["contender"]: s["reason"] for s in doc["skipped"]}
     assert "cuda variant" in skipped["gpuload (posix, gather=zerocopy)"]

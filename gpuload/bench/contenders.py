@@ -316,6 +316,8 @@ def all_contenders() -> list[Contender]:
         Gpuload("posix"),
         # opt-in: named in --contenders, timed in turn with the default above
         Gpuload("posix", device="cpu", scatter=True),
+        Gpuload("posix", device="cpu", mapped_gather=False),  # covering reads even when cached
+        Gpuload("posix", device="cpu", hugepages=False),  # results from np.empty
         *(Gpuload("posix", device="cuda", gather=g) for g in ("device", "zerocopy", "pack")),
         Safetensors(),
         VllmStyle(),
