@@ -25,7 +25,7 @@ fastest run) and
 >= 3x load_file; world=W >= 1.5x get_slice; world=W time <= 1.5x world=1 / W.
 
     python bench/cpu.py [--size-gib 1] [--shape scaled|llama-8b] [--world 8]
-                        [--runs 7] [--json out.json]
+                        [--runs 7] [--json out.json] [--variant hugepages=0 ...]
 """
 
 from __future__ import annotations
@@ -116,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="reader threads (default: flag)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--json", default=None, help="write raw runs and the machine here")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="also time gpuload with this Loader setting (hugepages=0, mapped_gather=0, ...)",
+    )
     args = ap.parse_args(argv)
 
     model = model_for(args.shape, int(args.size_gib * (1 << 30)), args.cache_dir)
@@ -166,13 +173,24 @@ def main(argv: list[str] | None = None) -> int:
             lambda: get_slice_shard(files, lp),
         ),
     ]
+    for setting in args.variant:  # opt-in A/B rows, timed in turn with the rest
+        key, _, value = setting.partition("=")
+        other = gpuload.Loader(device="cpu", progress=False, **settings, **{key: value})
+        for rank_world, nbytes in (((0, 1), data), ((0, w), shard_bytes)):
+            entries.append(
+                Entry(
+                    f"gpuload world={rank_world[1]} ({setting})",
+                    nbytes,
+                    lambda ld=other, rw=rank_world: ld.load(ckpt, *rw),
+                )
+            )
     for e in entries:
         e.before = before
     rows = alternate(entries, args.runs)
     for r in rows:
         if isinstance(r, Exception):
             raise r
-    limit, fresh, g1, lf, gw, gs = rows
+    limit, fresh, g1, lf, gw, gs = rows[:6]
     peers = {
         "gpuload world=1": "safetensors load_file",
         f"gpuload world={w} rank 0": f"safetensors get_slice world={w} rank 0",

@@ -490,7 +490,8 @@ def test_bench_cpu_script_runs_and_states_every_goal(tmp_path):
     out = tmp_path / "cpu.json"
     res = subprocess.run(
         [sys.executable, str(script), "--size-gib", "0.02", "--runs", "1", "--world", "2"]
-        + ["--cache-dir", str(tmp_path / "synth"), "--json", str(out)],
+        + ["--cache-dir", str(tmp_path / "synth"), "--json", str(out)]
+        + ["--variant", "hugepages=0"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -499,6 +500,7 @@ def test_bench_cpu_script_runs_and_states_every_goal(tmp_path):
     for goal in ("fresh buffer", "load_file", "get_slice", "world=1 time / 2", "tensor group"):
         assert goal in res.stdout
     rec = json.loads(out.read_text())
-    assert len(rec["runs"]) == 6 and len(rec["checks"]) == 4
+    assert len(rec["runs"]) == 8 and len(rec["checks"]) == 4
+    assert "gpuload world=2 (hugepages=0)" in rec["runs"]
     assert all(r["page_cache"].startswith("≥") for r in rec["runs"].values())
     assert rec["report"]["world"] == 2
