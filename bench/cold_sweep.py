@@ -13,8 +13,6 @@ Prints the median and every run, in GiB/s of file bytes.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import random
 import shutil
 import statistics
@@ -22,7 +20,7 @@ import time
 
 import gpuload
 from gpuload import pipeline, synth
-from gpuload.bench.limits import fio_read
+from gpuload.bench.limits import fio_read, release_freed
 from gpuload.pinning import evict
 
 NO_PREFAULT = {"_no_prefault": True}  # a bench-only switch, below
@@ -50,13 +48,11 @@ def main() -> None:
     if shutil.which("fio"):
         jobs.update({"fio 2 jobs": 2, "fio 8 jobs": 8})
     runs: dict[str, list[float]] = {k: [] for k in jobs}
-    libc = ctypes.CDLL(None)
     for rep in range(args.reps):
         order = list(jobs.items())
         random.Random(rep).shuffle(order)
         for name, job in order:
-            gc.collect()
-            libc.malloc_trim(0)  # freed pages back to the OS: fresh memory, as a first load
+            release_freed()  # fresh memory, as a first load
             left = evict(files)
             if left > 0.02:
                 raise SystemExit(f"{left:.0%} of a file stayed cached: not a cold run")

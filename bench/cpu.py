@@ -31,8 +31,6 @@ fastest run) and
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import sys
 from pathlib import Path
@@ -46,13 +44,11 @@ from common import machine, markdown  # noqa: E402
 import gpuload  # noqa: E402
 from gpuload import synth  # noqa: E402
 from gpuload.bench.contenders import get_slice_shard as _get_slice_shard  # noqa: E402
-from gpuload.bench.limits import fresh_buffer, pread_all, ring_bytes  # noqa: E402
+from gpuload.bench.limits import fresh_buffer, pread_all, release_freed, ring_bytes  # noqa: E402
 from gpuload.bench.residency import ensure_warm, summary  # noqa: E402
 from gpuload.bench.timing import Entry, alternate  # noqa: E402
 from gpuload.synth.models import ModelSpec  # noqa: E402
 from gpuload.verify import as_bytes  # noqa: E402
-
-_LIBC = ctypes.CDLL(None)
 
 
 def get_slice_shard(files, lp) -> dict[str, np.ndarray]:
@@ -153,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     del shard, peer
 
     def before() -> dict:
-        gc.collect()
-        _LIBC.malloc_trim(0)  # freed pages back to the OS: every run writes fresh memory
+        release_freed()  # every run writes fresh memory
         return ensure_warm(files)
 
     ring = fresh_buffer(ring_bytes(total, threads))  # page-aligned, as the fresh one

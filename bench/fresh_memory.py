@@ -18,8 +18,6 @@ back to the OS (``malloc_trim``) before every run:
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import shutil
 import statistics
@@ -30,7 +28,7 @@ import numpy as np
 
 import gpuload
 from gpuload import synth
-from gpuload.bench.limits import pread_all
+from gpuload.bench.limits import pread_all, release_freed
 from gpuload.bench.residency import ensure_warm
 from gpuload.bench.timing import Entry, alternate
 from gpuload.pinning import PAGE, HostBuffer, evict
@@ -70,19 +68,14 @@ def main() -> None:
     ckpt = gpuload.open_checkpoint(model)
     files = [f.path for f in ckpt.files]
     total = sum(f.size for f in ckpt.files)
-    libc = ctypes.CDLL(None)
     print(f"model: {model} ({total / 2**30:.2f} GiB), runs={args.runs}\n")
 
-    def trim() -> None:
-        gc.collect()
-        libc.malloc_trim(0)
-
     def warm() -> dict:
-        trim()
+        release_freed()
         return ensure_warm(files)
 
     def cold() -> float:
-        trim()
+        release_freed()
         return evict(files)
 
     buffers = {

@@ -18,11 +18,10 @@ apart, so rows shorter than that take the covering read either way; pass
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 
 import gpuload
 from gpuload import pipeline, synth
+from gpuload.bench.limits import release_freed
 from gpuload.bench.residency import ensure_warm
 from gpuload.bench.timing import Entry, alternate
 from gpuload.synth.models import ModelSpec
@@ -43,7 +42,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.min_span is not None:
         pipeline.MAPPED_MIN_SPAN = args.min_span
-    libc = ctypes.CDLL(None)
     print("| model | world | tensors | row bytes | mapped s (min-max) | covering s (min-max) |")
     print("|---|---:|---|---:|---|---|")
     for label, (preset, size) in SHAPES.items():
@@ -51,8 +49,7 @@ def main() -> None:
         files = [f.path for f in ckpt.files]
 
         def before(files=files):
-            gc.collect()
-            libc.malloc_trim(0)
+            release_freed()
             return ensure_warm(files)
 
         loaders = [gpuload.Loader(device="cpu", progress=False, mapped_gather=m) for m in (1, 0)]

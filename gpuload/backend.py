@@ -19,7 +19,7 @@ from .config import Config
 from .errors import BackendUnavailable, PlanError
 from .io import PosixReader
 from .outputs import convert
-from .pinning import HUGE_PAGE, PAGE, HostBuffer
+from .pinning import HUGE_PAGE, HostBuffer, page_place, placed_empty
 from .pipeline import HostPipeline
 from .plan import Plan, TensorPlan
 from .report import LoadReport
@@ -146,14 +146,12 @@ def host_result(nbytes: int, name: str, src_offset: int = 0, hugepages: bool = T
     on mappings, and a CPU load of a model with tens of thousands of
     experts must not reach it).
     """
-    at = src_offset % PAGE & ~63
+    at = page_place(src_offset)
     if hugepages and nbytes >= HUGE_PAGE and HostBuffer.live < max_result_mappings():
         return np.asarray(HostBuffer(nbytes, f"the result {name!r}", huge=True, page_offset=at))
     if nbytes < PLACE_MIN:
         return np.empty(nbytes, np.uint8)
-    raw = np.empty(nbytes + PAGE, np.uint8)
-    skip = (at - raw.ctypes.data) % PAGE
-    return raw[skip : skip + nbytes]
+    return placed_empty(nbytes, at)
 
 
 PLACE_MIN = 64 << 10  # smaller results are not placed (see host_result)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -71,19 +72,29 @@ def _vm_readv_raw(local: np.ndarray, remote: np.ndarray) -> int:
     return int(n)
 
 
-_vm: ctypes.CDLL | None = None
-
-
+@functools.cache
 def _vm_lib() -> ctypes.CDLL:
-    global _vm
-    if _vm is None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        f = lib.process_vm_readv
-        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong]
-        f.argtypes += [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
-        f.restype = ctypes.c_ssize_t
-        _vm = lib
-    return _vm
+    lib = ctypes.CDLL(None, use_errno=True)
+    f = lib.process_vm_readv
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong]
+    f.argtypes += [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    f.restype = ctypes.c_ssize_t
+    return lib
+
+
+def _advance(iovs: Sequence[np.ndarray], i: int, k: int, got: int) -> int:
+    """After a call that moved ``got`` bytes through entries ``i:k`` of the
+    ``(n, 2)`` iovec arrays ``iovs`` (kept in step): the first entry not
+    yet full. A short call's split entry is trimmed in place in each array."""
+    ends = np.cumsum(iovs[0][i:k, 1], dtype=np.uint64)
+    full = int(np.searchsorted(ends, got, side="right"))
+    done = got - (int(ends[full - 1]) if full else 0)
+    i += full
+    if done:
+        for iov in iovs:
+            iov[i, 0] += np.uint64(done)
+            iov[i, 1] -= np.uint64(done)
+    return i
 
 
 def _read_some(
@@ -213,14 +224,7 @@ class PosixReader:
             want = int(batch[:, 1].sum())
             got = _read_some(_preadv_raw, fd, batch, file, pos, want)
             pos += got
-            # Skip the entries that are full; trim the one a short read split.
-            ends = np.cumsum(batch[:, 1], dtype=np.uint64)
-            full = int(np.searchsorted(ends, got, side="right"))
-            done = got - (int(ends[full - 1]) if full else 0)
-            i += full
-            if done:
-                work[i, 0] += np.uint64(done)
-                work[i, 1] -= np.uint64(done)
+            i = _advance([work], i, i + len(batch), got)
 
     def _mapping(self, file: str) -> Mapping | None:
         """The file's read-only mapping (made once), or None where it cannot
@@ -299,15 +303,7 @@ class PosixReader:
                     f"{file}: copying {want} bytes at offset {at} out of the page cache "
                     f"failed ({err}); was the file truncated?"
                 )
-            # Skip the entries that are full; trim the one a short copy split.
-            ends = np.cumsum(local[i:k, 1], dtype=np.uint64)
-            full = int(np.searchsorted(ends, got, side="right"))
-            done = got - (int(ends[full - 1]) if full else 0)
-            i += full
-            if done:
-                for iov in (local, remote):
-                    iov[i, 0] += np.uint64(done)
-                    iov[i, 1] -= np.uint64(done)
+            i = _advance([local, remote], i, k, got)
         return True
 
     def close(self) -> None:

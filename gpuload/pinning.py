@@ -251,6 +251,24 @@ class HostBuffer:
         return "cuda" if r.cuda_ptrs else "mlock" if r.locked else None
 
 
+def page_place(offset: int) -> int:
+    """Where in a page to put the first byte copied from file ``offset``:
+    the offset's place in its page, rounded down to 64 bytes. The kernel's
+    copy runs at a fraction of its speed when the destination is 1-63 bytes
+    past the source modulo 4 KiB (see :func:`gpuload.backend.host_result`);
+    this way it is 64-byte aligned and never just past its source."""
+    return offset % PAGE & ~63
+
+
+def placed_empty(nbytes: int, page_offset: int = 0) -> np.ndarray:
+    """``nbytes`` of ``np.empty`` memory starting ``page_offset`` bytes into a
+    page (a large ``np.empty`` itself starts 16 bytes into one); one page
+    more is allocated, and the array keeps it alive."""
+    raw = np.empty(nbytes + PAGE, np.uint8)
+    skip = (page_offset - raw.ctypes.data) % PAGE
+    return raw[skip : skip + nbytes]
+
+
 def _release_buffer(release: _Release) -> None:
     try:
         release()

@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import PlanError
 from .kernels import NCOLS, gather_host
-from .pinning import PAGE, libc
+from .pinning import PAGE, libc, page_place, placed_empty
 from .plan import Plan, ReadOp
 from .report import LoadReport
 from .workers import Busy, run_jobs
@@ -118,22 +118,6 @@ def scatter_iov(op: ReadOp, outputs: dict[str, np.ndarray], discard: np.ndarray)
     return iov[iov[:, 1] > 0]
 
 
-def _in_page(offset: int) -> int:
-    """Where a read of file ``offset`` goes in a page-aligned buffer: the
-    offset's place in its page, rounded down to 64 bytes. The kernel copies
-    at a fraction of its speed when the destination is 1-63 bytes past the source
-    modulo 4 KiB (see :func:`gpuload.backend.host_result`)."""
-    return offset % PAGE & ~63
-
-
-def _page_aligned(nbytes: int) -> np.ndarray:
-    """``nbytes`` of ``np.empty`` memory starting on a page boundary (a large
-    ``np.empty`` starts 16 bytes into one)."""
-    raw = np.empty(nbytes + PAGE, np.uint8)
-    skip = -raw.ctypes.data % PAGE
-    return raw[skip : skip + nbytes]
-
-
 MADV_POPULATE_WRITE = 23  # Linux 5.14: fault pages in writable, errors returned, content kept
 POPULATE_STEP = 8 << 20  # one madvise call; the stop flag is checked between them
 POPULATE_MIN = 64 << 10  # smaller results are not worth a call
@@ -210,7 +194,7 @@ class HostPipeline:
             count = max(1, min(self.threads, self.staging_bytes // need))
             self._slots = queue.SimpleQueue()
             for _ in range(count):
-                self._slots.put(_page_aligned(need + PAGE))  # + the in-slot offset
+                self._slots.put(placed_empty(need + PAGE))  # + the in-slot offset
             self._slot_size, self._slot_count = need, count
         if plan.max_gap_bytes > self._discard.size:
             self._discard = np.empty(plan.max_gap_bytes, np.uint8)
@@ -272,8 +256,8 @@ class HostPipeline:
             t1 = time.perf_counter()
             try:
                 # Read to the op's page offset (64-byte aligned), not to the
-                # slot's start: see _in_page.
-                at = _in_page(op.offset)
+                # slot's start: see page_place.
+                at = page_place(op.offset)
                 block = slot[at : at + op.length]
                 reader.readinto(op.file, op.offset, [memoryview(block)])
                 t2 = time.perf_counter()

@@ -131,6 +131,13 @@ def split_dim(name: str) -> int | None:
     return SHAPES.get(name.split(".")[-1], (None, None))[1]
 
 
+def differing(got: dict, want: dict[str, bytes]) -> list[str]:
+    """Names whose result bytes differ from :func:`expected_shards`' (the
+    same names on both sides, asserted)."""
+    assert set(got) == set(want)
+    return [n for n in want if np.ascontiguousarray(got[n]).tobytes() != want[n]]
+
+
 def expected_shards(path: Path, rank: int, world: int, dims: dict | None = None) -> dict:
     """name -> this rank's bytes, by the safetensors oracle and ``np.split``;
     ``dims`` overrides :func:`split_dim` for extra tensors."""

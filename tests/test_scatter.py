@@ -13,6 +13,7 @@ import errno
 import numpy as np
 import pytest
 from conftest import RULES, expected_shards, write_matrix, write_raw
+from conftest import differing as same
 
 import gpuload
 from gpuload import config
@@ -33,11 +34,6 @@ class CountingReader(PosixReader):
     def readinto_iov(self, file, offset, iov):
         CountingReader.scattered += 1
         super().readinto_iov(file, offset, iov)
-
-
-def same(got: dict, want: dict[str, bytes]) -> list[str]:
-    assert set(got) == set(want)
-    return [n for n in want if np.ascontiguousarray(got[n]).tobytes() != want[n]]
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])

@@ -20,6 +20,7 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import RULES, expected_shards, write_matrix
+from conftest import differing as same
 
 import gpuload
 from gpuload import config
@@ -47,11 +48,6 @@ class Counting(PosixReader):
         done = super().copy_mapped(file, src, dst, lengths)
         Counting.copies += done
         return done
-
-
-def same(got: dict, want: dict[str, bytes]) -> list[str]:
-    assert set(got) == set(want)
-    return [n for n in want if np.ascontiguousarray(got[n]).tobytes() != want[n]]
 
 
 @pytest.fixture

@@ -11,6 +11,9 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
+import functools
+import gc
 import json
 import os
 import shutil
@@ -79,6 +82,19 @@ def fresh_buffer(nbytes: int) -> np.ndarray:
     page-aligned file offset about 2x slower (bench/fresh_memory.py): no
     floor at all."""
     return host_result(nbytes, "the fresh buffer", 0)
+
+
+def release_freed() -> None:
+    """Hand freed memory back to the OS (collect garbage, then glibc's
+    ``malloc_trim``), so the next run writes fresh pages, as a process's
+    first load does, instead of pages the last run freed."""
+    gc.collect()
+    _libc_trim().malloc_trim(0)
+
+
+@functools.cache
+def _libc_trim() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
 
 
 def ring_bytes(total: int, threads: int, chunk: int = CHUNK) -> int:
