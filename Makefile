@@ -16,23 +16,49 @@ CUDA ?= cu12
 # CPU tier keeps testing the no-cupy path.
 VENV_CU13 ?= .venv-cu13
 STAMP_CU13 := $(VENV_CU13)/.installed
+# Every environment make test builds installs from a committed lock
+# (requirements/<env>.lock, pip constraints: one name==version a line), so a
+# release elsewhere cannot break CI overnight. LOCK=0 resolves the newest
+# versions instead: make test-latest runs the tiers that way in environments
+# of their own, and make lock rewrites the locks from such a resolve.
+LOCK ?= 1
+locked = $(if $(filter 1,$(LOCK)),-c requirements/$(1).lock)
 
-.PHONY: install install-cu13 test test-realpkg test-gpu lint demo bench-cpu clean
+.PHONY: install install-cu13 test test-latest lock test-realpkg test-gpu lint demo bench-cpu clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile requirements/cpu.lock
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(if $(TORCH),$(BIN)/python -m pip install -q $(TORCH))
-	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q $(call locked,cpu) --upgrade pip
+	$(if $(TORCH),$(BIN)/python -m pip install -q $(call locked,cpu) $(TORCH))
+	$(BIN)/python -m pip install -q $(call locked,cpu) -e '.[test,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-$(STAMP_CU13): pyproject.toml Makefile
+$(STAMP_CU13): pyproject.toml Makefile requirements/cu13.lock
+	rm -rf $(VENV_CU13)
 	$(PYTHON) -m venv $(VENV_CU13)
-	$(VENV_CU13)/bin/python -m pip install -q --upgrade pip
-	$(VENV_CU13)/bin/python -m pip install -q -e '.[cu13,test]'
+	$(VENV_CU13)/bin/python -m pip install -q $(call locked,cu13) --upgrade pip
+	$(VENV_CU13)/bin/python -m pip install -q $(call locked,cu13) -e '.[cu13,test]'
 	touch $(STAMP_CU13)
+
+# The same tiers on the newest releases, in environments of their own: an
+# upstream break shows up here as a signal, not as a broken main.
+LATEST := LOCK=0 VENV=.venv-latest VENV_CU13=.venv-cu13-latest
+test-latest:
+	rm -rf .venv-latest .venv-cu13-latest
+	$(MAKE) test $(LATEST)
+
+# Refresh the locks: resolve the newest versions from nothing, then record
+# them. Run make test afterwards and commit requirements/ with the result.
+lock:
+	rm -rf .venv-latest .venv-cu13-latest
+	$(MAKE) install install-cu13 $(LATEST)
+	.venv-latest/bin/python -m pip freeze --all --exclude-editable \
+	  > requirements/cpu.lock
+	.venv-cu13-latest/bin/python -m pip freeze --all --exclude-editable \
+	  > requirements/cu13.lock
 
 install-cu13: $(STAMP_CU13)
 
@@ -72,4 +98,4 @@ bench-cpu: $(STAMP)
 	$(BIN)/python bench/cpu.py
 
 clean:
-	rm -rf $(VENV) $(VENV_CU13) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV_CU13) .venv-latest .venv-cu13-latest .pytest_cache .ruff_cache .hypothesis

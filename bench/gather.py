@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # ImportError, CUDARuntimeError: nothing to measure here
         print(f"bench/gather.py: no usable GPU, nothing measured ({type(e).__name__}: {e})")
         return 0
-    from gpuload.kernels import gather_host
     from gpuload.kernels.cuda import gather, word_size
+    from gpuload.kernels.host import gather_host
 
     rt = cupy.cuda.runtime
     cupy.cuda.Device(args.device).use()
@@ -154,9 +154,8 @@ def print_model(useful: int) -> None:
 
 def strategies(cupy, args) -> int:
     """The three gather strategies on the real runtime, by world and segment size."""
-    from gpuload.kernels import gather_host
-
     from gpuload.device_cuda import CupyRuntime
+    from gpuload.kernels.host import gather_host
     from gpuload.transfer import GATHERS, GatherModel, pack_layout
 
     rt = CupyRuntime(args.device)

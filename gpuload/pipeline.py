@@ -32,7 +32,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .errors import PlanError
-from .kernels import NCOLS, gather_host
+from .kernels.host import NCOLS, gather_host
 from .pinning import PAGE, libc, page_place, placed_empty
 from .plan import Plan, ReadOp
 from .report import LoadReport

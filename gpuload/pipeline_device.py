@@ -58,7 +58,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import PlanError
-from .kernels import ROW_BYTES, ROWS, SRC_OFF, gather_host
+from .kernels.host import ROW_BYTES, ROWS, SRC_OFF, gather_host
 from .pipeline import piece_tables
 from .plan import PAGE, Plan, ReadOp, TensorPlan
 from .report import LoadReport

@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-from .kernels import DST_OFF, DST_STRIDE, NCOLS, ROW_BYTES, ROWS
+from .kernels.host import DST_OFF, DST_STRIDE, NCOLS, ROW_BYTES, ROWS
 
 GATHERS = ("device", "zerocopy", "pack")
 """The strategies a covering read can use on a GPU (``GPULOAD_GATHER`` forces one)."""

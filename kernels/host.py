@@ -1,7 +1,21 @@
-"""The numpy twin of the CUDA gather: same piece table, same bytes, on the CPU.
+"""The piece table and the numpy twin of the CUDA gather: same bytes, on the CPU.
 
-The host backend uses it to pack covering reads into their destinations, and
-the simulator tests use it as the reference for the CUDA kernels.
+A *piece table* is an ``int64`` array of shape ``(n, 6)``; each row moves
+``rows`` runs of ``row_bytes`` bytes from ``src`` to ``dst``::
+
+    for r in range(rows):
+        dst[dst_off + r*dst_stride : +row_bytes] = src[src_off + r*src_stride : +row_bytes]
+
+Columns are named by the ``SRC_OFF`` ... ``DST_STRIDE`` constants. The host
+backend uses ``gather_host`` to pack covering reads into their destinations,
+and the simulator tests use it as the reference for the CUDA kernels
+(``gpuload.kernels.cuda``, imported on demand: it pulls in numba.cuda).
+
+``kernels/`` has no ``__init__.py`` on purpose. It ships as ``gpuload.kernels``
+(a package-dir mapping in pyproject.toml), and any Python started in the
+repository root has that root on ``sys.path``: a regular package there would
+shadow the PyPI package ``kernels`` (which transformers imports), while an
+implicit namespace portion never shadows a regular package found later.
 """
 
 from __future__ import annotations

@@ -46,9 +46,8 @@ import weakref
 from typing import Any
 
 import numpy as np
-from gpuload.kernels import gather_host
-from gpuload.kernels.host import _check
 
+from gpuload.kernels.host import _check, gather_host
 from gpuload.outputs import to_cupy, to_numpy, to_torch
 
 PAGE = 4096

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from conftest import RULES, expected_shards, write_matrix
 from fake_cuda import FakeKvikio, FakeRuntime
-from gpuload.kernels import gather_host
 
 import gpuload
 import gpuload.loader
@@ -33,6 +32,7 @@ from gpuload.dtypes import DTYPES
 from gpuload.errors import BackendUnavailable, PlanError, ReadError
 from gpuload.io import PosixReader
 from gpuload.io_kvikio import KvikioReader
+from gpuload.kernels.host import gather_host
 from gpuload.pipeline import piece_tables
 from gpuload.pipeline_device import DevicePipeline
 from gpuload.report import LoadReport

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpuload.kernels import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpuload.kernels.host import (
     DST_OFF,
     DST_STRIDE,
     ROW_BYTES,
@@ -14,8 +17,6 @@ from gpuload.kernels import (
     gather_host,
 )
 from gpuload.kernels.layout import FIRST_TILE, WCOLS, widest_word, word_table
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def naive(src: np.ndarray, dst: np.ndarray, table: np.ndarray) -> None:

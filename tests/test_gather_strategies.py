@@ -14,12 +14,12 @@ import pytest
 import test_device_pipeline
 from conftest import RULES, carrier, expected_shards, oracle, write_matrix
 from fake_cuda import FakeKvikio, FakeRuntime
-from gpuload.kernels import gather_host
 from test_device_pipeline import SMALL, RefillsWithoutWaiting, mismatched
 
 import gpuload
 from gpuload import config
 from gpuload.io import PosixReader
+from gpuload.kernels.host import gather_host
 from gpuload.pipeline_device import DevicePipeline
 from gpuload.plan import PlanOptions, plan_reads
 from gpuload.report import LoadReport

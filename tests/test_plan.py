@@ -11,13 +11,13 @@ import math
 
 import numpy as np
 import pytest
-from gpuload.kernels import gather_host
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuload.checkpoint import TensorInfo
 from gpuload.dtypes import DTYPES
 from gpuload.errors import PlanError
+from gpuload.kernels.host import gather_host
 from gpuload.plan import PAGE, CostModel, KiB, Piece, PlanOptions, ReadOp, plan_reads
 from gpuload.selection import Selection
 from gpuload.split import aligned_span, fit_ops, split_op

@@ -90,7 +90,7 @@ def test_scatter_iov_delivers_every_piece_and_nothing_else(tmp_path, discard):
     got = {t: rng.integers(0, 256, n, dtype=np.uint8) for t, n in sizes.items()}
     want = {t: x.copy() for t, x in got.items()}
     block = np.frombuffer(data, np.uint8)[op.offset - h.data_start :][: op.length]
-    from gpuload.kernels import gather_host
+    from gpuload.kernels.host import gather_host
 
     for t, table in piece_tables(op).items():
         gather_host(block, want[t], table)

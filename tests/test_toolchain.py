@@ -12,11 +12,11 @@ import types
 
 import pytest
 from fake_cuda import FakeRuntime
-from gpuload.kernels import toolchain
 
 from gpuload import config
 from gpuload.backend import make_backend
 from gpuload.errors import BackendUnavailable
+from gpuload.kernels import toolchain
 
 FOUND = toolchain.Toolchain(
     arch="sm_90", nvvm="13.5", ptx_isa="9.5", nvjitlink="13.0", nvjitlink_isa="9.0",

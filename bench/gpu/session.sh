@@ -17,9 +17,9 @@
 # say so and skip, and the test tier is collected and skipped.
 #
 # That machine cannot fetch anything: gpuload is not pip-installed but laid
-# out under $SESSION_DIR (default /tmp/gl) with kernels/ as gpuload.kernels,
-# as the wheel ships it, and every step runs *from there*: run from the
-# repository root, Python would put ./gpuload (no kernels/) first on sys.path.
+# out under $SESSION_DIR (default /tmp/gl) with kernels/ copied in as
+# gpuload/kernels (the link followed), as the wheel ships it, and every step
+# runs *from there*, so nothing depends on the checkout's own layout.
 # Only `python3` on PATH is used ($PYTHON overrides it).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,7 +38,7 @@ if ls "$WHL"/*.whl >/dev/null 2>&1; then
         --target "$GL-site" "$WHL"/*.whl || exit 1
 fi
 rm -rf "$GL" && mkdir -p "$GL"
-cp -r gpuload tests bench pyproject.toml "$GL"/ && cp -r kernels "$GL"/gpuload/kernels
+cp -rL gpuload tests bench pyproject.toml "$GL"/
 export PYTHONPATH=$GL:$GL-site${PYTHONPATH:+:$PYTHONPATH}
 cd "$GL" || exit 1
 

@@ -13,9 +13,10 @@ import zlib
 
 import numpy as np
 import pytest
-from gpuload.kernels import gather_host
-from gpuload.kernels.cuda import Launch, gather, variants, word_size
 from numba import cuda
+
+from gpuload.kernels.cuda import Launch, gather, variants, word_size
+from gpuload.kernels.host import gather_host
 
 pytestmark = pytest.mark.cudasim
 

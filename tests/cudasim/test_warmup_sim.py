@@ -12,12 +12,12 @@ import threading
 
 import numpy as np
 import pytest
-from gpuload.kernels import cuda as kernels_cuda
-from gpuload.kernels.cuda import Launch, gather
 from numba import cuda
 
 from gpuload.device_cuda import CupyRuntime
 from gpuload.errors import BackendUnavailable
+from gpuload.kernels import cuda as kernels_cuda
+from gpuload.kernels.cuda import Launch, gather
 
 pytestmark = pytest.mark.cudasim
 

@@ -8,12 +8,12 @@ import weakref
 
 import numpy as np
 import pytest
-from gpuload.kernels import cuda as kernels_cuda
-from gpuload.kernels import gather_host
-from gpuload.kernels.cuda import Launch, gather, release_stream, workspace_bytes
 from numba import cuda
 
 from gpuload.device_cuda import CupyRuntime
+from gpuload.kernels import cuda as kernels_cuda
+from gpuload.kernels.cuda import Launch, gather, release_stream, workspace_bytes
+from gpuload.kernels.host import gather_host
 
 pytestmark = pytest.mark.cudasim
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpuload.kernels import gather_host
-from gpuload.kernels.cuda import Launch, gather, word_size
 from numba import cuda
 from test_gather_sim import LAUNCHES, SRC_BYTES, random_table
+
+from gpuload.kernels.cuda import Launch, gather, word_size
+from gpuload.kernels.host import gather_host
 
 pytestmark = pytest.mark.cudasim
 

@@ -6,10 +6,10 @@ Skipped only when no CUDA device is present (as tests/gpu/test_gpu_load.py).
 from __future__ import annotations
 
 import pytest
-from gpuload.kernels import toolchain
 from test_gpu_load import cupy  # noqa: F401  (the fixture: skip, or fail on a broken GPU)
 
 import gpuload
+from gpuload.kernels import toolchain
 
 pytestmark = pytest.mark.gpu
 

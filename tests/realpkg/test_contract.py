@@ -227,6 +227,7 @@ def test_the_gather_finds_a_real_cupy_streams_handle():
     # kernels.cuda reads a stream's handle without a CUDA call: from the
     # CUDA stream protocol or cupy's ``ptr`` (an instance attribute).
     import cupy
+
     from gpuload.kernels.cuda import _handle
 
     assert _handle(cupy.cuda.Stream.null) == 0  # made without a device

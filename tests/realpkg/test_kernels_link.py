@@ -55,8 +55,9 @@ def test_ptx_newer_than_the_linker_is_a_problem_naming_versions(monkeypatch):
     """NVVM one release ahead of nvJitLink (as numba-cuda[cu13] next to torch's
     pinned nvJitLink was): the PTX is made to say so, and the real nvJitLink
     must refuse it and the check name both versions and the fix."""
-    from gpuload.kernels import toolchain
     from numba import cuda
+
+    from gpuload.kernels import toolchain
 
     link = toolchain._release(".".join(map(str, toolchain.nvjitlink_version())))
     isa = toolchain.isa_for(link)

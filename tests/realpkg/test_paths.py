@@ -143,6 +143,7 @@ def test_out_of_memory_allocating_results_is_a_plan_error(tmp_path, cupy_runtime
     path = write_checkpoint(tmp_path / "m.safetensors")
     failing_malloc(monkeypatch, 2)
     import cupy
+
     from gpuload.kernels import cuda as kernels_cuda
 
     # What needs a device besides cudaMalloc, stood in for: cudaMemGetInfo
