@@ -22,12 +22,14 @@ set -euo pipefail
 
 BASE=${SMOKE_BASE:-gpuload-smoke-base:bookworm}
 IMAGE=${SMOKE_IMAGE:-gpuload-bench:smoke}
-# download.pytorch.org is not reachable from the development machines, so
-# torch comes from PyPI. PyPI's default wheels moved to CUDA 13 at torch 2.11
+# PyTorch's own index is not reachable from the development machines, so
+# torch comes from pip's configured default index (an empty TORCH_INDEX
+# build argument: the image names no index). PyPI's default wheels moved to
+# CUDA 13 at torch 2.11
 # (their nvidia-* dependencies say so); 2.10.0 is the newest built for CUDA
 # 12.8, the image's CUDA, so pip resolves torch's nvidia-*-cu12 pins against
 # the cu12 extra (cupy, kvikio, numba-cuda) as it does in a GPU user's build.
-TORCH_INDEX=${SMOKE_TORCH_INDEX:-https://pypi.org/simple}
+TORCH_INDEX=${SMOKE_TORCH_INDEX:-}
 TORCH_SPEC=${SMOKE_TORCH_SPEC:-torch==2.10.0}
 SUMMARY_DIR=${1:-}
 
@@ -120,7 +122,7 @@ fi
 # The context goes in as a tar of exactly what the Dockerfile copies: the
 # legacy builder (Debian's docker.io has no buildx) ignores
 # docker/Dockerfile.dockerignore and would otherwise send .venv and all.
-say "building $IMAGE from $BASE (torch: $TORCH_SPEC from $TORCH_INDEX)"
+say "building $IMAGE from $BASE (torch: $TORCH_SPEC from ${TORCH_INDEX:-pip's default index})"
 BUILD_CMD=(docker build --network host --force-rm -f docker/Dockerfile -t "$IMAGE"
     --build-arg "CUDA_IMAGE=$BASE" --build-arg "TORCH_INDEX=$TORCH_INDEX"
     --build-arg "TORCH_SPEC=$TORCH_SPEC" -)

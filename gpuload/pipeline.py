@@ -141,7 +141,7 @@ class ResultPrefaulter:
     and the copy. ``MADV_POPULATE_WRITE`` takes it ahead of time and never
     changes a page's content, so it may run beside the reads that fill the
     same pages. Measured on the 2-core VM, 2 GiB cold (bench/cold_sweep.py):
-    see the README's "Performance". Warm loads are CPU-bound and lose by it
+    see docs/performance.md. Warm loads are CPU-bound and lose by it
     (about 8% there), so it runs only when :func:`mostly_cold` says so.
     """
 

@@ -504,3 +504,24 @@ def test_bench_cpu_script_runs_and_states_every_goal(tmp_path):
     assert "gpuload world=2 (hugepages=0)" in rec["runs"]
     assert all(r["page_cache"].startswith("≥") for r in rec["runs"].values())
     assert rec["report"]["world"] == 2
+
+
+def test_clear_cache_removes_cached_models_and_nothing_else(tmp_path):
+    """``gpuload bench --clear-cache`` frees the synthetic models the bench
+    scripts leave behind, as a user runs it, and touches no other file."""
+    import subprocess
+    import sys
+
+    model = synth.cached_model("tiny", None, cache_dir=tmp_path)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("not the bench's")
+    size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
+    run = subprocess.run(
+        [sys.executable, "-m", "gpuload", "bench", "--clear-cache", "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"removed 1 cached model(s), {size / 2**30:.2f} GiB" in run.stdout, run.stdout
+    assert not model.exists() and mine.read_text() == "not the bench's"

@@ -67,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="override the preset's dtype (BF16, F16, ...)")
     p.add_argument("--unaligned", action="store_true", help="odd tensor offsets in the files")
     p.add_argument("--cache-dir", help="synthetic model cache (default ~/.cache/gpuload/synth)")
+    p.add_argument(
+        "--clear-cache", action="store_true",
+        help="delete the cached synthetic models (of --cache-dir) and exit",
+    )  # fmt: skip
     p.add_argument("--out", default=".", help="directory for the .md, .json and .png")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
@@ -408,6 +412,13 @@ def command(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.clear_cache:
+        from ..synth import clear_cache, default_cache_dir
+
+        n, freed = clear_cache(args.cache_dir)
+        where = args.cache_dir or default_cache_dir()
+        print(f"gpuload bench: removed {n} cached model(s), {freed / GiB:.2f} GiB, from {where}")
+        return 0
     return Bench(args).run()
 
 

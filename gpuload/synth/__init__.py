@@ -17,7 +17,7 @@ tensor's bytes depend only on ``seed`` and the tensor's name, not on the file
 it lands in, so aligned and unaligned copies of a model hold the same tensors.
 """
 
-from .cache import cached_model, default_cache_dir
+from .cache import cached_model, clear_cache, default_cache_dir
 from .layout import FORMAT_VERSION, HF_MAX_SHARD_BYTES, write_model
 from .models import PRESETS, Family, ModelSpec, get_spec
 from .rng import CHUNK_BYTES, random_bytes, random_chunks
@@ -33,6 +33,7 @@ __all__ = [
     "ModelSpec",
     "TensorData",
     "cached_model",
+    "clear_cache",
     "default_cache_dir",
     "get_spec",
     "random_bytes",

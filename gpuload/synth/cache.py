@@ -23,6 +23,34 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "gpuload" / "synth"
 
 
+def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> tuple[int, int]:
+    """Delete every cached model under ``cache_dir`` (default
+    :func:`default_cache_dir`); returns (models removed, bytes freed).
+
+    Only entries this module wrote are touched: folders holding its stamp
+    file, and the temporary folders of writers that are no longer running.
+    Anything else under the folder stays, so a mistaken ``cache_dir`` cannot
+    delete a user's files.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    removed = freed = 0
+    if not cache.is_dir():
+        return 0, 0
+    for entry in sorted(cache.iterdir()):
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if entry.name.startswith(".tmp-"):
+            pid = entry.name.rsplit("-", 2)[-2]
+            if not (pid.isdigit() and not _pid_alive(int(pid))):
+                continue  # a writer that may still be running
+        elif not (entry / _STAMP).is_file():
+            continue
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        shutil.rmtree(entry)
+        removed, freed = removed + 1, freed + size
+    return removed, freed
+
+
 def _complete(root: Path, stamp: dict[str, Any]) -> bool:
     """Whether ``root`` was written for ``stamp`` and holds every file it lists,
     at the listed sizes."""

@@ -1,7 +1,7 @@
 """The gather kernels against the real CUDA toolchain (the cu13 extra), no GPU.
 
 NVVM compiles every variant and nvJitLink links it for each architecture the
-README lists, as ``gpuload doctor --arch`` does; a PTX newer than the linker
+docs/gpu.md lists, as ``gpuload doctor --arch`` does; a PTX newer than the linker
 reads is reported with the versions and the fix, not found at a first gather.
 """
 
