@@ -219,12 +219,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor
 
-    lines = doctor.run(arch=args.arch)
-    if args.json:
-        print(json.dumps(doctor.as_json(lines, args.arch), indent=2))
-    else:
-        print(doctor.report(lines))
-    return 0 if all(ln.ok for ln in lines) else 1
+    rep = doctor.run(arch=args.arch, gpu=args.gpu)
+    print(json.dumps(rep.as_json(), indent=2) if args.json else rep.text())
+    return rep.exit_code
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -294,9 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", help="write the checkpoint here instead of a temp dir")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("doctor", help="check the GPU path here: versions, devices, kernels")
+    s = sub.add_parser(
+        "doctor",
+        help="check what works here: the CPU path, and the GPU path's packages and devices",
+    )
     s.add_argument(
         "--arch", help="compile and link the kernels for this architecture (e.g. sm_90), no GPU"
+    )
+    s.add_argument(
+        "--gpu",
+        action="store_true",
+        help="check the GPU path even where no GPU is visible (its failures are problems)",
     )
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_doctor, reports_env=True)  # a bad flag is one of its findings
