@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -314,8 +315,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flags(parser: argparse.ArgumentParser, cmd: str) -> dict[str, argparse.Action]:
+    """The command's options by the keyword they stand for (``allow_uneven``)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices[cmd]._actions if a.option_strings}
+
+
+def say_as_flags(e: Exception, flags: dict[str, argparse.Action]) -> str:
+    """The error's message, with the keyword arguments it names
+    (:attr:`GpuloadError.keywords`) spelled as this command's flags:
+    ``allow_uneven=True`` -> ``--allow-uneven``, ``num_heads=`` -> ``--num-heads``."""
+    text = str(e)
+    for kw in getattr(e, "keywords", ()):
+        name, _, value = kw.partition("=")
+        action = flags.get(name)
+        if action is None:  # no flag for it: the keyword is still the truth
+            continue
+        flag = max(action.option_strings, key=len)
+        said = flag if action.nargs == 0 or not value else f"{flag} {value}"
+        text = re.sub(rf"(?<![\w-]){re.escape(kw)}", lambda _m, said=said: said, text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if not getattr(args, "reports_env", False):
             _config.get()  # every GPULOAD_* flag, checked before the command runs
@@ -323,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # inside the try: a closed pipe raises here, not at exit
         return rc
     except (GpuloadError, FileNotFoundError, ValueError) as e:
-        print(f"gpuload: error: {e}", file=sys.stderr)
+        print(f"gpuload: error: {say_as_flags(e, _flags(parser, args.cmd))}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # `gpuload inspect m | head`: the reader left. Quiet, like a tool
