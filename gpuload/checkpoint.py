@@ -189,13 +189,32 @@ _MAGIC = (
 )
 
 
+def _json_value_start(rest: str) -> bool:
+    """Could ``rest`` (what follows a ``[``, maybe cut short) start a JSON
+    array's first value? ``[build-system]`` (TOML) cannot."""
+    if not rest or rest[0] in '"{[]-0123456789':
+        return True
+    return any(w.startswith(rest[:5]) or rest.startswith(w) for w in ("true", "false", "null"))
+
+
 def _looks_like(prefix: bytes) -> str | None:
     """What the first bytes say the file is, when they say."""
     head = bytes(prefix[:8])
     what = next((w for magic, w in _MAGIC if head.startswith(magic)), None)
-    if what is None and head[:1] == b"\x80" and 2 <= head[1] <= 5:  # pickle PROTO opcode
-        what = "a pickle (a PyTorch .bin checkpoint?)"
-    return what
+    if what is None and head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        what = "a pickle (a PyTorch .bin checkpoint?)"  # pickle PROTO opcode
+    if what is not None or not head:
+        return what
+    # A safetensors length prefix has zero high bytes, so never reads as text.
+    text = head.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "ignore")
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        body = text.lstrip()
+        if body[:1] == "{":
+            return "JSON (it starts with '{': a config.json or an index.json?)"
+        if body[:1] == "[" and _json_value_start(body[1:].lstrip()):
+            return "JSON (it starts with '[')"
+        return f"text (it starts with {text!r})"
+    return None
 
 
 def parse_header_bytes(
@@ -205,17 +224,22 @@ def parse_header_bytes(
 
     Pure: no I/O, so fuzzers can drive it. ``file_size`` is the whole file's.
     """
+    what = _looks_like(prefix)
     if file_size < 8 or len(prefix) < 8:
-        raise HeaderError(file, f"file is {file_size} bytes, too short for the 8-byte length")
+        kind = f" (it looks like {what}, not a safetensors file)" if what else ""
+        raise HeaderError(file, f"file is {file_size} bytes, too short for the 8-byte length{kind}")
     n = int.from_bytes(prefix[:8], "little")
     if n == 0:
         raise HeaderError(file, "header length is 0")
-    what = _looks_like(prefix)
-    if n > MAX_HEADER_BYTES:
-        kind = f" (it looks like {what})" if what else ""
+    if n > MAX_HEADER_BYTES and what:
         raise HeaderError(
             file,
-            f"not a safetensors file{kind}: header length {n} (its first 8 bytes) "
+            f"not a safetensors file: it looks like {what}",
+        )
+    if n > MAX_HEADER_BYTES:
+        raise HeaderError(
+            file,
+            f"not a safetensors file: header length {n} (its first 8 bytes) "
             f"exceeds the {MAX_HEADER_BYTES} byte cap",
         )
     if 8 + n > file_size:
