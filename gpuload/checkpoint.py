@@ -22,6 +22,7 @@ from typing import Any
 
 from .dtypes import DTYPES, DType
 from .errors import ConfigFileError, HeaderError, IndexFileError, ReadError
+from .filetype import looks_like
 from .gcpause import paused
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap (HeaderTooLarge)
@@ -179,44 +180,6 @@ def _parse_entry(file: str, name: str, entry: Any, data_start: int) -> tuple[Ten
     return info, begin
 
 
-# Magic numbers of files often mistaken for safetensors, and what they are.
-_MAGIC = (
-    (b"PK\x03\x04", "a zip archive (a PyTorch .bin/.pt checkpoint saved by torch.save?)"),
-    (b"\x1f\x8b", "gzip-compressed"),
-    (b"GGUF", "a GGUF file (llama.cpp)"),
-    (b"\x89HDF", "an HDF5 file (Keras .h5?)"),
-    (b"\x93NUMPY", "a numpy .npy file"),
-)
-
-
-def _json_value_start(rest: str) -> bool:
-    """Could ``rest`` (what follows a ``[``, maybe cut short) start a JSON
-    array's first value? ``[build-system]`` (TOML) cannot."""
-    if not rest or rest[0] in '"{[]-0123456789':
-        return True
-    return any(w.startswith(rest[:5]) or rest.startswith(w) for w in ("true", "false", "null"))
-
-
-def _looks_like(prefix: bytes) -> str | None:
-    """What the first bytes say the file is, when they say."""
-    head = bytes(prefix[:8])
-    what = next((w for magic, w in _MAGIC if head.startswith(magic)), None)
-    if what is None and head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        what = "a pickle (a PyTorch .bin checkpoint?)"  # pickle PROTO opcode
-    if what is not None or not head:
-        return what
-    # A safetensors length prefix has zero high bytes, so never reads as text.
-    text = head.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "ignore")
-    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
-        body = text.lstrip()
-        if body[:1] == "{":
-            return "JSON (it starts with '{': a config.json or an index.json?)"
-        if body[:1] == "[" and _json_value_start(body[1:].lstrip()):
-            return "JSON (it starts with '[')"
-        return f"text (it starts with {text!r})"
-    return None
-
-
 def parse_header_bytes(
     file: str, prefix: bytes, file_size: int, identity: tuple[int, int, int, int] = (0, 0, 0, 0)
 ) -> FileHeader:
@@ -224,7 +187,7 @@ def parse_header_bytes(
 
     Pure: no I/O, so fuzzers can drive it. ``file_size`` is the whole file's.
     """
-    what = _looks_like(prefix)
+    what = looks_like(prefix)
     if file_size < 8 or len(prefix) < 8:
         kind = f" (it looks like {what}, not a safetensors file)" if what else ""
         raise HeaderError(file, f"file is {file_size} bytes, too short for the 8-byte length{kind}")
@@ -418,7 +381,8 @@ def _files_in_dir(root: Path) -> tuple[list[Path], dict[str, str] | None, Path |
 @paused()  # many small acyclic objects: see gpuload.gcpause
 def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Checkpoint:
     """Parse a checkpoint: a ``.safetensors`` file, a list of them, or a model
-    directory (with ``model.safetensors.index.json`` and ``config.json``).
+    directory (with ``model.safetensors.index.json`` and ``config.json``),
+    also as a list of one.
 
     Raises
     ------
@@ -433,6 +397,14 @@ def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     root: Path | None = None
     if isinstance(path, bytes):
         path = os.fsdecode(path)
+    if (
+        isinstance(path, Sequence)
+        and not isinstance(path, str)
+        and len(path) == 1
+        and isinstance(path[0], str | bytes | os.PathLike)
+        and os.path.isdir(path[0])
+    ):
+        path = os.fsdecode(path[0])  # [model_dir]: the directory, index.json and all
     if isinstance(path, (str, os.PathLike)):
         p = Path(path)
         if p.is_dir():
@@ -455,6 +427,11 @@ def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         for p in paths:
             if not p.exists():
                 raise FileNotFoundError(f"{p}: no such file")
+            if p.is_dir():
+                raise ValueError(
+                    f"{p}: is a directory; a list names .safetensors files "
+                    "(pass a model directory on its own, not in a list)"
+                )
 
     headers = [parse_header(p) for p in paths]
     tensors: dict[str, TensorInfo] = {}
