@@ -186,3 +186,11 @@ def test_plan_errors_name_the_cli_flags(tmp_path):
     r = _gpuload("plan", q, "--rank", "0", "--world", "2")
     assert r.returncode == 2 and "pass --num-heads (and --num-kv-heads) or" in r.stderr, r.stderr
     assert "num_heads=" not in r.stderr
+
+
+def test_demo_on_the_cpu_prints_only_what_applies(tmp_path):
+    r = _gpuload("demo", "--device", "cpu", "--dir", tmp_path, timeout=300)
+    assert r.returncode == 0 and "demo passed" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count("read / gather / wait s") == 2  # one table per rank
+    for gpu_only in ("PCIe", "gathers", "h2d", "pack s", "gather=pack"):
+        assert gpu_only not in r.stdout, (gpu_only, r.stdout)
