@@ -22,6 +22,7 @@ from typing import Any
 
 from .dtypes import DTYPES, DType
 from .errors import ConfigFileError, HeaderError, IndexFileError, ReadError
+from .filetype import looks_like
 from .gcpause import paused
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap (HeaderTooLarge)
@@ -179,25 +180,6 @@ def _parse_entry(file: str, name: str, entry: Any, data_start: int) -> tuple[Ten
     return info, begin
 
 
-# Magic numbers of files often mistaken for safetensors, and what they are.
-_MAGIC = (
-    (b"PK\x03\x04", "a zip archive (a PyTorch .bin/.pt checkpoint saved by torch.save?)"),
-    (b"\x1f\x8b", "gzip-compressed"),
-    (b"GGUF", "a GGUF file (llama.cpp)"),
-    (b"\x89HDF", "an HDF5 file (Keras .h5?)"),
-    (b"\x93NUMPY", "a numpy .npy file"),
-)
-
-
-def _looks_like(prefix: bytes) -> str | None:
-    """What the first bytes say the file is, when they say."""
-    head = bytes(prefix[:8])
-    what = next((w for magic, w in _MAGIC if head.startswith(magic)), None)
-    if what is None and head[:1] == b"\x80" and 2 <= head[1] <= 5:  # pickle PROTO opcode
-        what = "a pickle (a PyTorch .bin checkpoint?)"
-    return what
-
-
 def parse_header_bytes(
     file: str, prefix: bytes, file_size: int, identity: tuple[int, int, int, int] = (0, 0, 0, 0)
 ) -> FileHeader:
@@ -205,17 +187,22 @@ def parse_header_bytes(
 
     Pure: no I/O, so fuzzers can drive it. ``file_size`` is the whole file's.
     """
+    what = looks_like(prefix)
     if file_size < 8 or len(prefix) < 8:
-        raise HeaderError(file, f"file is {file_size} bytes, too short for the 8-byte length")
+        kind = f" (it looks like {what}, not a safetensors file)" if what else ""
+        raise HeaderError(file, f"file is {file_size} bytes, too short for the 8-byte length{kind}")
     n = int.from_bytes(prefix[:8], "little")
     if n == 0:
         raise HeaderError(file, "header length is 0")
-    what = _looks_like(prefix)
-    if n > MAX_HEADER_BYTES:
-        kind = f" (it looks like {what})" if what else ""
+    if n > MAX_HEADER_BYTES and what:
         raise HeaderError(
             file,
-            f"not a safetensors file{kind}: header length {n} (its first 8 bytes) "
+            f"not a safetensors file: it looks like {what}",
+        )
+    if n > MAX_HEADER_BYTES:
+        raise HeaderError(
+            file,
+            f"not a safetensors file: header length {n} (its first 8 bytes) "
             f"exceeds the {MAX_HEADER_BYTES} byte cap",
         )
     if 8 + n > file_size:
@@ -394,7 +381,8 @@ def _files_in_dir(root: Path) -> tuple[list[Path], dict[str, str] | None, Path |
 @paused()  # many small acyclic objects: see gpuload.gcpause
 def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Checkpoint:
     """Parse a checkpoint: a ``.safetensors`` file, a list of them, or a model
-    directory (with ``model.safetensors.index.json`` and ``config.json``).
+    directory (with ``model.safetensors.index.json`` and ``config.json``),
+    also as a list of one.
 
     Raises
     ------
@@ -409,6 +397,14 @@ def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     root: Path | None = None
     if isinstance(path, bytes):
         path = os.fsdecode(path)
+    if (
+        isinstance(path, Sequence)
+        and not isinstance(path, str)
+        and len(path) == 1
+        and isinstance(path[0], str | bytes | os.PathLike)
+        and os.path.isdir(path[0])
+    ):
+        path = os.fsdecode(path[0])  # [model_dir]: the directory, index.json and all
     if isinstance(path, (str, os.PathLike)):
         p = Path(path)
         if p.is_dir():
@@ -431,6 +427,11 @@ def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         for p in paths:
             if not p.exists():
                 raise FileNotFoundError(f"{p}: no such file")
+            if p.is_dir():
+                raise ValueError(
+                    f"{p}: is a directory; a list names .safetensors files "
+                    "(pass a model directory on its own, not in a list)"
+                )
 
     headers = [parse_header(p) for p in paths]
     tensors: dict[str, TensorInfo] = {}

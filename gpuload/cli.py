@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -219,12 +220,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor
 
-    lines = doctor.run(arch=args.arch)
-    if args.json:
-        print(json.dumps(doctor.as_json(lines, args.arch), indent=2))
-    else:
-        print(doctor.report(lines))
-    return 0 if all(ln.ok for ln in lines) else 1
+    rep = doctor.run(arch=args.arch, gpu=args.gpu)
+    print(json.dumps(rep.as_json(), indent=2) if args.json else rep.text())
+    return rep.exit_code
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -294,9 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", help="write the checkpoint here instead of a temp dir")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("doctor", help="check the GPU path here: versions, devices, kernels")
+    s = sub.add_parser(
+        "doctor",
+        help="check what works here: the CPU path, and the GPU path's packages and devices",
+    )
     s.add_argument(
         "--arch", help="compile and link the kernels for this architecture (e.g. sm_90), no GPU"
+    )
+    s.add_argument(
+        "--gpu",
+        action="store_true",
+        help="check the GPU path even where no GPU is visible (its failures are problems)",
     )
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_doctor, reports_env=True)  # a bad flag is one of its findings
@@ -309,8 +315,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flags(parser: argparse.ArgumentParser, cmd: str) -> dict[str, argparse.Action]:
+    """The command's options by the keyword they stand for (``allow_uneven``)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices[cmd]._actions if a.option_strings}
+
+
+def say_as_flags(e: Exception, flags: dict[str, argparse.Action]) -> str:
+    """The error's message, with the keyword arguments it names
+    (:attr:`GpuloadError.keywords`) spelled as this command's flags:
+    ``allow_uneven=True`` -> ``--allow-uneven``, ``num_heads=`` -> ``--num-heads``."""
+    text = str(e)
+    for kw in getattr(e, "keywords", ()):
+        name, _, value = kw.partition("=")
+        action = flags.get(name)
+        if action is None:  # no flag for it: the keyword is still the truth
+            continue
+        flag = max(action.option_strings, key=len)
+        said = flag if action.nargs == 0 or not value else f"{flag} {value}"
+        text = re.sub(rf"(?<![\w-]){re.escape(kw)}", lambda _m, said=said: said, text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if not getattr(args, "reports_env", False):
             _config.get()  # every GPULOAD_* flag, checked before the command runs
@@ -318,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # inside the try: a closed pipe raises here, not at exit
         return rc
     except (GpuloadError, FileNotFoundError, ValueError) as e:
-        print(f"gpuload: error: {e}", file=sys.stderr)
+        print(f"gpuload: error: {say_as_flags(e, _flags(parser, args.cmd))}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # `gpuload inspect m | head`: the reader left. Quiet, like a tool

@@ -1,10 +1,13 @@
-"""``gpuload doctor``: what this machine offers the GPU path, line by line.
+"""``gpuload doctor``: what this machine offers, line by line (the probes).
 
 What a user runs when something is off, and pastes into a bug report. Each
-probe reports one or more lines: ``ok`` or a problem with its fix. A probe
-that raises becomes a problem line itself, so the doctor never crashes on
-the broken installs it is meant to diagnose. Exit status 0 when no line is a
-problem.
+probe reports one or more lines: ``ok``, a problem with its fix, or
+information. A probe that raises becomes a problem line itself, so the doctor
+never crashes on the broken installs it is meant to diagnose. Lines of the
+GPU path are problems only where the user can use that path (a GPU is
+visible) or asked for it (``gpu=True``, an ``arch``); elsewhere a missing
+GPU package is information, with its install hint (:mod:`.doctor_verdict`).
+Exit status 0 when no line is a problem.
 
 ``arch="sm_90"`` compiles and links the gather kernels for that architecture
 without a GPU (then a missing GPU is not a problem); with GPUs and no arch,
@@ -24,18 +27,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import __version__, config
+from .doctor_verdict import CU, Line, Report, bad, check, info, ok, self_check, settle
 from .io_kvikio import kvikio_defaults
 from .resident import mem_available
-
-CU = "pip install 'gpuload[cu13]' (NVIDIA driver >= 580, CUDA 13) or 'gpuload[cu12]' (>= 525)"
-
-
-@dataclass
-class Line:
-    name: str
-    ok: bool
-    value: str
-    fix: str | None = None
 
 
 @dataclass
@@ -45,6 +39,7 @@ class State:
     arch: str | None
     cupy: object = None
     gpus: int = 0
+    numba_cuda: str | None = None
 
 
 def _version(dist: str) -> str | None:
@@ -55,82 +50,89 @@ def _version(dist: str) -> str | None:
 
 
 def _system(st: State) -> Iterator[Line]:
-    yield Line("os", True, platform.platform())
-    yield Line("python", True, f"{platform.python_version()} ({sys.executable})")
-    yield Line("gpuload", True, f"{__version__} ({os.path.dirname(__file__)})")
+    yield ok("os", platform.platform())
+    yield ok("python", f"{platform.python_version()} ({sys.executable})")
+    yield ok("gpuload", f"{__version__} ({os.path.dirname(__file__)})")
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    yield Line("ram", True, f"{mem_available() / 2**30:.1f} GiB available of {total / 2**30:.1f}")
+    yield ok("ram", f"{mem_available() / 2**30:.1f} GiB available of {total / 2**30:.1f}")
     try:
         cfg = config.from_env()
         shown = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
-        yield Line("settings", True, shown)
+        yield ok("settings", shown)
     except ValueError as e:
-        yield Line("settings", False, str(e), "fix or unset that GPULOAD_* variable")
+        yield bad("settings", str(e), "fix or unset that GPULOAD_* variable")
 
 
 def _packages(st: State) -> Iterator[Line]:
-    for mod in ("numpy", "numba"):
-        yield Line(mod, True, importlib.import_module(mod).__version__)
+    for mod in ("numpy", "numba", "safetensors"):
+        yield ok(mod, importlib.import_module(mod).__version__)
     try:
         st.cupy = importlib.import_module("cupy")
-        yield Line("cupy", True, f"{st.cupy.__version__}")
+        yield ok("cupy", f"{st.cupy.__version__}", gpu=True)
     except Exception as e:  # ImportError, or a cupy built for another CUDA
-        yield Line("cupy", False, f"not usable ({type(e).__name__}: {e})", CU)
-    nc = _version("numba-cuda")
-    yield Line("numba-cuda", nc is not None, nc or "not installed", None if nc else CU)
+        yield bad("cupy", f"not usable ({type(e).__name__}: {e})", CU, gpu=True)
+    st.numba_cuda = nc = _version("numba-cuda")
+    yield check("numba-cuda", nc is not None, nc or "not installed", CU, gpu=True)
 
 
 def _gpus(st: State) -> Iterator[Line]:
     if st.cupy is None:
-        yield Line("gpus", st.arch is not None, "unknown: cupy is not usable", CU)
+        if st.arch:  # the kernels are checked for the arch: no device needed
+            yield info("gpus", "unknown: cupy is not usable", gpu=True)
+        else:
+            yield bad("gpus", "unknown: cupy is not usable", CU, gpu=True)
         return
     rt = st.cupy.cuda.runtime
     try:
         st.gpus = rt.getDeviceCount()
     except rt.CUDARuntimeError as e:
         st.gpus = 0
-        fix = None if st.arch else "check nvidia-smi and CUDA_VISIBLE_DEVICES"
-        yield Line("gpus", st.arch is not None, f"none usable ({e})", fix)
+        if st.arch:
+            yield info("gpus", f"none usable ({e})", gpu=True)
+        else:
+            yield bad(
+                "gpus", f"none usable ({e})", "check nvidia-smi and CUDA_VISIBLE_DEVICES", gpu=True
+            )
         return
     if st.gpus == 0:
-        yield Line("gpus", st.arch is not None, "none visible", "check CUDA_VISIBLE_DEVICES")
+        if st.arch:
+            yield info("gpus", "none visible", gpu=True)
+        else:
+            yield bad("gpus", "none visible", "check CUDA_VISIBLE_DEVICES", gpu=True)
     for i in range(st.gpus):
         p = rt.getDeviceProperties(i)
         name = p["name"].decode() if isinstance(p["name"], bytes) else p["name"]
         cc = f"sm_{p['major']}{p['minor']}"
-        yield Line(f"gpu {i}", True, f"{name}, {cc}, {p['totalGlobalMem'] / 2**30:.1f} GiB")
+        yield ok(f"gpu {i}", f"{name}, {cc}, {p['totalGlobalMem'] / 2**30:.1f} GiB", gpu=True)
     drv, run = rt.driverGetVersion(), rt.runtimeGetVersion()
     drv_s, run_s = f"{drv // 1000}.{drv % 1000 // 10}", f"{run // 1000}.{run % 1000 // 10}"
-    ok = drv // 1000 >= run // 1000
-    fix = None if ok else f"update the driver to CUDA {run // 1000}, or {CU}"
-    yield Line("cuda", ok, f"driver supports CUDA {drv_s}; cupy's runtime is {run_s}", fix)
+    fix = f"update the driver to CUDA {run // 1000}, or {CU}"
+    value = f"driver supports CUDA {drv_s}; cupy's runtime is {run_s}"
+    yield check("cuda", drv // 1000 >= run // 1000, value, fix, gpu=True)
 
 
 def _kernels(st: State) -> Iterator[Line]:
     from .kernels import toolchain
 
-    if _version("numba-cuda") is None:  # numba's own, deprecated numba.cuda cannot link
-        yield Line("kernels", False, "not checked: numba-cuda is not installed", CU)
+    if st.numba_cuda is None:  # numba's own, deprecated numba.cuda cannot link
+        yield bad("kernels", "not checked: numba-cuda is not installed", CU, gpu=True)
         return
     if st.arch is None and st.gpus == 0:
-        yield Line("kernels", False, "not checked: no GPU", "name one: gpuload doctor --arch sm_90")
+        fix = "name one: gpuload doctor --arch sm_90"
+        yield bad("kernels", "not checked: no GPU", fix, gpu=True)
         return
     targets = [(st.arch, None)] if st.arch else [(None, i) for i in range(st.gpus)]
     for arch, device in targets:
         tc = toolchain.check(arch=arch, device=device)
         where = arch or f"gpu {device}"
-        yield Line(f"toolchain ({where})", True, toolchain.facts(tc))
+        yield ok(f"toolchain ({where})", toolchain.facts(tc), gpu=True)
         if tc.problem:
-            yield Line(
-                f"kernels ({where})",
-                False,
-                tc.problem.split("; fix: ")[0],
-                tc.problem.partition("; fix: ")[2] or None,
-            )
+            value, _, fix = tc.problem.partition("; fix: ")
+            yield bad(f"kernels ({where})", value, fix or "report it", gpu=True)
         else:
             words = ", ".join(f"{w}-byte" for w in sorted(tc.variants, reverse=True))
             done = "compiled, linked and loaded" if tc.loaded else "compiled and linked"
-            yield Line(f"kernels ({where})", True, f"{words} gathers {done} for {tc.arch}")
+            yield ok(f"kernels ({where})", f"{words} gathers {done} for {tc.arch}", gpu=True)
 
 
 def _kvikio(st: State) -> Iterator[Line]:
@@ -139,7 +141,7 @@ def _kvikio(st: State) -> Iterator[Line]:
         kvikio = importlib.import_module("kvikio")
         defaults = kvikio_defaults(kvikio)
     except Exception as e:
-        yield Line("kvikio", False, f"not usable ({type(e).__name__}: {e})", fix)
+        yield bad("kvikio", f"not usable ({type(e).__name__}: {e})", fix, gpu=True)
         return
     mode = defaults.get("compat_mode") if hasattr(defaults, "get") else "?"
     mode = {0: "OFF", 1: "ON", 2: "AUTO"}.get(int(mode), mode) if str(mode).isdigit() else mode
@@ -150,21 +152,21 @@ def _kvikio(st: State) -> Iterator[Line]:
         if compat
         else f"GPUDirect Storage (configured {mode})"
     )
-    yield Line("kvikio", True, f"{kvikio.__version__}, {why}")
+    yield ok("kvikio", f"{kvikio.__version__}, {why}", gpu=True)
     drv = importlib.import_module("kvikio.cufile_driver")
     v = drv.libcufile_version()
-    yield Line("cufile", True, f"libcufile {'.'.join(map(str, v))}" if v else "libcufile absent")
+    yield ok("cufile", f"libcufile {'.'.join(map(str, v))}" if v else "libcufile absent", gpu=True)
 
 
 def _pinning(st: State) -> Iterator[Line]:
     if st.cupy is None or st.gpus == 0:
-        yield Line("pinning", True, "not probed: no GPU")
+        yield info("pinning", "not probed: no GPU", gpu=True)
         return
     from cupy.cuda import Device, alloc_pinned_memory
 
     with Device(0):
         alloc_pinned_memory(1 << 20)  # cudaHostAlloc, as the staging slots do
-    yield Line("pinned alloc", True, "cudaHostAlloc of 1 MiB works")
+    yield ok("pinned alloc", "cudaHostAlloc of 1 MiB works", gpu=True)
     from .pinning import Mapping, pin
 
     with tempfile.NamedTemporaryFile(prefix="gpuload-doctor-") as f:
@@ -175,22 +177,25 @@ def _pinning(st: State) -> Iterator[Line]:
         m._release.unpin()
     # mlock is the designed fallback (a VM may refuse read-only registration):
     # slower first touches, not a failure. Not pinned at all is a problem.
-    ok = method is not None
-    fix = None if ok else "raise the locked-memory limit (ulimit -l) or set GPULOAD_PIN=0"
-    yield Line("host register", ok, f"{method}: {why}", fix)
+    fix = "raise the locked-memory limit (ulimit -l) or set GPULOAD_PIN=0"
+    yield check("host register", method is not None, f"{method}: {why}", fix, gpu=True)
 
 
 def _torch(st: State) -> Iterator[Line]:
     try:
         torch = importlib.import_module("torch")
     except ImportError:
-        yield Line("torch", True, "not installed (only framework='torch' needs it)")
+        yield info("torch", "not installed (only framework='torch' needs it)")
         return
     cuda = torch.version.cuda
     avail = bool(torch.cuda.is_available()) if cuda else False
-    ok = avail or st.gpus == 0
-    fix = None if ok else "install a CUDA build of torch (pytorch.org) for framework='torch'"
-    yield Line("torch", ok, f"{torch.__version__}, CUDA {cuda or 'none'}, available={avail}", fix)
+    fix = "install a CUDA build of torch (pytorch.org) for framework='torch'"
+    value = f"{torch.__version__}, CUDA {cuda or 'none'}, available={avail}"
+    yield check("torch", avail or st.gpus == 0, value, fix, gpu=st.gpus > 0)
+
+
+def _cpu_path(st: State) -> Iterator[Line]:
+    yield self_check()
 
 
 PROBES: list[tuple[str, Callable[[State], Iterator[Line]]]] = [
@@ -201,36 +206,32 @@ PROBES: list[tuple[str, Callable[[State], Iterator[Line]]]] = [
     ("kvikio", _kvikio),
     ("pinning", _pinning),
     ("torch", _torch),
+    ("cpu load", _cpu_path),
 ]
 
 
-def run(arch: str | None = None) -> list[Line]:
-    """Every probe's lines; a probe that raises adds a problem line and the rest still run."""
+def run(arch: str | None = None, *, gpu: bool = False) -> Report:
+    """Every probe's lines, settled for this machine; a probe that raises adds
+    a problem line and the rest still run.
+
+    The GPU path is checked (its failures are problems) when ``gpu``, when
+    an ``arch`` is named, or when a GPU is visible here.
+    """
     st, lines = State(arch), []
     for name, probe in PROBES:
         try:
             lines.extend(probe(st))
         except Exception as e:  # never crash: the crash is the finding
-            lines.append(Line(name, False, f"probe failed: {type(e).__name__}: {e}", "report it"))
-    return lines
+            lines.append(bad(name, f"probe failed: {type(e).__name__}: {e}", "report it"))
+    wanted = gpu or arch is not None or st.gpus > 0 or gpu_device_nodes()
+    return settle(lines, wanted, arch)
 
 
-def report(lines: list[Line]) -> str:
-    width = max(len(ln.name) for ln in lines)
-    out = []
-    for ln in lines:
-        out.append(f"{'ok ' if ln.ok else 'BAD'}  {ln.name.ljust(width)}  {ln.value}")
-        if ln.fix:
-            out.append(f"     {''.ljust(width)}  fix: {ln.fix}")
-    bad = sum(not ln.ok for ln in lines)
-    out.append("no problem found" if not bad else f"{bad} problem(s) found")
-    return "\n".join(out)
-
-
-def as_json(lines: list[Line], arch: str | None) -> dict:
-    return {
-        "ok": all(ln.ok for ln in lines),
-        "arch": arch,
-        "problems": sum(not ln.ok for ln in lines),
-        "checks": [dataclasses.asdict(ln) for ln in lines],
-    }
+def gpu_device_nodes() -> bool:
+    """An NVIDIA GPU is present even if no CUDA package can see it yet: the
+    driver made its device nodes."""
+    try:
+        names = os.listdir("/dev")
+    except OSError:
+        return False
+    return any(n[len("nvidia") :].isdigit() for n in names if n.startswith("nvidia"))

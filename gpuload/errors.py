@@ -9,7 +9,20 @@ from __future__ import annotations
 
 
 class GpuloadError(Exception):
-    """Base class of every gpuload failure."""
+    """Base class of every gpuload failure.
+
+    ``keywords``: the keyword arguments the message tells the caller to pass,
+    spelled as they appear in it (``"allow_uneven=True"``, ``"num_heads="``),
+    so that a front end with other names for them (the command line's
+    ``--allow-uneven``) can say them its way.
+    """
+
+    keywords: tuple[str, ...] = ()
+
+    def __init__(self, *args: object, keywords: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        if keywords:
+            self.keywords = tuple(keywords)
 
 
 class HeaderError(GpuloadError):

@@ -159,7 +159,7 @@ class Loader:
         try:
             sharder = Sharder(ckpt.config, rules, shapes=shapes, **options)
         except ShardingError as e:  # a bad value in config.json
-            raise ShardingError(f"{ckpt.config_path}: {e}") from None
+            raise ShardingError(f"{ckpt.config_path}: {e}", keywords=e.keywords) from None
         items: list[tuple[TensorInfo, Selection]] = []
         resident: dict[str, Selection] = {}
         unknown, skipped, excluded = [], [], 0
@@ -170,7 +170,7 @@ class Loader:
             try:
                 sel = sharder.select(name, info.shape, rank, world)
             except ShardingError as e:  # the sharder knows names, not files
-                raise ShardingError(f"{info.file}: {e}") from None
+                raise ShardingError(f"{info.file}: {e}", keywords=e.keywords) from None
             if sel is None:
                 skipped.append(name)
                 continue

@@ -99,8 +99,20 @@ class LoadReport:
             + (f"; {self.bytes_pcie / GiB:.3f} GiB over PCIe" if self.bytes_pcie else "")
         )
 
+    @property
+    def on_gpu(self) -> bool:
+        """The load went to a device (host-to-device copies, gathers, PCIe)."""
+        return str(self.device) != "cpu"
+
     def table(self) -> str:
-        """A human table of the stage breakdown."""
+        """A human table of the stage breakdown; a CPU load leaves out the
+        GPU-only rows (gathers, PCIe, host-to-device copies, packing)."""
+        gpu = self.on_gpu
+        times = (
+            ("read / h2d / gather / wait s", (self.read_s, self.h2d_s, self.gather_s, self.wait_s))
+            if gpu
+            else ("read / gather / wait s", (self.read_s, self.gather_s, self.wait_s))
+        )
         rows = [
             ("tensors", f"{self.tensors}"),
             ("bytes delivered", f"{self.bytes_useful:,}"),
@@ -110,15 +122,21 @@ class LoadReport:
             ("reads (staged, mapped)", f"{self.ops} ({self.staged_ops}, {self.mapped_ops})"),
             ("wall seconds", f"{self.seconds:.4f}"),
             ("GiB/s", f"{self.gib_per_s:.2f}"),
-            ("pack s (host, gather=pack)", f"{self.pack_s:.4f}"),
+            *([("pack s (host, gather=pack)", f"{self.pack_s:.4f}")] if gpu else []),
             ("header / plan s", f"{self.header_s:.4f} / {self.plan_s:.4f}"),
-            (
-                "read / h2d / gather / wait s",
-                f"{self.read_s:.4f} / {self.h2d_s:.4f} / {self.gather_s:.4f} / {self.wait_s:.4f}",
-            ),
+            (times[0], " / ".join(f"{t:.4f}" for t in times[1])),
             ("strategies", ", ".join(f"{k}={v}" for k, v in sorted(self.strategies.items()))),
-            ("gathers", ", ".join(f"{k}={v}" for k, v in sorted(self.gather_counts.items()))),
-            ("bytes over PCIe", f"{self.bytes_pcie:,}"),
+            *(
+                [
+                    (
+                        "gathers",
+                        ", ".join(f"{k}={v}" for k, v in sorted(self.gather_counts.items())),
+                    ),
+                    ("bytes over PCIe", f"{self.bytes_pcie:,}"),
+                ]
+                if gpu
+                else []
+            ),
             ("unknown (replicated)", f"{len(self.unknown)}"),
             ("not owned (skipped)", f"{len(self.skipped)}"),
         ]

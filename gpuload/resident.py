@@ -406,7 +406,9 @@ def prefault(
 ) -> PrefaultReport:
     """Fault a checkpoint's pages (all, or those of ``tensors``) into RAM.
 
-    ``paths`` is anything :func:`~gpuload.open_checkpoint` takes; ``tensors``
+    ``paths`` is what :func:`~gpuload.load_sharded` takes (both resolve it
+    with :func:`~gpuload.open_checkpoint`): a ``.safetensors`` file, a list of
+    them, or a model directory (alone or as a list of one); ``tensors``
     a regex, a callable or a list of names (e.g. :data:`PRESET_EXPERTS`).
     ``pin``, ``threads`` and ``setting`` (the gate) override ``GPULOAD_PIN``,
     ``GPULOAD_THREADS`` and ``GPULOAD_PREFAULT``.

@@ -108,7 +108,8 @@ def _chunk(name: str, what: str, size: int, rank: int, world: int, uneven: bool)
     if size % world and not uneven:
         raise ShardingError(
             f"{name!r}: {what} of size {size} does not divide evenly by world size {world}; "
-            "pass allow_uneven=True for a torch.chunk-style split"
+            "pass allow_uneven=True for a torch.chunk-style split",
+            keywords=("allow_uneven=True",),
         )
     per = -(-size // world)  # ceil: torch.chunk sizes, the last ranks short or empty
     start = min(size, rank * per)
@@ -412,7 +413,8 @@ class Sharder:
             raise ShardingError(
                 f"{name!r}: dim 0 (vocab) of size {size}, padded to {padded} as vLLM does, "
                 f"does not divide evenly by world size {world}; "
-                "pass allow_uneven=True for a torch.chunk-style split"
+                "pass allow_uneven=True for a torch.chunk-style split",
+                keywords=("allow_uneven=True",),
             )
         per = -(-padded // world)  # padded // world, unless allow_uneven let it through
         start = min(size, rank * per)
@@ -429,7 +431,8 @@ class Sharder:
         if sum(sizes) != size:
             raise ShardingError(
                 f"{name!r}: dim {dim} of size {size} is not q | k | v as {sizes} ({heads} heads, "
-                f"{kv_heads} kv heads); pass num_heads=, num_kv_heads= or qkv_sections="
+                f"{kv_heads} kv heads); pass num_heads=, num_kv_heads= or qkv_sections=",
+                keywords=("num_heads=", "num_kv_heads=", "qkv_sections="),
             )
         counts = ((heads, False), (kv_heads, True), (kv_heads, True))
         parts = [
@@ -453,7 +456,8 @@ class Sharder:
             raise ShardingError(
                 f"{name!r}: rule {rule!r} splits by attention heads, but the head count is "
                 "unknown; pass num_heads= (and num_kv_heads=) or provide config.json "
-                "(vision_config.num_attention_heads for a vision encoder)"
+                "(vision_config.num_attention_heads for a vision encoder)",
+                keywords=("num_heads=", "num_kv_heads="),
             )
         return count
 
@@ -481,7 +485,8 @@ class Sharder:
         if self.num_experts is None:
             raise ShardingError(
                 f"{name!r}: expert parallelism needs the expert count; pass num_experts= "
-                "or provide config.json (num_local_experts / num_experts / n_routed_experts)"
+                "or provide config.json (num_local_experts / num_experts / n_routed_experts)",
+                keywords=("num_experts=",),
             )
         if (expert := int(match[2])) >= self.num_experts:
             raise ShardingError(f"{name!r}: expert {expert} >= num_experts={self.num_experts}")

@@ -253,3 +253,40 @@ def test_missing_paths_are_file_not_found(tmp_path):
         open_checkpoint(tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError):
         open_checkpoint(tmp_path)  # empty directory
+
+
+# -- a file that is not safetensors says what it is (issue 20) ---------------------
+
+
+@pytest.mark.parametrize(
+    "name,body,says",
+    [
+        (
+            "config.json",
+            b'{\n  "architectures": ["LlamaForCausalLM"]\n}\n',
+            "JSON (it starts with '{'",
+        ),
+        ("list.json", b"  [1, 2, 3, 4, 5, 6]", "JSON (it starts with '['"),
+        ("w.safetensors", b"version https://git-lfs.github.com/spec/v1\n", "text (it starts"),
+        ("tiny.json", b"{}", "JSON (it starts with '{'"),
+        ("pyproject.toml", b"[build-system]\nrequires = []\n", "text (it starts with '[build-s')"),
+    ],
+)
+def test_json_and_text_files_are_named_not_parsed_as_a_length(tmp_path, name, body, says):
+    import subprocess
+    import sys
+
+    import gpuload
+
+    path = tmp_path / name
+    path.write_bytes(body)
+    with pytest.raises(HeaderError, match="not a safetensors") as e:
+        gpuload.load_sharded(path, 0, 2, device="cpu")
+    assert e.value.file == str(path) and says in str(e.value), e.value
+    assert "header length" not in str(e.value)  # not the first 8 bytes read as a number
+    r = subprocess.run(
+        [sys.executable, "-m", "gpuload", "inspect", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith(f"gpuload: error: {path}: ")
+    assert says in r.stderr, r.stderr

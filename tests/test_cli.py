@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import write_tensors
 
 from gpuload import synth
 from gpuload.cli import main
@@ -132,7 +133,7 @@ def test_plan_without_config_takes_expert_count_and_resident(moe, tmp_path):
         (bare / f.name).write_bytes(f.read_bytes())
     args = ["plan", bare, "--rank", "0", "--world", "2", "--json"]
     r = _gpuload(*args, "--expert-parallel", "--num-heads", "8")
-    assert r.returncode == 2 and "num_experts" in r.stderr
+    assert r.returncode == 2 and "pass --num-experts or provide config.json" in r.stderr
     r = _gpuload(*args, "--expert-parallel", "--num-experts", "4", "--num-heads", "8")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
@@ -151,3 +152,45 @@ def test_fifo_named_to_inspect_is_not_a_regular_file(tmp_path):
     os.mkfifo(fifo)
     r = _gpuload("inspect", fifo, timeout=60)
     assert r.returncode == 2 and "not a regular file" in r.stderr
+
+
+# -- errors name the command's flags, not the Python keywords (issue 20) --------
+
+
+def test_plan_errors_name_the_cli_flags(tmp_path):
+    import numpy as np
+
+    from gpuload import load_sharded
+    from gpuload.errors import ShardingError
+
+    f = write_tensors(
+        tmp_path / "m.safetensors",
+        {"model.layers.0.mlp.up_proj.weight": np.zeros((8, 4), np.float32)},
+        {"model.layers.0.mlp.up_proj.weight": "F32"},
+    )
+    r = _gpuload("plan", f, "--rank", "0", "--world", "3")
+    assert r.returncode == 2, r.stderr
+    assert "does not divide evenly by world size 3; pass --allow-uneven for" in r.stderr
+    assert "allow_uneven" not in r.stderr
+    assert _gpuload("plan", f, "--rank", "0", "--world", "3", "--allow-uneven").returncode == 0
+    # The Python API still names its keyword.
+    with pytest.raises(ShardingError, match="pass allow_uneven=True for") as e:
+        load_sharded(f, 0, 3, device="cpu")
+    assert e.value.keywords == ("allow_uneven=True",)
+
+    q = write_tensors(
+        tmp_path / "q.safetensors",
+        {"model.layers.0.self_attn.q_proj.weight": np.zeros((8, 4), np.float32)},
+        {"model.layers.0.self_attn.q_proj.weight": "F32"},
+    )
+    r = _gpuload("plan", q, "--rank", "0", "--world", "2")
+    assert r.returncode == 2 and "pass --num-heads (and --num-kv-heads) or" in r.stderr, r.stderr
+    assert "num_heads=" not in r.stderr
+
+
+def test_demo_on_the_cpu_prints_only_what_applies(tmp_path):
+    r = _gpuload("demo", "--device", "cpu", "--dir", tmp_path, timeout=300)
+    assert r.returncode == 0 and "demo passed" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count("read / gather / wait s") == 2  # one table per rank
+    for gpu_only in ("PCIe", "gathers", "h2d", "pack s", "gather=pack"):
+        assert gpu_only not in r.stdout, (gpu_only, r.stdout)

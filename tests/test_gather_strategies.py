@@ -81,6 +81,8 @@ def test_auto_chooses_per_tensor_and_reports_it(tmp_path, rng, fake_gpu):
     assert report.gather and set(report.gather.values()) <= set(GATHERS)
     assert sum(report.gather_counts.values()) == report.strategies["covering"]
     assert "gathers" in report.table() and report.to_dict()["gather"] == report.gather
+    for gpu_row in ("bytes over PCIe", "read / h2d / gather / wait s", "pack s"):
+        assert gpu_row in report.table(), gpu_row  # the rows a CPU load leaves out
 
 
 @pytest.mark.parametrize("gather", GATHERS)

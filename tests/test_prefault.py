@@ -588,3 +588,33 @@ def test_cuda_pin_on_a_device(ddir):
         unsupported = "cannot register read-only host memory" in rep.pin_reason
         assert refused or unsupported, rep.pin_reason
     assert same(cupy.asnumpy(cupy.asarray(arrays["b"])), oracle(o["b"]))
+
+
+# --------------------------------------------------------------------------
+# prefault takes what load_sharded takes (issue 20)
+
+
+def test_prefault_takes_what_load_sharded_takes(ddir):
+    import gpuload
+    from gpuload import synth
+
+    model = synth.write_model(ddir / "m", "tiny", num_files=2)
+    files = sorted(model.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    for form in (model, str(model), [model], [str(model)], files, [str(f) for f in files]):
+        for f in files:
+            evict(f)
+        rep = gpuload.prefault(form, pin=False, setting=True)
+        assert rep.skipped_reason is None and rep.files == 2 and rep.bytes == size, form
+        assert all(pf.residency(f)[0] == pf.residency(f)[1] for f in files), form
+        rep.release()
+    one = gpuload.prefault(files[0], pin=False, setting=True)
+    assert one.files == 1 and one.bytes == files[0].stat().st_size
+    # load_sharded resolves the same way: [model_dir] is the directory.
+    whole = gpuload.load_sharded(model, 1, 2, device="cpu")
+    listed = gpuload.load_sharded([model], 1, 2, device="cpu")
+    assert whole.keys() == listed.keys()
+    assert all(np.asarray(whole[k]).tobytes() == np.asarray(listed[k]).tobytes() for k in whole)
+    # A directory among files is refused by name, with what a list wants.
+    with pytest.raises(ValueError, match=f"{model}: is a directory; a list names .safetensors"):
+        gpuload.prefault([model, files[0]])

@@ -3,7 +3,7 @@
 # made it; the device tool's run takes carry=[".whl"]):
 #
 #   bash bench/gpu/session.sh all        # everything below, in one call, within 8 minutes
-#   bash bench/gpu/session.sh doctor     # gpuload doctor (versions, devices, kernels linked)
+#   bash bench/gpu/session.sh doctor     # gpuload doctor --gpu (versions, devices, kernels linked)
 #   bash bench/gpu/session.sh tests      # the gpu test tier
 #   bash bench/gpu/session.sh gather     # bench/gather.py: the kernel, the 3 gather strategies
 #   bash bench/gpu/session.sh strategies # gpuload bench, shard warm: auto vs each forced gather
@@ -65,7 +65,8 @@ run_step() {  # run_step STEP SECONDS: one step, its output under $OUT
     local s=$1 limit=$2
     case "$s" in
     doctor)
-        timeout "$limit" "$PY" -m gpuload doctor 2>&1 | tee "$OUT/doctor.txt"
+        # --gpu: a GPU session checks the GPU path, GPU or not (a missing one is a finding)
+        timeout "$limit" "$PY" -m gpuload doctor --gpu 2>&1 | tee "$OUT/doctor.txt"
         # doctor's exit status says whether it found a problem: a finding, not a failed step
         return 0
         ;;

@@ -27,5 +27,6 @@ def test_loader_checks_the_kernels_on_its_device(cupy):  # noqa: F811
 def test_doctor_finds_no_problem_on_a_working_gpu(cupy):  # noqa: F811
     from gpuload import doctor
 
-    lines = doctor.run()
-    assert all(ln.ok for ln in lines), doctor.report(lines)
+    rep = doctor.run()
+    assert rep.gpu_checked and rep.problems == 0, rep.text()
+    assert rep.gpu_path.ok and rep.cpu_path.ok, rep.text()
