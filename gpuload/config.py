@@ -30,6 +30,10 @@ GPULOAD_HUGEPAGES          0 | 1 (1)                  CPU: results of 2 MiB and 
                                                       transparent huge pages (madvise)
 GPULOAD_GATHER             auto | device | zerocopy   how covering reads reach a GPU
                            | pack (auto)              (gpuload.transfer); auto: cost model
+GPULOAD_GATHER_MODEL       path | auto | 0 (auto)     GPU: the cost model's constants, a
+                                                      JSON bench/gather.py writes; auto:
+                                                      ~/.cache/gpuload/gather-model.json
+                                                      when present; 0: built-in defaults
 =========================  =========================  ==================================
 
 Sizes accept a plain byte count or a suffix: ``K``/``KiB``, ``M``/``MiB``,
@@ -148,6 +152,11 @@ class Config:
     # gpuload.transfer.GatherModel choose per tensor; forcing one is for
     # tests, benchmarks and machines where the model's constants are off.
     gather: Literal["auto", "device", "zerocopy", "pack"] = "auto"
+    # GPU loads: where the gather cost model's constants come from (a JSON
+    # that bench/gather.py measures and writes on a real GPU). "auto": the
+    # per-user cache file when present, built-in defaults otherwise; "0": the
+    # built-in defaults always.
+    gather_model: str = "auto"
     # CPU loads: read a covering block with one preadv that puts each owned
     # row straight into its result and the gaps into a small discard buffer,
     # instead of staging + gather. Off until a quiet machine has measured it.
@@ -173,6 +182,8 @@ class Config:
             set_(self, f, parse_size(f, getattr(self, f)))
         set_(self, "progress", parse_tristate("progress", self.progress))
         set_(self, "gather", parse_choice("gather", self.gather, _GATHERS))
+        if not isinstance(self.gather_model, str) or not self.gather_model.strip():
+            raise ValueError(f"gather_model has to be a path, auto or 0, got {self.gather_model!r}")
         set_(self, "scatter", parse_bool("scatter", self.scatter))
         set_(self, "mapped_gather", parse_bool("mapped_gather", self.mapped_gather))
         set_(self, "hugepages", parse_bool("hugepages", self.hugepages))
@@ -201,6 +212,7 @@ _FLAGS = {
     "GPULOAD_DEVICE_SCRATCH_BYTES": "device_scratch_bytes",
     "GPULOAD_PROGRESS": "progress",
     "GPULOAD_GATHER": "gather",
+    "GPULOAD_GATHER_MODEL": "gather_model",
     "GPULOAD_SCATTER": "scatter",
     "GPULOAD_MAPPED_GATHER": "mapped_gather",
     "GPULOAD_HUGEPAGES": "hugepages",

@@ -31,7 +31,7 @@ import numpy as np
 from .config import Config
 from .errors import BackendUnavailable, PlanError
 from .io import PosixReader
-from .io_kvikio import KvikioReader, describe_kvikio, kvikio_defaults
+from .io_kvikio import KvikioReader, describe_kvikio, gds_active, kvikio_defaults
 from .outputs import to_cupy, to_torch_dlpack
 from .pipeline_device import DevicePipeline
 from .plan import Plan, TensorPlan
@@ -171,7 +171,11 @@ def _choose_reader(cfg: Config, runtime: Any, reader_factory) -> tuple[Any, str,
     how = describe_kvikio(kvikio)
     if cfg.backend == "kvikio":
         return kvikio, "kvikio", f"backend='kvikio': {how}"
-    return kvikio, "kvikio", f"auto: kvikio imports and CUDA works; {how}"
+    if gds_active(kvikio) is not True:
+        # Compatibility mode buys nothing over posix and costs the device
+        # gather (world x PCIe bytes for column shards) and a d2d per row shard.
+        return None, "posix", f"auto: {how}, so no GDS to gain; {posix}"
+    return kvikio, "kvikio", f"auto: kvikio imports and GDS is active; {how}"
 
 
 class CupyRuntime:
@@ -330,6 +334,22 @@ class CupyRuntime:
             stream.ptr,
         )
 
+    def h2d_2d(
+        self, dst, dst_off: int, dst_pitch: int, src: np.ndarray, src_off: int,
+        src_pitch: int, width: int, height: int, stream,
+    ) -> None:  # fmt: skip
+        _bounds_2d(dst.nbytes, dst_off, dst_pitch, src.nbytes, src_off, src_pitch, width, height)
+        self._rt.memcpy2DAsync(
+            dst.data.ptr + dst_off,
+            dst_pitch,
+            src.ctypes.data + src_off,
+            src_pitch,
+            width,
+            height,
+            self._rt.memcpyHostToDevice,
+            stream.ptr,
+        )
+
     def d2d(self, dst, dst_off: int, src, src_off: int, n: int, stream) -> None:
         _bounds(dst.nbytes, dst_off, src.nbytes, src_off, n)
         self._rt.memcpyAsync(
@@ -419,3 +439,18 @@ def _bounds(dst_size: int, dst_off: int, src_size: int, src_off: int, n: int) ->
             f"copy of {n} bytes from offset {src_off} of a {src_size}-byte buffer "
             f"to offset {dst_off} of a {dst_size}-byte buffer is out of bounds"
         )
+
+
+def _bounds_2d(
+    dst_size: int, dst_off: int, dst_pitch: int, src_size: int, src_off: int,
+    src_pitch: int, width: int, height: int,
+) -> None:  # fmt: skip
+    if height < 1 or dst_pitch < width or src_pitch < width:
+        raise ValueError(f"2-D copy of {height} rows of {width} bytes has a pitch below the width")
+    _bounds(
+        dst_size,
+        dst_off + (height - 1) * dst_pitch,
+        src_size,
+        src_off + (height - 1) * src_pitch,
+        width,
+    )

@@ -158,6 +158,7 @@ class FakeRuntime:
         self._rng = np.random.default_rng(seed)
         self._mapped: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
         self.device_views = 0
+        self.copies_1d = self.copies_2d = 0  # async H2D copies queued, by kind
 
     # -- memory ------------------------------------------------------------
 
@@ -280,10 +281,29 @@ class FakeRuntime:
     def h2d(self, dst, dst_off: int, src: np.ndarray, src_off: int, n: int, stream) -> None:
         assert isinstance(dst, FakeDeviceBuffer) and isinstance(src, np.ndarray)
         _bounds(dst.size, dst_off, src.size, src_off, n)
+        self.copies_1d += 1
         d, s = dst.array, src  # read at run time, as a DMA from pinned memory does
 
         def copy() -> None:
             d[dst_off : dst_off + n] = s[src_off : src_off + n]
+
+        stream.put(copy)
+
+    def h2d_2d(
+        self, dst, dst_off, dst_pitch, src: np.ndarray, src_off, src_pitch, width, height, stream
+    ) -> None:
+        assert isinstance(dst, FakeDeviceBuffer) and isinstance(src, np.ndarray)
+        if height < 1 or dst_pitch < width or src_pitch < width:
+            raise ValueError("fake CUDA: cudaMemcpy2D pitch below the width")
+        _bounds(dst.size, dst_off + (height - 1) * dst_pitch, src.size,
+                src_off + (height - 1) * src_pitch, width)  # fmt: skip
+        self.copies_2d += 1
+        d, s = dst.array, src
+
+        def copy() -> None:  # one DMA of ``height`` rows, run late like the others
+            for r in range(height):
+                a, b = dst_off + r * dst_pitch, src_off + r * src_pitch
+                d[a : a + width] = s[b : b + width]
 
         stream.put(copy)
 

@@ -155,6 +155,7 @@ def test_budgets_smaller_than_largest_tensor(tmp_path, rng, fake_gpu, reader, st
     made = fake_gpu(kvikio=FakeKvikio() if reader == "kvikio" else None)
     most = 0
     settings = dict(staging_bytes=staging, device_scratch_bytes=scratch, chunk_bytes=1 << 20)
+    settings["backend"] = reader  # kvikio here is in compatibility mode: auto would not pick it
     with gpuload.Loader(device="cuda:0", framework="cupy", threads=2, **settings) as ld:
         rt = made[-1]
         for rank, world in ((0, 1), (1, 2), (3, 4)):
@@ -172,7 +173,9 @@ def test_kvikio_scratch_below_three_pages_is_a_plan_error(tmp_path, rng, fake_gp
     path = write_matrix(tmp_path, rng, aligned=True)
     fake_gpu(kvikio=FakeKvikio())
     with (
-        gpuload.Loader(device="cuda:0", device_scratch_bytes=16 << 10, threads=3) as ld,
+        gpuload.Loader(
+            device="cuda:0", device_scratch_bytes=16 << 10, threads=3, backend="kvikio"
+        ) as ld,
         pytest.raises(PlanError, match="kvikio read needs"),
     ):
         ld.load(path, 0, 1)
@@ -373,9 +376,8 @@ def test_a_second_load_while_one_runs_is_refused_without_touching_its_buffers(
 def test_backend_choice_and_reasons(tmp_path, rng, fake_gpu):
     path = write_matrix(tmp_path, rng, aligned=True)
     fake_gpu(kvikio=FakeKvikio(compat=True))
-    with gpuload.Loader(device="cuda:0", threads=5) as ld:
-        assert ld.backend == "kvikio" and "auto" in ld.backend_reason
-        assert "compatibility mode" in ld.backend_reason
+    with gpuload.Loader(device="cuda:0", threads=5, backend="kvikio") as ld:
+        assert ld.backend == "kvikio" and "compatibility mode" in ld.backend_reason
         kv = ld._backend.runtime.kvikio()
         ld.load(path, 0, 1)
         assert kv.defaults.get("num_threads") == 5  # GPULOAD_THREADS sizes kvikio's pool
@@ -389,6 +391,36 @@ def test_backend_choice_and_reasons(tmp_path, rng, fake_gpu):
         assert ld.backend == "posix" and "kvikio unusable" in ld.backend_reason
     with pytest.raises(BackendUnavailable, match="kvikio"):
         gpuload.Loader(device="cuda:0", backend="kvikio")
+
+
+@pytest.mark.parametrize(
+    "defaults, picked",
+    [
+        ({"is_compat_mode_preferred": lambda: True}, "posix"),  # kvikio >= 25.04, no GDS
+        ({"is_compat_mode_preferred": lambda: False}, "kvikio"),  # GDS active
+        ({"compat_mode": lambda: 1}, "posix"),  # 24.12 - 25.02, CompatMode.ON
+        ({"compat_mode": lambda: 2}, "posix"),  # AUTO: unknown, so not worth the device gather
+        ({"compat_mode": lambda: 0}, "kvikio"),
+    ],
+)
+def test_auto_picks_kvikio_only_where_gds_is_active(tmp_path, rng, fake_gpu, defaults, picked):
+    # Compatibility mode forces the device gather (world x the PCIe bytes
+    # for a column shard) and a d2d per row shard: auto reads with posix there.
+    path = write_matrix(tmp_path, rng, aligned=True)
+    pool = {"num_threads": 1}
+    defaults = {
+        **defaults,
+        "get": pool.get,
+        "set": lambda k, v: pool.update({k: v}),
+        "get_num_threads": lambda: pool["num_threads"],
+        "num_threads_reset": lambda n: pool.update(num_threads=n),
+    }
+    fake_gpu(kvikio=FakeKvikio(defaults=defaults))
+    with gpuload.Loader(device="cuda:0") as ld:
+        assert ld.backend == picked and "auto" in ld.backend_reason
+        if picked == "posix":
+            assert "no GDS" in ld.backend_reason
+        ld.load(path, 0, 2)
 
 
 def test_frameworks_on_a_gpu(monkeypatch):
@@ -526,3 +558,48 @@ def test_a_missing_kernel_compiler_is_named():
     )
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
+
+
+class _CudaRuntimeError(RuntimeError):
+    def __init__(self, status: int) -> None:
+        super().__init__("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+        self.status = status  # as cupy.cuda.runtime.CUDARuntimeError has it
+
+
+@pytest.mark.parametrize("driver, told", [(12080, "12.8"), (0, None)])
+def test_a_cuda_build_newer_than_the_driver_is_named(monkeypatch, driver, told):
+    # A cu13 wheel under a CUDA 12 driver: getDeviceCount fails with
+    # cudaErrorInsufficientDriver (35). device=None says why once, and an
+    # explicit device says it in its error; with no driver at all (a CPU
+    # machine with cupy installed) device=None stays quiet.
+    import types
+    import warnings
+
+    def count():
+        raise _CudaRuntimeError(35)
+
+    rt = types.SimpleNamespace(
+        getDeviceCount=count, driverGetVersion=lambda: driver, runtimeGetVersion=lambda: 13000
+    )
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(runtime=rt)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(device_mod, "_warned", [])
+    device_mod.cuda_probe.cache_clear()
+    monkeypatch.setattr(device_mod, "gpu_pipeline_available", lambda: True)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert resolve_device(None) == "cpu"
+            assert resolve_device(None) == "cpu"
+        said = [str(w.message) for w in seen if "gpuload" in str(w.message)]
+        if told is None:
+            assert said == []
+        else:
+            assert len(said) == 1, said
+            assert "cudaErrorInsufficientDriver" in said[0] and told in said[0]
+            assert "gpuload[cu12]" in said[0]
+            with pytest.raises(BackendUnavailable, match="cudaErrorInsufficientDriver.*13.0"):
+                resolve_device("cuda:0")
+    finally:
+        device_mod.cuda_probe.cache_clear()
