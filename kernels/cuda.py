@@ -44,6 +44,7 @@ __all__ = [
     "Launch",
     "compiler_problem",
     "gather",
+    "pinned_table_bytes",
     "release_stream",
     "variants",
     "word_size",
@@ -133,6 +134,12 @@ _workspaces: dict[tuple[int, ...], Any] = {}
 # Table buffers a stream outgrew, each with the event recorded on the stream
 # behind the last launch that may read it: (event, buffer), freed once passed.
 _retired: dict[tuple[int, ...], list[tuple[Any, Any]]] = {}
+# Pinned host copies of the tables, per stream: [event, buffer] pairs, the
+# event recorded behind the upload that last read the buffer. A pageable
+# source would make the H2D of the table synchronous (the driver stages it),
+# stalling the reader thread behind its own transfers.
+_pinned: dict[tuple[int, ...], list[list[Any]]] = {}
+_PINNED_PER_STREAM = 4  # uploads in flight per stream before the oldest is waited for
 _lock = threading.Lock()
 
 
@@ -272,6 +279,37 @@ def _event():
     return cuda.event(timing=False)
 
 
+def _staging_event():
+    """The event behind a pinned table's upload (tests substitute one they control)."""
+    if _SIM:
+        return _Passed()
+    return cuda.event(timing=False)
+
+
+def _pinned_copy(key: tuple[int, ...], pieces: np.ndarray) -> tuple[list[Any], np.ndarray]:
+    """A pinned buffer of ``key`` that no queued upload still reads, holding ``pieces``."""
+    ring = _pinned.setdefault(key, [])
+    entry = next((e for e in ring if e[1].size >= pieces.size and e[0].query()), None)
+    if entry is None:
+        if len(ring) >= _PINNED_PER_STREAM:  # bounded: wait for the oldest, then reuse it
+            entry = ring.pop(0)
+            entry[0].synchronize()
+            ring.append(entry)
+            if entry[1].size < pieces.size:
+                entry[1] = cuda.pinned_array(_table_size(pieces.size, entry[1].size), np.int64)
+        else:
+            size = _table_size(pieces.size, max((e[1].size for e in ring), default=0))
+            entry = [_staging_event(), cuda.pinned_array(size, np.int64)]
+            ring.append(entry)
+    host = entry[1][: pieces.size]
+    host[:] = pieces
+    return entry, host
+
+
+def _table_size(need: int, had: int) -> int:
+    return max(need, 2 * had, 64 * WCOLS)
+
+
 def _reap(key: tuple[int, ...]) -> None:
     """Free the retired table buffers of ``key`` whose stream has passed them."""
     retired = _retired.get(key)
@@ -304,10 +342,12 @@ def _upload(pieces: np.ndarray, stream: Any):
             ev.record(stream=stream)
             _retired.setdefault(key, []).append((ev, buf))
         # Doubling keeps regrowth (and retired buffers) rare.
-        size = max(pieces.size, 2 * (buf.size if buf is not None else 0), 64 * WCOLS)
+        size = _table_size(pieces.size, buf.size if buf is not None else 0)
         buf = _workspaces[key] = cuda.device_array(size, dtype=np.int64)
     view = buf[: pieces.size]
-    view.copy_to_device(pieces, stream=stream)
+    entry, host = _pinned_copy(key, pieces)
+    view.copy_to_device(host, stream=stream)
+    entry[0].record(stream=stream)  # the pinned buffer is free once the stream passes this
     return view
 
 
@@ -335,6 +375,14 @@ def release_stream(stream: Any) -> None:
     for key in [k for k in list(_retired) if k[1] == handle]:
         for ev, _buf in _retired.pop(key, ()):
             ev.synchronize()  # no launch may still read it
+    for key in [k for k in list(_pinned) if k[1] == handle]:
+        for ev, _buf in _pinned.pop(key, ()):
+            ev.synchronize()  # no upload may still read it
+
+
+def pinned_table_bytes() -> int:
+    """Pinned host bytes held for piece tables, over all streams (see ``release_stream``)."""
+    return sum(buf.nbytes for ring in list(_pinned.values()) for _ev, buf in list(ring))
 
 
 def workspace_bytes() -> int:
