@@ -25,6 +25,15 @@ from .sharding import Sharder
 
 __version__ = "0.1.0"
 
+
+def release_gpu_cache() -> None:
+    """Free the pinned staging and streams that GPU loads keep for the next
+    load in this process (``gpuload.gpu_cache``); a no-op without GPU loads."""
+    from . import gpu_cache
+
+    gpu_cache.release()
+
+
 __all__ = [
     "BackendUnavailable",
     "Checkpoint",
@@ -48,5 +57,6 @@ __all__ = [
     "map_resident",
     "open_checkpoint",
     "prefault",
+    "release_gpu_cache",
     "residency",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import gpu_cache
 from .config import Config
 from .errors import BackendUnavailable, PlanError
 from .io import PosixReader
@@ -80,17 +81,28 @@ class CudaBackend:
             )
         self.device = device
         self.index = int(m.group(1))
-        self.runtime = runtime if runtime is not None else CupyRuntime(self.index)
+        # The default runtime and its pipelines are shared per device by the
+        # process (gpuload.gpu_cache): warm-up, streams and pinned staging once.
+        self._shared = runtime is None
+        if runtime is None:
+            runtime = gpu_cache.runtime(self.index, lambda i: CupyRuntime(i))
+        self.runtime = runtime
         self._cfg = cfg
         self._reader_factory = reader_factory
         self._kvikio, self.name, self.reason = _choose_reader(cfg, self.runtime, reader_factory)
-        self._pipeline = DevicePipeline(
-            self.runtime,
-            threads=cfg.threads,
-            staging_bytes=cfg.staging_bytes,
-            scratch_bytes=cfg.device_scratch_bytes,
-            pin=cfg.pin,
-        )
+
+        def make() -> DevicePipeline:
+            return DevicePipeline(
+                self.runtime,
+                threads=cfg.threads,
+                staging_bytes=cfg.staging_bytes,
+                scratch_bytes=cfg.device_scratch_bytes,
+                pin=cfg.pin,
+            )
+
+        key = (self.index, cfg.threads, cfg.staging_bytes, cfg.device_scratch_bytes, cfg.pin)
+        self._key = key
+        self._pipeline = gpu_cache.take(key, make) if self._shared else make()
 
     @property
     def device_reads(self) -> bool:
@@ -146,7 +158,10 @@ class CudaBackend:
         return {t.name: self.runtime.to_framework(buffers[t.name], t, framework) for t in tensors}
 
     def close(self) -> None:
-        self._pipeline.close()
+        if self._shared:
+            gpu_cache.park(self._key, self._pipeline)  # see gpuload.gpu_cache.release
+        else:
+            self._pipeline.close()
 
 
 def _choose_reader(cfg: Config, runtime: Any, reader_factory) -> tuple[Any, str, str]:

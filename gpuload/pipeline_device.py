@@ -385,6 +385,18 @@ class DevicePipeline:
         slot.timed = True
         return pcie, pack_s
 
+    def idle(self) -> None:
+        """Wait for the streams and free device scratch, keeping streams and
+        pinned staging for a later Loader (``gpuload.gpu_cache``)."""
+        with self._busy():
+            self._drain()
+            for slot in self.slots:
+                slot.scratch = None
+            self.scratch_size = 0
+
+    def pinned_bytes(self) -> int:
+        return len(self.slots) * (self.host_size + self.pack_size) if self.pin else 0
+
     def close(self) -> None:
         """Wait for the streams, then free staging, scratch and streams."""
         with contextlib.suppress(Exception):  # a sticky CUDA error: free anyway

@@ -603,3 +603,44 @@ def test_a_cuda_build_newer_than_the_driver_is_named(monkeypatch, driver, told):
                 resolve_device("cuda:0")
     finally:
         device_mod.cuda_probe.cache_clear()
+
+
+def test_one_shot_gpu_loads_share_warm_up_streams_and_pinned_staging(tmp_path, rng, monkeypatch):
+    # load_sharded on a GPU paid kernel warm-up, K streams and K pinned
+    # staging allocations on every call. The process keeps them per device
+    # now; release_gpu_cache frees the staging and streams.
+    from gpuload import device_cuda, gpu_cache
+
+    path = write_matrix(tmp_path, rng, aligned=False)
+    made: list[FakeRuntime] = []
+
+    def runtime(index):
+        made.append(FakeRuntime(seed=index))
+        return made[-1]
+
+    gpu_cache.forget_runtimes()
+    monkeypatch.setattr(device_cuda, "CupyRuntime", runtime)
+    monkeypatch.setattr(gpuload.loader, "resolve_device", lambda d, probe=True: "cuda:0")
+    monkeypatch.setattr(
+        gpuload.loader,
+        "resolve_framework",
+        lambda f, d, probe=True: outputs.resolve_framework(f, d, probe=False),
+    )
+    try:
+        want = expected_shards(path, 1, 2)
+        pinned = []
+        for _ in range(3):
+            got = gpuload.load_sharded(path, 1, 2, device="cuda:0", rules=RULES, framework="cupy")
+            assert not mismatched(got, want)
+            del got
+            pinned.append(len([n for n, p in made[0].host_allocs if p]))
+        (rt,) = made  # one runtime (one warm-up) for the three loads
+        assert 2 <= len(rt.streams) <= 16  # one pipeline's slots, not three
+        assert pinned[0] > 0 and pinned[1] == pinned[2] == pinned[0]  # staging pinned once
+        assert gpu_cache.held()["pipelines"] == 1 and gpu_cache.held()["pinned_bytes"] > 0
+        assert rt.allocated < 1 << 20  # no device scratch parked, only what GC has not freed
+        gpuload.release_gpu_cache()
+        assert not rt.streams and rt.host_live == 0
+        assert gpu_cache.held()["pipelines"] == 0
+    finally:
+        gpu_cache.forget_runtimes()
