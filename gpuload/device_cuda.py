@@ -30,6 +30,7 @@ import numpy as np
 
 from . import gpu_cache
 from .config import Config
+from .device_memory import footprint
 from .errors import BackendUnavailable, PlanError
 from .io import PosixReader
 from .io_kvikio import KvikioReader, describe_kvikio, gds_active, kvikio_defaults
@@ -119,22 +120,34 @@ class CudaBackend:
                 f"{free:,} of {total:,} are free; nothing was read"
             )
 
+    # Results go through torch's caching allocator for framework="torch"
+    # (the Loader sets this), raw cudaMalloc otherwise.
+    framework: str | None = None
+
+    @property
+    def allocator(self) -> str:
+        torch_ok = self.framework == "torch" and hasattr(self.runtime, "torch_alloc")
+        return "torch" if torch_ok else "raw"
+
     def check_memory(self, nbytes: int) -> None:
         self._fits(nbytes, "results")
 
     def allocate(self, plan: Plan) -> dict[str, Any]:
-        # Before any I/O: the results and any scratch growth must fit, and an
-        # allocation that fails anyway (fragmentation, a racing process) is a
-        # PlanError too. Each tensor gets its own allocation: results never
-        # share memory with staging or with each other.
-        results = sum(t.out_nbytes for t in plan.tensors)
+        # Before any I/O: the results, as their allocator rounds them, and any
+        # scratch growth must fit, and an allocation that fails anyway
+        # (fragmentation, a racing process) is a PlanError too. Each tensor
+        # gets its own allocation: results never share memory with staging
+        # or with each other.
+        via = self.allocator
+        results = footprint((t.out_nbytes for t in plan.tensors), via)
         extra = self._pipeline.growth(plan, device_reads=self.device_reads)
         self._fits(results + extra, "results and device scratch" if extra else "results")
+        alloc = self.runtime.torch_alloc if via == "torch" else self.runtime.device_alloc
         buffers: dict[str, Any] = {}
         try:
             self._pipeline.prepare(plan, device_reads=self.device_reads)
             for t in plan.tensors:
-                buffers[t.name] = self.runtime.device_alloc(t.out_nbytes)
+                buffers[t.name] = alloc(t.out_nbytes)
             return buffers
         except MemoryError as e:
             buffers.clear()  # free what was taken now, not when the traceback dies
@@ -275,6 +288,20 @@ class CupyRuntime:
                     raise
                 raise cp.cuda.memory.OutOfMemoryError(nbytes, -1) from e
             return cp.ndarray((nbytes,), cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
+
+    def torch_alloc(self, nbytes: int) -> Any:
+        """``nbytes`` from torch's caching allocator on this device, as a cupy
+        array over the same memory (DLPack; torch's tensor stays its owner)."""
+        torch = importlib.import_module("torch")
+        cp = self.cupy
+        with self._device:
+            if nbytes == 0:
+                return cp.ndarray((0,), cp.uint8)
+            try:
+                t = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{self.index}")
+            except torch.cuda.OutOfMemoryError as e:  # callers catch MemoryError
+                raise MemoryError(str(e)) from e
+            return cp.from_dlpack(t)
 
     def host_alloc(self, nbytes: int, *, pinned: bool) -> np.ndarray:
         if not pinned:

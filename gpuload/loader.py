@@ -117,6 +117,8 @@ class Loader:
         self.framework = resolve_framework(framework, self.device, probe=runtime is None)
         self._backend = make_backend(self.device, self.config, reader_factory, runtime=runtime)
         self.backend, self.backend_reason = self._backend.name, self._backend.reason
+        if hasattr(self._backend, "framework"):  # GPU results through torch's allocator
+            self._backend.framework = self.framework
         try:  # a forced gather this backend cannot do fails here, not in a load
             self.plan_options()
         except (ValueError, GpuloadError):

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from gpuload.device_memory import MIN_BLOCK, MIN_LARGE_ALLOC, ROUND_LARGE, raw_bytes
 from gpuload.kernels.host import _check, gather_host
 from gpuload.outputs import to_cupy, to_numpy, to_torch
 
@@ -145,7 +146,8 @@ class FakeRuntime:
         self._lock = threading.Lock()
         self._allocated = self.peak = 0  # live device bytes, and their high-water mark
         self.host_peak = 0
-        self.device_allocs: list[int] = []
+        self.device_allocs: list[int] = []  # raw cudaMalloc sizes
+        self.torch_allocs: list[int] = []  # results from torch's caching allocator
         self.host_allocs: list[tuple[int, bool]] = []
         self._host_live = 0  # live staging bytes
         # Frees from finalizers, settled under the lock by the next reader.
@@ -186,19 +188,34 @@ class FakeRuntime:
             self._settle()
             return self._host_live
 
-    def device_alloc(self, nbytes: int) -> FakeDeviceBuffer:
+    def device_alloc(self, nbytes: int, *, taken: int | None = None) -> FakeDeviceBuffer:
+        # ``taken``: what the allocation costs the device (cudaMalloc rounds).
+        taken = raw_bytes(nbytes) if taken is None else taken
         with self._lock:
             self._settle()
-            if self._allocated + nbytes > self.total:
+            if self._allocated + taken > self.total:
                 raise FakeOutOfMemory(f"fake device: {nbytes} bytes do not fit")
-            self._allocated += nbytes
+            self._allocated += taken
             self.device_allocs.append(nbytes)
             self.peak = max(self.peak, self._allocated)
             seed = int(self._rng.integers(1 << 63))
         garbage = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
         # Freed when the bytes die: results handed out are views of them.
-        weakref.finalize(garbage, self._free, nbytes)
+        weakref.finalize(garbage, self._free, taken)
         return FakeDeviceBuffer(garbage)
+
+    def torch_alloc(self, nbytes: int) -> FakeDeviceBuffer:
+        """Through torch's caching allocator: each block charged as torch rounds
+        it (512 bytes; 2 MiB from 10 MiB up), counted apart from cudaMallocs.
+        Segment sharing is not modelled: a freed block is free at once."""
+        self.torch_allocs.append(nbytes)
+        big = nbytes >= MIN_LARGE_ALLOC
+        taken = -(-nbytes // (ROUND_LARGE if big else MIN_BLOCK)) * (
+            ROUND_LARGE if big else MIN_BLOCK
+        )
+        buf = self.device_alloc(nbytes, taken=taken)
+        self.device_allocs.pop()
+        return buf
 
     def host_alloc(self, nbytes: int, *, pinned: bool) -> np.ndarray:
         a = np.empty(nbytes, np.uint8)

@@ -28,6 +28,7 @@ from gpuload import device as device_mod
 from gpuload import outputs
 from gpuload.device import resolve_device
 from gpuload.device_cuda import CudaBackend
+from gpuload.device_memory import footprint, raw_bytes
 from gpuload.dtypes import DTYPES
 from gpuload.errors import BackendUnavailable, PlanError, ReadError
 from gpuload.io import PosixReader
@@ -162,10 +163,13 @@ def test_budgets_smaller_than_largest_tensor(tmp_path, rng, fake_gpu, reader, st
             got = ld.load(path, rank, world, rules=BIG_RULES)
             want = expected_shards(path, rank, world, BIG_DIMS)
             assert not (bad := mismatched(got, want)), (rank, world, bad[:5])
-            most = max(most, sum(len(b) for b in want.values()))
+            sizes = [len(b) for b in want.values()]  # each allocator rounds them up
+            most = max(most, footprint(sizes, "raw"), footprint(sizes, "torch"))
             del got
     assert rt.host_peak <= staging  # pinned staging within its budget
-    assert rt.peak <= most + scratch  # device scratch (beside the results) within its budget
+    # device scratch (beside the results) within its budget, each slot's
+    # cudaMalloc rounded to 512 bytes
+    assert rt.peak <= most + scratch + 512 * 16
     assert rt.host_live == 0 and rt.allocated == 0  # close() freed staging and scratch
 
 
@@ -262,7 +266,7 @@ def test_reused_loader_keeps_slots_and_results_own_their_memory(tmp_path, rng, f
     assert {k: as_bytes(v) for k, v in first.items()} == snapshot  # not views of staging
     assert not mismatched(second, expected_shards(path, 1, 2))
     assert {k: as_bytes(v) for k, v in third.items()} == snapshot
-    results = sum(a.nbytes for r in (first, second, third) for a in r.values())
+    results = sum(raw_bytes(a.nbytes) for r in (first, second, third) for a in r.values())
     ld.close()
     assert rt.allocated == results and rt.host_live == 0  # close freed staging and scratch
     del first, second, third
@@ -293,7 +297,11 @@ def test_scratch_that_does_not_fit_fails_before_any_read(tmp_path, rng, fake_gpu
     path = write_matrix(tmp_path, rng, aligned=True)
     CountingReader.reads = 0
     with gpuload.Loader(device="cpu", **SMALL) as cpu:
-        need = sum(t.out_nbytes for t in cpu.plan(path, 1, 2, rules=RULES).plan.tensors)
+        sizes = [t.out_nbytes for t in cpu.plan(path, 1, 2, rules=RULES).plan.tensors]
+    need = footprint(
+        sizes,
+        "torch" if outputs.resolve_framework(None, "cuda:0", probe=False) == "torch" else "raw",
+    )
     fake_gpu(total=need + 1000)  # results fit; the slots' scratch does not
     with (  # a device gather is the strategy that needs scratch
         gpuload.Loader(
@@ -644,3 +652,39 @@ def test_one_shot_gpu_loads_share_warm_up_streams_and_pinned_staging(tmp_path, r
         assert gpu_cache.held()["pipelines"] == 0
     finally:
         gpu_cache.forget_runtimes()
+
+
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+def test_results_come_from_torchs_allocator_and_the_fit_check_counts_rounding(
+    tmp_path, rng, fake_gpu, framework
+):
+    # framework="torch": results through torch's caching allocator (seen by
+    # torch.cuda.memory_allocated, freed without a device-wide cudaFree);
+    # cupy keeps raw cudaMallocs. Either way the fit check counts what the
+    # allocator rounds each result up to: on a device with room for the
+    # results' sizes but not their rounded blocks, nothing is allocated or read.
+    if framework == "torch":
+        pytest.importorskip("torch")
+    path = write_matrix(tmp_path, rng, aligned=False)
+    made = fake_gpu()
+    with gpuload.Loader(device="cuda:0", framework=framework, **SMALL) as ld:
+        got = ld.load(path, 1, 2, rules=RULES)
+        assert not mismatched(got, expected_shards(path, 1, 2))
+        sizes = [t.out_nbytes for t in ld.plan(path, 1, 2, rules=RULES).plan.tensors]
+    rt = made[-1]
+    if framework == "torch":
+        assert sorted(rt.torch_allocs) == sorted(sizes) and not set(sizes) & set(rt.device_allocs)
+    else:
+        assert not rt.torch_allocs
+    del got
+    rounded = sum(-(-n // 512) * 512 for n in sizes)  # what the blocks alone take
+    assert rounded > sum(sizes)  # odd sizes: the rounding is what this checks
+    CountingReader.reads = 0
+    made = fake_gpu(total=rounded - 1)
+    with gpuload.Loader(
+        device="cuda:0", framework=framework, reader_factory=CountingReader, **SMALL
+    ) as ld:
+        with pytest.raises(PlanError, match=r"results need [\d,]+ bytes .* only"):
+            ld.load(path, 1, 2, rules=RULES)
+    assert not made[-1].torch_allocs and not [n for n in made[-1].device_allocs if n in sizes]
+    assert CountingReader.reads == 0
