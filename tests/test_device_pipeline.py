@@ -683,8 +683,7 @@ def test_results_come_from_torchs_allocator_and_the_fit_check_counts_rounding(
     made = fake_gpu(total=rounded - 1)
     with gpuload.Loader(
         device="cuda:0", framework=framework, reader_factory=CountingReader, **SMALL
-    ) as ld:
-        with pytest.raises(PlanError, match=r"results need [\d,]+ bytes .* only"):
-            ld.load(path, 1, 2, rules=RULES)
+    ) as ld, pytest.raises(PlanError, match=r"results need [\d,]+ bytes .* only"):
+        ld.load(path, 1, 2, rules=RULES)
     assert not made[-1].torch_allocs and not [n for n in made[-1].device_allocs if n in sizes]
     assert CountingReader.reads == 0
