@@ -452,7 +452,7 @@ def warm_gathers(
     does not wait for the default one); ``launch`` goes to ``gather`` (the
     simulator tests' small shapes)."""
     src = np.arange(32, dtype=np.uint8)
-    for word in (8, 4, 2, 1):
+    for word in (16, 8, 4, 2, 1):
         # One row of ``word`` bytes at source offset ``word``: ``word`` is the
         # widest element every address in it is a multiple of.
         table = np.array([[word, 0, 1, word, word, word]], dtype=np.int64)

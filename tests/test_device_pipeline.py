@@ -681,9 +681,12 @@ def test_results_come_from_torchs_allocator_and_the_fit_check_counts_rounding(
     assert rounded > sum(sizes)  # odd sizes: the rounding is what this checks
     CountingReader.reads = 0
     made = fake_gpu(total=rounded - 1)
-    with gpuload.Loader(
-        device="cuda:0", framework=framework, reader_factory=CountingReader, **SMALL
-    ) as ld, pytest.raises(PlanError, match=r"results need [\d,]+ bytes .* only"):
+    with (
+        gpuload.Loader(
+            device="cuda:0", framework=framework, reader_factory=CountingReader, **SMALL
+        ) as ld,
+        pytest.raises(PlanError, match=r"results need [\d,]+ bytes .* only"),
+    ):
         ld.load(path, 1, 2, rules=RULES)
     assert not made[-1].torch_allocs and not [n for n in made[-1].device_allocs if n in sizes]
     assert CountingReader.reads == 0
