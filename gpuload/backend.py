@@ -116,7 +116,9 @@ class HostBackend:
         self._pipeline = None  # type: ignore[assignment]  # drops the staging slots
 
 
-def host_result(nbytes: int, name: str, src_offset: int = 0, hugepages: bool = True) -> np.ndarray:
+def host_result(
+    nbytes: int, name: str, src_offset: int = 0, hugepages: bool = True, *, pooled: bool = True
+) -> np.ndarray:
     """A fresh ``uint8`` buffer for one result on the host, whose first byte
     is read from file offset ``src_offset``.
 
@@ -145,10 +147,14 @@ def host_result(nbytes: int, name: str, src_offset: int = 0, hugepages: bool = T
     :func:`max_result_mappings` of its own mappings (a process has a limit
     on mappings, and a CPU load of a model with tens of thousands of
     experts must not reach it).
+
+    ``pooled``: the mapping comes from, and goes back to, the process's pool
+    of faulted-in result mappings (:mod:`gpuload.hostpool`) when one fits.
     """
     at = page_place(src_offset)
     if hugepages and nbytes >= HUGE_PAGE and HostBuffer.live < max_result_mappings():
-        return np.asarray(HostBuffer(nbytes, f"the result {name!r}", huge=True, page_offset=at))
+        buf = HostBuffer(nbytes, f"the result {name!r}", huge=True, page_offset=at, pooled=pooled)
+        return np.asarray(buf)
     if nbytes < PLACE_MIN:
         return np.empty(nbytes, np.uint8)
     return placed_empty(nbytes, at)

@@ -81,7 +81,7 @@ def fresh_buffer(nbytes: int) -> np.ndarray:
     starts 16 bytes into a page, which makes the kernel's copy from a
     page-aligned file offset about 2x slower (bench/fresh_memory.py): no
     floor at all."""
-    return host_result(nbytes, "the fresh buffer", 0)
+    return host_result(nbytes, "the fresh buffer", 0, pooled=False)  # fresh: never a kept one
 
 
 def release_freed() -> None:
