@@ -82,7 +82,7 @@ class OtherWork:
             left -= n
         self.kept = blocks[::2]
         del blocks
-        release_freed()
+        release_freed(pool=False)  # the process's own malloc arenas; gpuload keeps its pool
 
 
 def main(argv: list[str] | None = None) -> int:
