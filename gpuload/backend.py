@@ -61,7 +61,11 @@ class HostBackend:
             )
         self.name, self.reason = "posix", "device is cpu: posix preadv into host memory"
         self._pipeline = HostPipeline(
-            cfg.threads, cfg.staging_bytes, scatter=cfg.scatter, mapped=cfg.mapped_gather
+            cfg.threads,
+            cfg.staging_bytes,
+            scatter=cfg.scatter,
+            mapped=cfg.mapped_gather,
+            cold=(max(cfg.threads, cfg.cold_threads), cfg.cold_chunk_bytes),
         )
         self._reader_factory = reader_factory or PosixReader
         self._hugepages = cfg.hugepages

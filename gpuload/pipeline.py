@@ -36,6 +36,7 @@ from .kernels.host import NCOLS, gather_host
 from .pinning import PAGE, libc, page_place, placed_empty
 from .plan import Plan, ReadOp
 from .report import LoadReport
+from .split import split_op
 from .workers import Busy, run_jobs
 
 _ZERO = np.zeros(0, np.uint8)
@@ -175,9 +176,18 @@ class HostPipeline:
     """Runs plans on the CPU; staging slots are created once and reused."""
 
     def __init__(
-        self, threads: int, staging_bytes: int, *, scatter: bool = False, mapped: bool = False
+        self,
+        threads: int,
+        staging_bytes: int,
+        *,
+        scatter: bool = False,
+        mapped: bool = False,
+        cold: tuple[int, int] | None = None,
     ) -> None:
         self.threads = threads
+        # (threads, largest direct read) for a load whose reads mostly miss
+        # the page cache; None: the same as warm.
+        self.cold = cold
         self.staging_bytes = staging_bytes
         self.scatter = scatter
         self.mapped = mapped
@@ -217,12 +227,23 @@ class HostPipeline:
     def _run(self, plan, outputs, reader, report, on_bytes, scatter: bool) -> None:
         ops = plan.ops
         discard = memoryview(self._discard)
+        # A cold load (mincore says most reads miss the cache): a deeper
+        # queue, more and smaller direct reads in flight at once.
+        missing = mostly_cold(plan, reader)
+        cold = self.cold is not None and missing
+        threads = self.cold[0] if cold else self.threads
+        if cold:
+            limit = self.cold[1]
+            ops = tuple(
+                part for op in ops for part in (split_op(op, limit) if not op.staged else (op,))
+            )
+        report.cold_reads = cold
 
         mapped = self.mapped and hasattr(reader, "copy_mapped")
 
         def work(i: int) -> tuple[int, float, float, float, int]:
             op = ops[i]
-            ahead = i + self.threads  # hint the range a thread will take next
+            ahead = i + threads  # hint the range a thread will take next
             if ahead < len(ops):
                 reader.advise(ops[ahead].file, ops[ahead].offset, ops[ahead].length)
             if not op.staged:
@@ -283,12 +304,12 @@ class HostPipeline:
                 on_bytes(nbytes)
 
         # Cold (and prefetch on): fault the results in ahead of the reads.
-        ahead = getattr(reader, "prefetch", False) and mostly_cold(plan, reader)
+        ahead = getattr(reader, "prefetch", False) and missing
         report.results_prefaulted = bool(ahead)
         # On the first error (or Ctrl-C) no op starts after it and the running
         # ones finish: no thread writes into a buffer after we return.
         with ResultPrefaulter(plan, outputs) if ahead else contextlib.nullcontext():
-            run_jobs(len(ops), self.threads, work, add, name="gpuload-read")
+            run_jobs(len(ops), threads, work, add, name="gpuload-read")
         report.ops += len(ops)
         report.staged_ops += sum(op.staged for op in ops)
         report.bytes_read += plan.bytes_read - unread

@@ -68,3 +68,49 @@ def test_failed_load_raises_leaves_no_threads_and_returns_nothing(tmp_path, monk
     assert str(f) in str(e.value)
     # (tqdm keeps a monitor thread of its own; ours are named gpuload-*)
     assert not [t for t in threading.enumerate() if t.name.startswith("gpuload")]
+
+
+def test_a_cold_load_reads_with_a_deeper_queue_and_a_warm_one_does_not(tmp_path):
+    # mincore decides per load: most reads missing the page cache means
+    # cold_threads readers and direct reads of at most cold_chunk_bytes.
+    import threading
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import gpuload
+    from gpuload.io import PosixReader
+    from gpuload.pinning import evict
+
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.random((1 << 20) // 4 * 6, np.float32) for i in range(4)}  # 24 MiB
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+
+    class Counting(PosixReader):
+        sizes: list[int] = []
+        active = most = 0
+        lock = threading.Lock()
+
+        def readinto(self, file, offset, buffers):
+            with Counting.lock:
+                Counting.active += 1
+                Counting.most = max(Counting.most, Counting.active)
+                Counting.sizes.append(sum(len(b) for b in buffers))
+            try:
+                super().readinto(file, offset, buffers)
+            finally:
+                with Counting.lock:
+                    Counting.active -= 1
+
+    settings = dict(threads=2, cold_threads=6, cold_chunk_bytes="1MiB", chunk_bytes="16MiB")
+    with gpuload.Loader(device="cpu", reader_factory=Counting, **settings) as ld:
+        if evict([str(path)]) > 0.02:
+            pytest.skip("the page cache keeps this file (tmpfs?): no cold load possible")
+        got, rep = ld.load(path, 0, 1, return_report=True)
+        assert rep.cold_reads and max(Counting.sizes) <= 1 << 20
+        assert Counting.most > 2  # more than `threads` reads in flight
+        assert all(got[k].tobytes() == v.tobytes() for k, v in tensors.items())
+        Counting.sizes.clear()
+        got, rep = ld.load(path, 0, 1, return_report=True)  # warm now
+        assert not rep.cold_reads and max(Counting.sizes) > 1 << 20
