@@ -188,9 +188,11 @@ class FakeRuntime:
             self._settle()
             return self._host_live
 
-    def device_alloc(self, nbytes: int, *, taken: int | None = None) -> FakeDeviceBuffer:
-        # ``taken``: what the allocation costs the device (cudaMalloc rounds).
-        taken = raw_bytes(nbytes) if taken is None else taken
+    def device_alloc(self, nbytes: int) -> FakeDeviceBuffer:
+        return self._alloc(nbytes, raw_bytes(nbytes))  # cudaMalloc rounds
+
+    def _alloc(self, nbytes: int, taken: int) -> FakeDeviceBuffer:
+        # ``taken``: what the allocation costs the device.
         with self._lock:
             self._settle()
             if self._allocated + taken > self.total:
@@ -213,7 +215,7 @@ class FakeRuntime:
         taken = -(-nbytes // (ROUND_LARGE if big else MIN_BLOCK)) * (
             ROUND_LARGE if big else MIN_BLOCK
         )
-        buf = self.device_alloc(nbytes, taken=taken)
+        buf = self._alloc(nbytes, taken)
         self.device_allocs.pop()
         return buf
 
