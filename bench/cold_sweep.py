@@ -10,9 +10,11 @@ over all of them. Two checkpoints of the same size: one file and
 per-file concurrency matters).
 
 Contenders: gpuload's defaults (a cold load takes ``cold_threads`` readers
-and ``cold_chunk_bytes`` reads, chosen per load from mincore), gpuload with
-the warm settings forced (``cold_threads=threads, cold_chunk_bytes=16MiB``:
-what every load did before issue 24), ``--sweep`` settings, the Run:ai
+and ``cold_chunk_bytes`` reads, chosen per load from mincore, and reads whole
+tensors with O_DIRECT into its results), the same without O_DIRECT
+(``cold_direct=0``), gpuload with the warm settings forced
+(``cold_threads=threads, cold_chunk_bytes=16MiB, cold_direct=0``: what every
+load did before issue 24), ``--sweep`` settings, the Run:ai
 streamer (``runai-model-streamer``) and fastsafetensors (``nogds=True``) when
 installed, fio when on PATH. Prints every run and the median, in GiB/s of
 file bytes, and the ratios of gpuload's defaults to the fastest peer.
@@ -39,7 +41,12 @@ NO_PREFAULT = {"_no_prefault": True}  # a bench-only switch, below
 
 SETTINGS = {
     "defaults": {},
-    "warm settings forced": {"cold_threads": 8, "cold_chunk_bytes": 16 << 20},
+    "cold buffered (cold_direct=0)": {"cold_direct": False},
+    "warm settings forced": {
+        "cold_threads": 8,
+        "cold_chunk_bytes": 16 << 20,
+        "cold_direct": False,
+    },
 }
 SWEEP = {
     "cold_threads=32": {"cold_threads": 32},

@@ -31,6 +31,8 @@ GPULOAD_COLD_THREADS       int >= 1 (16)              CPU: reader threads of a l
                                                       (mincore sample); at least THREADS
 GPULOAD_COLD_CHUNK_BYTES   size (4MiB)                CPU: direct reads of such a load are
                                                       cut to this (more reads in flight)
+GPULOAD_COLD_DIRECT        0 | 1 (1)                  CPU: such a cold load reads whole
+                                                      tensors with O_DIRECT into its results
 GPULOAD_HUGEPAGES          0 | 1 (1)                  CPU: results of 2 MiB and more in
                                                       transparent huge pages (madvise)
 GPULOAD_GATHER             auto | device | zerocopy   how covering reads reach a GPU
@@ -179,6 +181,9 @@ class Config:
     # 0.72-1.14 GiB/s cold, 16 x 4 MiB 1.60-1.94).
     cold_threads: int = 16
     cold_chunk_bytes: int = 4 * MiB
+    # ... and reads whole-tensor runs with O_DIRECT straight into gpuload's
+    # own (huge-page) result mappings: no page-cache insert, no copy out of it.
+    cold_direct: bool = True
 
     def __post_init__(self) -> None:
         # Validate at construction (keywords arrive here unparsed), so a bad
@@ -200,6 +205,7 @@ class Config:
         set_(self, "hugepages", parse_bool("hugepages", self.hugepages))
         set_(self, "cold_threads", parse_positive_int("cold_threads", self.cold_threads))
         set_(self, "cold_chunk_bytes", parse_size("cold_chunk_bytes", self.cold_chunk_bytes))
+        set_(self, "cold_direct", parse_bool("cold_direct", self.cold_direct))
         # min_chunk_bytes above chunk_bytes is not an error: the planner clamps
         # the floor to the cap, so setting only a small cap just works.
 
@@ -231,6 +237,7 @@ _FLAGS = {
     "GPULOAD_HUGEPAGES": "hugepages",
     "GPULOAD_COLD_THREADS": "cold_threads",
     "GPULOAD_COLD_CHUNK_BYTES": "cold_chunk_bytes",
+    "GPULOAD_COLD_DIRECT": "cold_direct",
 }
 
 
