@@ -124,6 +124,11 @@ POPULATE_STEP = 8 << 20  # one madvise call; the stop flag is checked between th
 POPULATE_MIN = 64 << 10  # smaller results are not worth a call
 
 
+def _mirrors(op: ReadOp, mirrored: set[str]) -> bool:
+    """Whether a direct op's every piece is a run of a tensor whose result mirrors the file."""
+    return not op.staged and all(p.tensor in mirrored for p in op.pieces)
+
+
 def _direct_target(p, out: np.ndarray) -> tuple[int, int, int, int] | None:
     """``(length, address, room before, room after)`` for an O_DIRECT read of
     piece ``p`` (one contiguous run) into ``out``, or None when ``out`` is not
@@ -266,9 +271,11 @@ class HostPipeline:
         def work(i: int) -> tuple[int, float, float, float, int]:
             op = ops[i]
             ahead = i + threads  # hint the range a thread will take next
-            if ahead < len(ops):
+            # ... unless it goes O_DIRECT: a WILLNEED hint would read it
+            # into the page cache too, and the disk would serve it twice.
+            if ahead < len(ops) and not (direct and _mirrors(ops[ahead], mirrored)):
                 reader.advise(ops[ahead].file, ops[ahead].offset, ops[ahead].length)
-            if direct and not op.staged and all(p.tensor in mirrored for p in op.pieces):
+            if direct and _mirrors(op, mirrored):
                 targets = [_direct_target(p, outputs[p.tensor]) for p in op.pieces]
                 t0 = time.perf_counter()
                 # Piece by piece (each is one tensor's run); where one cannot,

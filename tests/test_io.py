@@ -74,6 +74,7 @@ def test_a_cold_load_reads_with_a_deeper_queue_and_a_warm_one_does_not(tmp_path)
     # mincore decides per load: most reads missing the page cache means
     # cold_threads readers and direct reads of at most cold_chunk_bytes.
     import threading
+    import time
 
     import numpy as np
     from safetensors.numpy import save_file
@@ -98,6 +99,7 @@ def test_a_cold_load_reads_with_a_deeper_queue_and_a_warm_one_does_not(tmp_path)
                 Counting.most = max(Counting.most, Counting.active)
                 Counting.sizes.append(sum(len(b) for b in buffers))
             try:
+                time.sleep(0.01)  # long enough that concurrent reads overlap
                 super().readinto(file, offset, buffers)
             finally:
                 with Counting.lock:
