@@ -24,6 +24,13 @@ measurement, so ``GatherModel``'s constants can be tuned from the table.
 
     python bench/gather.py [--mib 256] [--strategy-mib 64] [--reps 20] [--device 0]
     python bench/gather.py --model-only   # the model's table alone, no GPU needed
+    python bench/gather.py --write-model [PATH]  # also write the measured constants
+
+``--write-model`` measures ``GatherModel``'s constants here (pinned H2D
+bandwidth, host time per gather launch, device gather and zero-copy
+bandwidth, host pack bandwidth) and writes them to PATH (default
+``~/.cache/gpuload/gather-model.json``), which every later GPU ``Loader``
+reads (``GPULOAD_GATHER_MODEL``).
 
 Prints Markdown tables with the GPU's name, the driver and CUDA runtime
 versions and the command. Without a usable GPU it says why and exits 0.
@@ -66,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", type=int, default=0)
     ap.add_argument("--strategy-mib", type=int, default=64, help="owned bytes per strategy case")
     ap.add_argument("--model-only", action="store_true", help="print the cost model's table")
+    ap.add_argument(
+        "--write-model",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="write the measured GatherModel constants (default path: gpuload's cache file)",
+    )
     args = ap.parse_args(argv)
     if args.model_only:
         print_model(args.strategy_mib << 20)
@@ -97,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_s = _timed(cupy, stream, copy, args.reps)
     cases = [(seg, 0) for seg in SEGMENTS] + [(4096, 1)]
     rows = []
+    measured: dict[str, float] = {}
     for seg, shift in cases:
         table = np.array([[shift, 0, nbytes // seg, seg, 2 * seg, seg]], np.int64)
         gather(src, dst, table, stream=stream)  # warm-up: compiles this word width
@@ -108,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         s = _timed(cupy, stream, lambda t=table: gather(src, dst, t, stream=stream), args.reps)
         rows.append((seg, shift, word_size(src, dst, table), s))
+        if seg == max(SEGMENTS) and not shift:
+            measured["device_gather_bytes_per_s"] = nbytes / s
 
     print(f"## gather vs device copy: {name}\n")
     print(
@@ -123,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {seg} B | {shift} | {word} B | {gbs:.1f} | {copy_gbs:.1f} | {gbs / copy_gbs:.2f} |"
         )
-    return strategies(cupy, args)
+    return strategies(cupy, args, measured)
 
 
 def case(seg: int, world: int, useful: int) -> tuple[np.ndarray, int, int]:
@@ -152,7 +169,7 @@ def print_model(useful: int) -> None:
     print()
 
 
-def strategies(cupy, args) -> int:
+def strategies(cupy, args, measured: dict[str, float]) -> int:
     """The three gather strategies on the real runtime, by world and segment size."""
     from gpuload.device_cuda import CupyRuntime
     from gpuload.kernels.host import gather_host
@@ -219,12 +236,66 @@ def strategies(cupy, args) -> int:
                     stream.synchronize()
                     times.append(time.perf_counter() - t0)
                 s = statistics.median(times)
+                if name == "zerocopy" and world == 2 and seg == max(STRATEGY_SEGMENTS):
+                    measured["_zerocopy_bytes_per_s"] = n / s
                 print(
                     f"| {world} | {seg} B | {name} | {moved[name]:,} | {n / s / 1e9:.1f} "
                     f"| {n / costs[name] / 1e9:.1f} | {choice} |"
                 )
+    if args.write_model:
+        write_model(cupy, rt, stream, staging, scratch, useful, measured, args)
     rt.destroy_stream(stream)
     return 0
+
+
+def write_model(cupy, rt, stream, staging, scratch, useful: int, measured, args) -> None:
+    """Measure what the strategy table did not, and write ``GatherModel``'s constants."""
+    from pathlib import Path
+
+    from gpuload import gather_model
+    from gpuload.transfer import GatherModel
+
+    h2d = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        rt.h2d(scratch, 0, staging, 0, useful, stream)
+        stream.synchronize()
+        h2d.append(time.perf_counter() - t0)
+    h2d_bps = useful / statistics.median(h2d)
+    tiny = np.array([[0, 0, 1, 64, 64, 64]], np.int64)
+    launches = 200
+    rt.gather(scratch, scratch[4096:], tiny, stream)  # compiled already; one more to settle
+    stream.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(launches):
+        rt.gather(scratch, scratch[4096:], tiny, stream)
+    launch_s = (time.perf_counter() - t0) / launches  # host side, as the model counts it
+    stream.synchronize()
+    from gpuload.kernels.host import gather_host
+
+    src = np.asarray(staging[: 2 * useful])
+    out = np.empty(useful, np.uint8)
+    table, _, _ = case(4096, 2, useful)
+    t0 = time.perf_counter()
+    gather_host(src, out, table)
+    pack_bps = useful / (time.perf_counter() - t0)
+    values = dict(
+        h2d_bytes_per_s=h2d_bps,
+        launch_s=launch_s,
+        host_pack_bytes_per_s=pack_bps,
+        device_gather_bytes_per_s=measured["device_gather_bytes_per_s"],
+    )
+    zc = measured.get("_zerocopy_bytes_per_s")
+    if zc:
+        values["zerocopy_efficiency"] = min(1.0, zc / h2d_bps)
+    model = GatherModel(**values)
+    path = gather_model.default_path() if args.write_model == "auto" else Path(args.write_model)
+    props = cupy.cuda.runtime.getDeviceProperties(args.device)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    gather_model.write(
+        path, model, {"gpu": name, "command": "python bench/gather.py " + " ".join(sys.argv[1:])}
+    )
+    print(f"\nwrote {path}: `{model}`")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,23 @@ from .sharding import Sharder
 
 __version__ = "0.1.0"
 
+
+def release_host_pool() -> int:
+    """Unmap the huge-page result mappings CPU loads keep for the next load
+    (``gpuload.hostpool``); returns the bytes given back to the OS."""
+    from . import hostpool
+
+    return hostpool.release()
+
+
+def release_gpu_cache() -> None:
+    """Free the pinned staging and streams that GPU loads keep for the next
+    load in this process (``gpuload.gpu_cache``); a no-op without GPU loads."""
+    from . import gpu_cache
+
+    gpu_cache.release()
+
+
 __all__ = [
     "BackendUnavailable",
     "Checkpoint",
@@ -48,5 +65,7 @@ __all__ = [
     "map_resident",
     "open_checkpoint",
     "prefault",
+    "release_gpu_cache",
+    "release_host_pool",
     "residency",
 ]

@@ -16,10 +16,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from .config import Config
-from .errors import BackendUnavailable, PlanError
+from .errors import BackendUnavailable, GpuloadError, PlanError
 from .io import PosixReader
 from .outputs import convert
-from .pinning import HUGE_PAGE, HostBuffer, page_place, placed_empty
+from .pinning import HUGE_PAGE, PAGE, HostBuffer, page_place, placed_empty, residency
 from .pipeline import HostPipeline
 from .plan import Plan, TensorPlan
 from .report import LoadReport
@@ -61,10 +61,16 @@ class HostBackend:
             )
         self.name, self.reason = "posix", "device is cpu: posix preadv into host memory"
         self._pipeline = HostPipeline(
-            cfg.threads, cfg.staging_bytes, scatter=cfg.scatter, mapped=cfg.mapped_gather
+            cfg.threads,
+            cfg.staging_bytes,
+            scatter=cfg.scatter,
+            mapped=cfg.mapped_gather,
+            cold=(max(cfg.threads, cfg.cold_threads), cfg.cold_chunk_bytes),
+            direct=cfg.cold_direct and cfg.hugepages,  # O_DIRECT lands only in HostBuffers
         )
         self._reader_factory = reader_factory or PosixReader
         self._hugepages = cfg.hugepages
+        self._direct = cfg.cold_direct and cfg.hugepages
 
     def check_memory(self, nbytes: int) -> None:
         avail = mem_available()
@@ -96,10 +102,15 @@ class HostBackend:
                     f"{t.out_nbytes} bytes"
                 )
         first = {p.tensor: p.src for op in plan.ops for p in op.pieces if p.dst == 0}
+        # A cold load that reads with O_DIRECT wants each result at its
+        # source's exact place in a page, so whole blocks can land in it.
+        exact = self._direct and _plan_cold(plan)
         return {
             t.name: into[t.name]
             if t.name in into
-            else host_result(t.out_nbytes, t.name, first.get(t.name, 0), self._hugepages)
+            else host_result(
+                t.out_nbytes, t.name, first.get(t.name, 0), self._hugepages, exact=exact
+            )
             for t in plan.tensors
         }
 
@@ -116,7 +127,15 @@ class HostBackend:
         self._pipeline = None  # type: ignore[assignment]  # drops the staging slots
 
 
-def host_result(nbytes: int, name: str, src_offset: int = 0, hugepages: bool = True) -> np.ndarray:
+def host_result(
+    nbytes: int,
+    name: str,
+    src_offset: int = 0,
+    hugepages: bool = True,
+    *,
+    pooled: bool = True,
+    exact: bool = False,
+) -> np.ndarray:
     """A fresh ``uint8`` buffer for one result on the host, whose first byte
     is read from file offset ``src_offset``.
 
@@ -145,10 +164,19 @@ def host_result(nbytes: int, name: str, src_offset: int = 0, hugepages: bool = T
     :func:`max_result_mappings` of its own mappings (a process has a limit
     on mappings, and a CPU load of a model with tens of thousands of
     experts must not reach it).
+
+    ``pooled``: the mapping comes from, and goes back to, the process's pool
+    of faulted-in result mappings (:mod:`gpuload.hostpool`) when one fits.
+    ``exact``: a huge-page result starts at exactly its source's offset in a
+    page (not rounded down to 64 bytes), so a cold load's ``O_DIRECT`` reads
+    of whole 4 KiB blocks can land in it (``PosixReader.read_direct``).
     """
     at = page_place(src_offset)
+    if exact and hugepages and nbytes >= HUGE_PAGE:
+        at = src_offset % PAGE
     if hugepages and nbytes >= HUGE_PAGE and HostBuffer.live < max_result_mappings():
-        return np.asarray(HostBuffer(nbytes, f"the result {name!r}", huge=True, page_offset=at))
+        buf = HostBuffer(nbytes, f"the result {name!r}", huge=True, page_offset=at, pooled=pooled)
+        return np.asarray(buf)
     if nbytes < PLACE_MIN:
         return np.empty(nbytes, np.uint8)
     return placed_empty(nbytes, at)
@@ -191,3 +219,19 @@ def make_backend(
     except ImportError as e:
         raise BackendUnavailable(f"device={device!r}: the GPU backend is unavailable ({e})") from e
     return mod.CudaBackend(device, cfg, reader_factory, runtime=runtime)
+
+
+def _plan_cold(plan: Plan, samples: int = 16) -> bool:
+    """Whether most of a sample of the plan's reads miss the page cache
+    (``mincore``), decided before the results are allocated."""
+    if not plan.ops:
+        return False
+    picked = plan.ops[:: max(1, len(plan.ops) // samples)][:samples]
+    missing = 0
+    for op in picked:
+        try:
+            resident, total = residency(op.file, op.offset, op.length)
+        except (OSError, GpuloadError):
+            return False
+        missing += resident < total
+    return 2 * missing > len(picked)

@@ -26,10 +26,21 @@ GPULOAD_SCATTER            0 | 1 (0)                  CPU: covering reads scatte
 GPULOAD_MAPPED_GATHER      0 | 1 (1)                  CPU: a covering read whose pages are
                                                       cached copies only the owned bytes
                                                       from them (process_vm_readv)
+GPULOAD_COLD_THREADS       int >= 1 (16)              CPU: reader threads of a load whose
+                                                      reads mostly miss the page cache
+                                                      (mincore sample); at least THREADS
+GPULOAD_COLD_CHUNK_BYTES   size (4MiB)                CPU: direct reads of such a load are
+                                                      cut to this (more reads in flight)
+GPULOAD_COLD_DIRECT        0 | 1 (1)                  CPU: such a cold load reads whole
+                                                      tensors with O_DIRECT into its results
 GPULOAD_HUGEPAGES          0 | 1 (1)                  CPU: results of 2 MiB and more in
                                                       transparent huge pages (madvise)
 GPULOAD_GATHER             auto | device | zerocopy   how covering reads reach a GPU
                            | pack (auto)              (gpuload.transfer); auto: cost model
+GPULOAD_GATHER_MODEL       path | auto | 0 (auto)     GPU: the cost model's constants, a
+                                                      JSON bench/gather.py writes; auto:
+                                                      ~/.cache/gpuload/gather-model.json
+                                                      when present; 0: built-in defaults
 =========================  =========================  ==================================
 
 Sizes accept a plain byte count or a suffix: ``K``/``KiB``, ``M``/``MiB``,
@@ -148,6 +159,11 @@ class Config:
     # gpuload.transfer.GatherModel choose per tensor; forcing one is for
     # tests, benchmarks and machines where the model's constants are off.
     gather: Literal["auto", "device", "zerocopy", "pack"] = "auto"
+    # GPU loads: where the gather cost model's constants come from (a JSON
+    # that bench/gather.py measures and writes on a real GPU). "auto": the
+    # per-user cache file when present, built-in defaults otherwise; "0": the
+    # built-in defaults always.
+    gather_model: str = "auto"
     # CPU loads: read a covering block with one preadv that puts each owned
     # row straight into its result and the gaps into a small discard buffer,
     # instead of staging + gather. Off until a quiet machine has measured it.
@@ -159,6 +175,15 @@ class Config:
     mapped_gather: bool = True
     # CPU loads: results of >= 2 MiB in memory advised MADV_HUGEPAGE.
     hugepages: bool = True
+    # CPU loads whose reads mostly miss the page cache (a mincore sample of
+    # the plan): more reads in flight. A cold disk wants a deeper queue than
+    # a warm cache wants threads (issue 24: 8 threads x 16 MiB reads gave
+    # 0.72-1.14 GiB/s cold, 16 x 4 MiB 1.60-1.94).
+    cold_threads: int = 16
+    cold_chunk_bytes: int = 4 * MiB
+    # ... and reads whole-tensor runs with O_DIRECT straight into gpuload's
+    # own (huge-page) result mappings: no page-cache insert, no copy out of it.
+    cold_direct: bool = True
 
     def __post_init__(self) -> None:
         # Validate at construction (keywords arrive here unparsed), so a bad
@@ -173,9 +198,14 @@ class Config:
             set_(self, f, parse_size(f, getattr(self, f)))
         set_(self, "progress", parse_tristate("progress", self.progress))
         set_(self, "gather", parse_choice("gather", self.gather, _GATHERS))
+        if not isinstance(self.gather_model, str) or not self.gather_model.strip():
+            raise ValueError(f"gather_model has to be a path, auto or 0, got {self.gather_model!r}")
         set_(self, "scatter", parse_bool("scatter", self.scatter))
         set_(self, "mapped_gather", parse_bool("mapped_gather", self.mapped_gather))
         set_(self, "hugepages", parse_bool("hugepages", self.hugepages))
+        set_(self, "cold_threads", parse_positive_int("cold_threads", self.cold_threads))
+        set_(self, "cold_chunk_bytes", parse_size("cold_chunk_bytes", self.cold_chunk_bytes))
+        set_(self, "cold_direct", parse_bool("cold_direct", self.cold_direct))
         # min_chunk_bytes above chunk_bytes is not an error: the planner clamps
         # the floor to the cap, so setting only a small cap just works.
 
@@ -201,9 +231,13 @@ _FLAGS = {
     "GPULOAD_DEVICE_SCRATCH_BYTES": "device_scratch_bytes",
     "GPULOAD_PROGRESS": "progress",
     "GPULOAD_GATHER": "gather",
+    "GPULOAD_GATHER_MODEL": "gather_model",
     "GPULOAD_SCATTER": "scatter",
     "GPULOAD_MAPPED_GATHER": "mapped_gather",
     "GPULOAD_HUGEPAGES": "hugepages",
+    "GPULOAD_COLD_THREADS": "cold_threads",
+    "GPULOAD_COLD_CHUNK_BYTES": "cold_chunk_bytes",
+    "GPULOAD_COLD_DIRECT": "cold_direct",
 }
 
 

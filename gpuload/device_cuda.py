@@ -28,10 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from . import gpu_cache
 from .config import Config
+from .device_memory import footprint
 from .errors import BackendUnavailable, PlanError
 from .io import PosixReader
-from .io_kvikio import KvikioReader, describe_kvikio, kvikio_defaults
+from .io_kvikio import KvikioReader, describe_kvikio, gds_active, kvikio_defaults
 from .outputs import to_cupy, to_torch_dlpack
 from .pipeline_device import DevicePipeline
 from .plan import Plan, TensorPlan
@@ -80,17 +82,28 @@ class CudaBackend:
             )
         self.device = device
         self.index = int(m.group(1))
-        self.runtime = runtime if runtime is not None else CupyRuntime(self.index)
+        # The default runtime and its pipelines are shared per device by the
+        # process (gpuload.gpu_cache): warm-up, streams and pinned staging once.
+        self._shared = runtime is None
+        if runtime is None:
+            runtime = gpu_cache.runtime(self.index, lambda i: CupyRuntime(i))
+        self.runtime = runtime
         self._cfg = cfg
         self._reader_factory = reader_factory
         self._kvikio, self.name, self.reason = _choose_reader(cfg, self.runtime, reader_factory)
-        self._pipeline = DevicePipeline(
-            self.runtime,
-            threads=cfg.threads,
-            staging_bytes=cfg.staging_bytes,
-            scratch_bytes=cfg.device_scratch_bytes,
-            pin=cfg.pin,
-        )
+
+        def make() -> DevicePipeline:
+            return DevicePipeline(
+                self.runtime,
+                threads=cfg.threads,
+                staging_bytes=cfg.staging_bytes,
+                scratch_bytes=cfg.device_scratch_bytes,
+                pin=cfg.pin,
+            )
+
+        key = (self.index, cfg.threads, cfg.staging_bytes, cfg.device_scratch_bytes, cfg.pin)
+        self._key = key
+        self._pipeline = gpu_cache.take(key, make) if self._shared else make()
 
     @property
     def device_reads(self) -> bool:
@@ -107,22 +120,34 @@ class CudaBackend:
                 f"{free:,} of {total:,} are free; nothing was read"
             )
 
+    # Results go through torch's caching allocator for framework="torch"
+    # (the Loader sets this), raw cudaMalloc otherwise.
+    framework: str | None = None
+
+    @property
+    def allocator(self) -> str:
+        torch_ok = self.framework == "torch" and hasattr(self.runtime, "torch_alloc")
+        return "torch" if torch_ok else "raw"
+
     def check_memory(self, nbytes: int) -> None:
         self._fits(nbytes, "results")
 
     def allocate(self, plan: Plan) -> dict[str, Any]:
-        # Before any I/O: the results and any scratch growth must fit, and an
-        # allocation that fails anyway (fragmentation, a racing process) is a
-        # PlanError too. Each tensor gets its own allocation: results never
-        # share memory with staging or with each other.
-        results = sum(t.out_nbytes for t in plan.tensors)
+        # Before any I/O: the results, as their allocator rounds them, and any
+        # scratch growth must fit, and an allocation that fails anyway
+        # (fragmentation, a racing process) is a PlanError too. Each tensor
+        # gets its own allocation: results never share memory with staging
+        # or with each other.
+        via = self.allocator
+        results = footprint((t.out_nbytes for t in plan.tensors), via)
         extra = self._pipeline.growth(plan, device_reads=self.device_reads)
         self._fits(results + extra, "results and device scratch" if extra else "results")
+        alloc = self.runtime.torch_alloc if via == "torch" else self.runtime.device_alloc
         buffers: dict[str, Any] = {}
         try:
             self._pipeline.prepare(plan, device_reads=self.device_reads)
             for t in plan.tensors:
-                buffers[t.name] = self.runtime.device_alloc(t.out_nbytes)
+                buffers[t.name] = alloc(t.out_nbytes)
             return buffers
         except MemoryError as e:
             buffers.clear()  # free what was taken now, not when the traceback dies
@@ -146,7 +171,10 @@ class CudaBackend:
         return {t.name: self.runtime.to_framework(buffers[t.name], t, framework) for t in tensors}
 
     def close(self) -> None:
-        self._pipeline.close()
+        if self._shared:
+            gpu_cache.park(self._key, self._pipeline)  # see gpuload.gpu_cache.release
+        else:
+            self._pipeline.close()
 
 
 def _choose_reader(cfg: Config, runtime: Any, reader_factory) -> tuple[Any, str, str]:
@@ -171,7 +199,11 @@ def _choose_reader(cfg: Config, runtime: Any, reader_factory) -> tuple[Any, str,
     how = describe_kvikio(kvikio)
     if cfg.backend == "kvikio":
         return kvikio, "kvikio", f"backend='kvikio': {how}"
-    return kvikio, "kvikio", f"auto: kvikio imports and CUDA works; {how}"
+    if gds_active(kvikio) is not True:
+        # Compatibility mode buys nothing over posix and costs the device
+        # gather (world x PCIe bytes for column shards) and a d2d per row shard.
+        return None, "posix", f"auto: {how}, so no GDS to gain; {posix}"
+    return kvikio, "kvikio", f"auto: kvikio imports and GDS is active; {how}"
 
 
 class CupyRuntime:
@@ -257,6 +289,20 @@ class CupyRuntime:
                 raise cp.cuda.memory.OutOfMemoryError(nbytes, -1) from e
             return cp.ndarray((nbytes,), cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
 
+    def torch_alloc(self, nbytes: int) -> Any:
+        """``nbytes`` from torch's caching allocator on this device, as a cupy
+        array over the same memory (DLPack; torch's tensor stays its owner)."""
+        torch = importlib.import_module("torch")
+        cp = self.cupy
+        with self._device:
+            if nbytes == 0:
+                return cp.ndarray((0,), cp.uint8)
+            try:
+                t = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{self.index}")
+            except torch.cuda.OutOfMemoryError as e:  # callers catch MemoryError
+                raise MemoryError(str(e)) from e
+            return cp.from_dlpack(t)
+
     def host_alloc(self, nbytes: int, *, pinned: bool) -> np.ndarray:
         if not pinned:
             return np.empty(nbytes, np.uint8)
@@ -330,6 +376,22 @@ class CupyRuntime:
             stream.ptr,
         )
 
+    def h2d_2d(
+        self, dst, dst_off: int, dst_pitch: int, src: np.ndarray, src_off: int,
+        src_pitch: int, width: int, height: int, stream,
+    ) -> None:  # fmt: skip
+        _bounds_2d(dst.nbytes, dst_off, dst_pitch, src.nbytes, src_off, src_pitch, width, height)
+        self._rt.memcpy2DAsync(
+            dst.data.ptr + dst_off,
+            dst_pitch,
+            src.ctypes.data + src_off,
+            src_pitch,
+            width,
+            height,
+            self._rt.memcpyHostToDevice,
+            stream.ptr,
+        )
+
     def d2d(self, dst, dst_off: int, src, src_off: int, n: int, stream) -> None:
         _bounds(dst.nbytes, dst_off, src.nbytes, src_off, n)
         self._rt.memcpyAsync(
@@ -390,7 +452,7 @@ def warm_gathers(
     does not wait for the default one); ``launch`` goes to ``gather`` (the
     simulator tests' small shapes)."""
     src = np.arange(32, dtype=np.uint8)
-    for word in (8, 4, 2, 1):
+    for word in (16, 8, 4, 2, 1):
         # One row of ``word`` bytes at source offset ``word``: ``word`` is the
         # widest element every address in it is a multiple of.
         table = np.array([[word, 0, 1, word, word, word]], dtype=np.int64)
@@ -419,3 +481,18 @@ def _bounds(dst_size: int, dst_off: int, src_size: int, src_off: int, n: int) ->
             f"copy of {n} bytes from offset {src_off} of a {src_size}-byte buffer "
             f"to offset {dst_off} of a {dst_size}-byte buffer is out of bounds"
         )
+
+
+def _bounds_2d(
+    dst_size: int, dst_off: int, dst_pitch: int, src_size: int, src_off: int,
+    src_pitch: int, width: int, height: int,
+) -> None:  # fmt: skip
+    if height < 1 or dst_pitch < width or src_pitch < width:
+        raise ValueError(f"2-D copy of {height} rows of {width} bytes has a pitch below the width")
+    _bounds(
+        dst_size,
+        dst_off + (height - 1) * dst_pitch,
+        src_size,
+        src_off + (height - 1) * src_pitch,
+        width,
+    )

@@ -124,6 +124,10 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+O_DIRECT = getattr(os, "O_DIRECT", 0o40000)  # Linux x86-64's value where os lacks it
+DIRECT_ALIGN = 4096  # O_DIRECT's offset, length and address unit: a page covers every disk
+
+
 class PosixReader:
     """pread(v)-based reader over the files of one checkpoint.
 
@@ -142,6 +146,7 @@ class PosixReader:
         self._headers = {h.path: h for h in headers}
         self._fds: dict[str, int] = {}
         self._maps: dict[str, Mapping | None] = {}  # for copy_mapped; None: cannot map
+        self._direct: dict[str, int | None] = {}  # O_DIRECT fds; None: refused here
         self._lock = threading.Lock()
         self._closed = False
         self.prefetch = prefetch
@@ -306,9 +311,76 @@ class PosixReader:
             i = _advance([local, remote], i, k, got)
         return True
 
+    def _direct_fd(self, file: str) -> int | None:
+        """An ``O_DIRECT`` descriptor of ``file`` (identity checked), or None
+        where the filesystem refuses it (tmpfs, some FUSE)."""
+        direct = self._direct
+        if file in direct:
+            return direct[file]
+        self.fd(file)  # the buffered one first: a changed file raises there
+        with self._lock:
+            if file not in direct:
+                if self._closed:
+                    raise ReadError(f"{file}: the reader is closed")
+                try:
+                    fd = os.open(file, os.O_RDONLY | O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    direct[file] = None
+                else:
+                    self._check(file, os.fstat(fd), fd)
+                    direct[file] = fd
+            return direct[file]
+
+    def read_direct(
+        self, file: str, offset: int, length: int, dst: int, room_before: int, room_after: int
+    ) -> bool:
+        """Read ``[offset, offset+length)`` to address ``dst`` with ``O_DIRECT``,
+        past the page cache, widened to whole 4 KiB blocks: up to
+        ``room_before`` bytes before ``dst`` and ``room_after`` after its end
+        may be written with the file's neighbouring bytes (the caller owns
+        them and they mirror the file there, or are slack).
+
+        Returns False, having read nothing, where it cannot: the widened
+        range does not fit the room, ``dst`` and ``offset`` disagree within a
+        block, or the filesystem refuses ``O_DIRECT``; the caller reads
+        buffered then. A file shorter than the range raises ReadError."""
+        head = offset % DIRECT_ALIGN
+        end = offset + length
+        tail = -end % DIRECT_ALIGN
+        if head > room_before or tail > room_after or (dst - head) % DIRECT_ALIGN:
+            return False
+        fd = self._direct_fd(file)
+        if fd is None:
+            return False
+        pos, addr, want = offset - head, dst - head, head + length + tail
+        while pos < end:
+            view = (ctypes.c_char * want).from_address(addr)
+            try:
+                got = os.preadv(fd, [memoryview(view).cast("B")], pos)
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                if e.errno == errno.EINVAL and pos == offset - head:  # refused, nothing read
+                    self._direct[file] = None
+                    return False
+                raise ReadError(f"{file}: O_DIRECT read at {pos} failed: {e.strerror}") from e
+            if got <= 0:
+                raise ReadError(
+                    f"{file}: read {pos - offset + head} of {length + head} bytes at offset "
+                    f"{offset - head}; was the file truncated?"
+                )
+            if got % DIRECT_ALIGN and pos + got < end:  # a short read inside the file
+                raise ReadError(f"{file}: O_DIRECT read at {pos} returned {got} bytes")
+            pos, addr, want = pos + got, addr + got, want - got
+        return True
+
     def close(self) -> None:
         """Close every file; raise if one changed while it was being read."""
         with self._lock:
+            direct, self._direct = self._direct, {}
+            for dfd in direct.values():
+                if dfd is not None:
+                    os.close(dfd)
             fds, self._fds, self._closed = self._fds, {}, True
             maps, self._maps = self._maps, {}
         for m in maps.values():  # no copy runs now: the pipeline joined its threads

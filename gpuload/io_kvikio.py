@@ -47,21 +47,35 @@ def kvikio_defaults(kvikio: Any) -> Any:
     return importlib.import_module(f"{kvikio.__name__}.defaults")
 
 
-def describe_kvikio(kvikio: Any) -> str:
-    """How kvikio will read here: GDS, or its POSIX compatibility mode."""
-    version = getattr(kvikio, "__version__", "?")
+def gds_active(kvikio: Any) -> bool | None:
+    """Whether kvikio will read with GPUDirect Storage here: True, False
+    (its POSIX compatibility mode), or None when it cannot say (kvikio
+    24.12 - 25.02 with compatibility mode ``AUTO``, or a half-installed cuFile).
+
+    ``backend="auto"`` picks kvikio only on True: in compatibility mode kvikio
+    reads through its own bounce buffers, which forces the ``device`` gather
+    (column shards cross PCIe ``world`` times their size) and an extra
+    device-to-device copy per row shard, for nothing the posix path lacks."""
     d = kvikio_defaults(kvikio)
     try:
         if hasattr(d, "is_compat_mode_preferred"):  # kvikio >= 25.04
-            compat = bool(d.is_compat_mode_preferred())
-        else:  # 24.12 - 25.02: the configured kvikio.CompatMode (OFF 0, ON 1, AUTO 2)
-            mode = int(d.compat_mode())
-            if mode == 2:
-                return f"kvikio {version}, compatibility mode auto (GDS where cuFile works)"
-            compat = mode == 1
-    except Exception as e:  # a half-installed cuFile: say so, kvikio falls back itself
+            return not bool(d.is_compat_mode_preferred())
+        mode = int(d.compat_mode())  # 24.12 - 25.02: kvikio.CompatMode (OFF 0, ON 1, AUTO 2)
+    except Exception:  # a half-installed cuFile: kvikio falls back itself
+        return None
+    return None if mode == 2 else mode == 0
+
+
+def describe_kvikio(kvikio: Any) -> str:
+    """How kvikio will read here: GDS, or its POSIX compatibility mode."""
+    version = getattr(kvikio, "__version__", "?")
+    try:
+        active = gds_active(kvikio)
+    except Exception as e:
         return f"kvikio {version}, GDS state unknown ({e})"
-    if compat:
+    if active is None:
+        return f"kvikio {version}, compatibility mode auto or unknown (GDS where cuFile works)"
+    if not active:
         return f"kvikio {version} in compatibility mode (no GDS: POSIX reads via bounce buffers)"
     return f"kvikio {version} with GPUDirect Storage"
 

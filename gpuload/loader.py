@@ -20,12 +20,13 @@ import numpy as np
 from tqdm import tqdm
 
 from . import config as _config
+from . import gather_model
 from . import options as _options
 from . import resident as _resident
 from .backend import make_backend
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .device import resolve_device
-from .errors import PlanError, ShardingError
+from .errors import GpuloadError, PlanError, ShardingError
 from .gcpause import paused
 from .outputs import resident_as, resolve_framework
 from .plan import Plan, PlanOptions, plan_reads
@@ -116,9 +117,11 @@ class Loader:
         self.framework = resolve_framework(framework, self.device, probe=runtime is None)
         self._backend = make_backend(self.device, self.config, reader_factory, runtime=runtime)
         self.backend, self.backend_reason = self._backend.name, self._backend.reason
+        if hasattr(self._backend, "framework"):  # GPU results through torch's allocator
+            self._backend.framework = self.framework
         try:  # a forced gather this backend cannot do fails here, not in a load
             self.plan_options()
-        except ValueError:
+        except (ValueError, GpuloadError):
             self._backend.close()  # its streams and staging, made above
             raise
         self.last_report: LoadReport | None = None
@@ -131,10 +134,12 @@ class Loader:
         chunk = max(1, min(self.config.chunk_bytes, self.config.staging_bytes // 2))
         gather = None
         if self.device != "cpu":  # covering reads reach the GPU by a cost-model choice
+            model, _source = gather_model.resolve(self.config.gather_model)
             gather = GatherOptions(
                 force=self.config.gather,
                 mapped=self.config.pin,
                 device_reads=bool(getattr(self._backend, "device_reads", False)),
+                model=model,
             )
         return PlanOptions(
             chunk_bytes=chunk,

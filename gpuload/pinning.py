@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import hostpool
 from .errors import ReadError
 
 PAGE = mmap.PAGESIZE
@@ -80,6 +81,7 @@ class _Release:
 
     def __init__(self, addr: int, size: int) -> None:
         self.addr, self.size = addr, size
+        self.pool: bool | None = None  # a pooled result mapping: its huge flag (gpuload.hostpool)
         self.cuda = None  # the cupy runtime module that registered cuda_ptrs
         self.cuda_ptrs: list[int] = []
         self.locked: list[tuple[int, int]] = []
@@ -99,7 +101,10 @@ class _Release:
         try:
             self.unpin()  # before munmap: the driver must not keep a dead range
         finally:
-            libc().munmap(self.addr, self.size)
+            if self.pool is not None:  # faulted in already: kept for the next result
+                hostpool.give(self.addr, self.size, self.pool)
+            else:
+                libc().munmap(self.addr, self.size)
 
 
 class Mapping:
@@ -218,19 +223,35 @@ class HostBuffer:
     private = False  # anonymous: no page cache to share, registered as is
     live = 0  # HostBuffers mapped and not yet released: one mapping each
 
-    def __init__(self, nbytes: int, what: str, *, huge: bool = False, page_offset: int = 0) -> None:
+    def __init__(
+        self,
+        nbytes: int,
+        what: str,
+        *,
+        huge: bool = False,
+        page_offset: int = 0,
+        pooled: bool = False,
+    ) -> None:
         if not 0 <= page_offset < PAGE:
             raise ValueError(f"page_offset {page_offset} is not within a page")
         self.path, self.nbytes = what, nbytes
         size = max(PAGE, -(-(page_offset + nbytes) // PAGE) * PAGE)
-        addr = _map_anonymous(size, HUGE_PAGE if huge else PAGE, what)
-        # Transparent huge pages: one fault (and one TLB entry) per 2 MiB
-        # instead of 512. A hint: where THP is off it does nothing, and
-        # 4 KiB pages work the same.
-        self.huge = huge and libc().madvise(addr, size, MADV_HUGEPAGE) == 0
+        if pooled:  # whole huge pages: a size class the pool can hand on
+            size = -(-size // HUGE_PAGE) * HUGE_PAGE
+        kept = hostpool.take(size, libc().munmap) if pooled else None
+        if kept is not None:
+            addr, self.huge = kept  # faulted in by the load it served before
+        else:
+            addr = _map_anonymous(size, HUGE_PAGE if huge else PAGE, what)
+            # Transparent huge pages: one fault (and one TLB entry) per 2 MiB
+            # instead of 512. A hint: where THP is off it does nothing, and
+            # 4 KiB pages work the same.
+            self.huge = huge and libc().madvise(addr, size, MADV_HUGEPAGE) == 0
         self.addr, self.size = addr, size
         self.data = addr + page_offset  # where the array starts
         self._release = _Release(addr, size)
+        if pooled:
+            self._release.pool = self.huge
         self._finalizer = weakref.finalize(self, _release_buffer, self._release)
         self._finalizer.atexit = False  # as for Mapping: the OS reclaims it at exit
         HostBuffer.live += 1

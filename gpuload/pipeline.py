@@ -33,9 +33,10 @@ import numpy as np
 
 from .errors import PlanError
 from .kernels.host import NCOLS, gather_host
-from .pinning import PAGE, libc, page_place, placed_empty
+from .pinning import PAGE, HostBuffer, libc, page_place, placed_empty
 from .plan import Plan, ReadOp
 from .report import LoadReport
+from .split import split_op
 from .workers import Busy, run_jobs
 
 _ZERO = np.zeros(0, np.uint8)
@@ -123,6 +124,27 @@ POPULATE_STEP = 8 << 20  # one madvise call; the stop flag is checked between th
 POPULATE_MIN = 64 << 10  # smaller results are not worth a call
 
 
+def _mirrors(op: ReadOp, mirrored: set[str]) -> bool:
+    """Whether a direct op's every piece is a run of a tensor whose result mirrors the file."""
+    return not op.staged and all(p.tensor in mirrored for p in op.pieces)
+
+
+def _direct_target(p, out: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(length, address, room before, room after)`` for an O_DIRECT read of
+    piece ``p`` (one contiguous run) into ``out``, or None when ``out`` is not
+    one of gpuload's own result mappings (``HostBuffer``).
+
+    The read is widened to whole blocks: the bytes it adds before and after
+    land in the same mapping, where the result mirrors the file (a whole
+    tensor or one contiguous run of it: the caller checks) or in the
+    mapping's slack, so they are the file's own bytes or nobody's."""
+    hb = out.base
+    if not isinstance(hb, HostBuffer) or out.ctypes.data != hb.data:
+        return None
+    dst = hb.data + p.dst
+    return p.row_bytes, dst, dst - hb.addr, hb.addr + hb.size - (dst + p.row_bytes)
+
+
 def mostly_cold(plan: Plan, reader, samples: int = 16) -> bool:
     """Whether most of a sample of the plan's reads miss the page cache."""
     cached = getattr(reader, "cached", None)
@@ -175,9 +197,22 @@ class HostPipeline:
     """Runs plans on the CPU; staging slots are created once and reused."""
 
     def __init__(
-        self, threads: int, staging_bytes: int, *, scatter: bool = False, mapped: bool = False
+        self,
+        threads: int,
+        staging_bytes: int,
+        *,
+        scatter: bool = False,
+        mapped: bool = False,
+        cold: tuple[int, int] | None = None,
+        direct: bool = False,
     ) -> None:
         self.threads = threads
+        # (threads, largest direct read) for a load whose reads mostly miss
+        # the page cache; None: the same as warm.
+        self.cold = cold
+        # Cold loads read whole-tensor runs into gpuload's own result
+        # mappings with O_DIRECT (no page-cache copy); see _direct_target.
+        self.direct = direct
         self.staging_bytes = staging_bytes
         self.scatter = scatter
         self.mapped = mapped
@@ -217,14 +252,39 @@ class HostPipeline:
     def _run(self, plan, outputs, reader, report, on_bytes, scatter: bool) -> None:
         ops = plan.ops
         discard = memoryview(self._discard)
+        # A cold load (mincore says most reads miss the cache): a deeper
+        # queue, more and smaller direct reads in flight at once.
+        missing = mostly_cold(plan, reader)
+        cold = self.cold is not None and missing
+        threads = self.cold[0] if cold else self.threads
+        if cold:
+            limit = self.cold[1]
+            ops = tuple(
+                part for op in ops for part in (split_op(op, limit) if not op.staged else (op,))
+            )
+        report.cold_reads = cold
+        direct = cold and self.direct and hasattr(reader, "read_direct")
+        mirrored = {t.name for t in plan.tensors if t.strategy in ("whole", "contiguous")}
 
         mapped = self.mapped and hasattr(reader, "copy_mapped")
 
         def work(i: int) -> tuple[int, float, float, float, int]:
             op = ops[i]
-            ahead = i + self.threads  # hint the range a thread will take next
-            if ahead < len(ops):
+            ahead = i + threads  # hint the range a thread will take next
+            # ... unless it goes O_DIRECT: a WILLNEED hint would read it
+            # into the page cache too, and the disk would serve it twice.
+            if ahead < len(ops) and not (direct and _mirrors(ops[ahead], mirrored)):
                 reader.advise(ops[ahead].file, ops[ahead].offset, ops[ahead].length)
+            if direct and _mirrors(op, mirrored):
+                targets = [_direct_target(p, outputs[p.tensor]) for p in op.pieces]
+                t0 = time.perf_counter()
+                # Piece by piece (each is one tensor's run); where one cannot,
+                # the whole op is read buffered below (the same bytes again).
+                if None not in targets and all(
+                    reader.read_direct(op.file, p.src, *tg)
+                    for p, tg in zip(op.pieces, targets, strict=True)
+                ):
+                    return op.length, time.perf_counter() - t0, 0.0, 0.0, -1  # -1: O_DIRECT
             if not op.staged:
                 bufs, pos = [], op.offset
                 for p in op.pieces:
@@ -273,7 +333,9 @@ class HostPipeline:
         def add(result: tuple[int, float, float, float, int]) -> None:
             nonlocal unread
             nbytes, read_s, gather_s, wait_s, copied = result
-            if copied:
+            if copied < 0:
+                report.direct_ops += 1
+            elif copied:
                 report.mapped_ops += 1
                 unread += nbytes - copied
             report.read_s += read_s
@@ -283,12 +345,12 @@ class HostPipeline:
                 on_bytes(nbytes)
 
         # Cold (and prefetch on): fault the results in ahead of the reads.
-        ahead = getattr(reader, "prefetch", False) and mostly_cold(plan, reader)
+        ahead = getattr(reader, "prefetch", False) and missing
         report.results_prefaulted = bool(ahead)
         # On the first error (or Ctrl-C) no op starts after it and the running
         # ones finish: no thread writes into a buffer after we return.
         with ResultPrefaulter(plan, outputs) if ahead else contextlib.nullcontext():
-            run_jobs(len(ops), self.threads, work, add, name="gpuload-read")
+            run_jobs(len(ops), threads, work, add, name="gpuload-read")
         report.ops += len(ops)
         report.staged_ops += sum(op.staged for op in ops)
         report.bytes_read += plan.bytes_read - unread

@@ -63,7 +63,7 @@ from .pipeline import piece_tables
 from .plan import PAGE, Plan, ReadOp, TensorPlan
 from .report import LoadReport
 from .split import aligned_span, fit_ops
-from .transfer import pack_layout
+from .transfer import copy_blocks, pack_layout
 from .workers import Busy, run_jobs
 
 MAX_SLOTS = 16
@@ -91,6 +91,12 @@ class Runtime(Protocol):
     def elapsed(self, start: Any, end: Any) -> float: ...  # seconds between events
     def h2d(self, dst: Any, dst_off: int, src: np.ndarray, src_off: int, n: int, s: Any): ...
     def d2d(self, dst: Any, dst_off: int, src: Any, src_off: int, n: int, s: Any): ...
+    # ``height`` rows of ``width`` bytes, ``src_pitch`` apart in pinned host
+    # memory, ``dst_pitch`` apart in device memory: one cudaMemcpy2DAsync.
+    def h2d_2d(
+        self, dst: Any, dst_off: int, dst_pitch: int, src: np.ndarray, src_off: int,
+        src_pitch: int, width: int, height: int, s: Any,
+    ): ...  # fmt: skip
     def gather(self, src: Any, dst: Any, table: np.ndarray, stream: Any) -> None: ...
     def mem_info(self) -> tuple[int, int]: ...  # (free, total) bytes
     def release_cached(self) -> None: ...  # return allocator caches to the driver
@@ -337,8 +343,8 @@ class DevicePipeline:
                         s,
                     )
         else:  # a row shard or whole tensor: straight to its destination, no gather
-            for p in op.pieces:
-                rt.h2d(outputs[p.tensor], p.dst, slot.host, p.src - op.offset, p.row_bytes, s)
+            runs = [(p.tensor, (p.dst, p.src - op.offset, p.row_bytes)) for p in op.pieces]
+            _h2d_blocks(rt, outputs, slot.host, runs, s)
             rt.record(slot.marks[1], s)
         if op.staged:
             for tensor, table in piece_tables(op).items():
@@ -367,8 +373,7 @@ class DevicePipeline:
         if "device" in kinds.values():
             rt.h2d(slot.scratch, 0, slot.host, 0, op.length, s)
             pcie += op.length
-        for tensor, (dst_off, pack_off, n) in copies:
-            rt.h2d(outputs[tensor], dst_off, slot.pack, pack_off, n, s)
+        _h2d_blocks(rt, outputs, slot.pack, copies, s)
         rt.record(slot.marks[1], s)
         for tensor, table in tables.items():
             if kinds[tensor] == "device":
@@ -380,6 +385,18 @@ class DevicePipeline:
         slot.timed = True
         return pcie, pack_s
 
+    def idle(self) -> None:
+        """Wait for the streams and free device scratch, keeping streams and
+        pinned staging for a later Loader (``gpuload.gpu_cache``)."""
+        with self._busy():
+            self._drain()
+            for slot in self.slots:
+                slot.scratch = None
+            self.scratch_size = 0
+
+    def pinned_bytes(self) -> int:
+        return len(self.slots) * (self.host_size + self.pack_size) if self.pin else 0
+
     def close(self) -> None:
         """Wait for the streams, then free staging, scratch and streams."""
         with contextlib.suppress(Exception):  # a sticky CUDA error: free anyway
@@ -389,6 +406,23 @@ class DevicePipeline:
             self.rt.destroy_stream(slot.stream)
         self.slots = []
         self.host_size = self.scratch_size = self.pack_size = 0
+
+
+def _h2d_blocks(rt: Runtime, outputs, host: np.ndarray, runs, stream) -> None:
+    """Queue ``(tensor, (dst_off, host_off, n))`` copies, each regular run of
+    rows of one tensor as one 2-D copy rather than one copy per row."""
+    i = 0
+    while i < len(runs):
+        tensor = runs[i][0]
+        j = i
+        while j < len(runs) and runs[j][0] == tensor:
+            j += 1
+        for d, dp, src, sp, w, h in copy_blocks([c for _, c in runs[i:j]]):
+            if h == 1:
+                rt.h2d(outputs[tensor], d, host, src, w, stream)
+            else:
+                rt.h2d_2d(outputs[tensor], d, dp, host, src, sp, w, h, stream)
+        i = j
 
 
 def _scratched(op: ReadOp, gathers: dict[str, str]) -> bool:

@@ -39,9 +39,11 @@ class LoadReport:
     # of the staged: cached ranges whose owned bytes were copied out of the
     # page cache (mapped_gather); their other bytes are not in bytes_read
     mapped_ops: int = 0
+    direct_ops: int = 0  # cold reads done with O_DIRECT into the results
     # CPU: the load was mostly cold and a thread faulted the results in ahead
     # of the reads (gpuload.pipeline.ResultPrefaulter; off with prefetch=False)
     results_prefaulted: bool = False
+    cold_reads: bool = False  # most reads missed the page cache: the cold settings ran
     seconds: float = 0.0  # wall time of the whole load
     header_s: float = 0.0  # parsing headers, index.json, config.json
     plan_s: float = 0.0  # sharding and planning

@@ -56,13 +56,34 @@ class GatherModel:
     numpy-twin pack on the host runs near memory-copy speed per thread.
     """
 
-    h2d_bytes_per_s: float = 25e9  # pinned host -> device copy
+    h2d_bytes_per_s: float = 25e9  # pinned host -> device copy (PCIe Gen4 x16; Gen5 ~50e9)
     zerocopy_efficiency: float = 0.75  # mapped reads, as a fraction of H2D bandwidth
     line_bytes: int = 128  # PCIe read granularity of a coalesced warp load
     device_gather_bytes_per_s: float = 1000e9  # device scratch -> destination
     host_pack_bytes_per_s: float = 8e9  # gather_host into pinned memory
     host_row_s: float = 20e-9  # numpy's per-row step in a strided copy
-    launch_s: float = 5e-6  # one kernel launch or one async copy, host side
+    # One kernel launch or one async copy, host side: numba-cuda 0.30 takes
+    # 10-15 us per launch with three array arguments (read of its dispatcher).
+    launch_s: float = 12e-6
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "gather model") -> GatherModel:
+        """A model from ``{constant: value}`` (what ``bench/gather.py`` writes);
+        constants missing keep their defaults, unknown or non-positive ones
+        raise ValueError naming ``source``."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: expected a JSON object of constants, got {values!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kept = {}
+        for k, v in values.items():
+            if k.startswith("_"):  # provenance (GPU name, driver, command): not a constant
+                continue
+            if k not in fields:
+                raise ValueError(f"{source}: unknown constant {k!r}; known: {', '.join(fields)}")
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+                raise ValueError(f"{source}: {k} has to be a positive number, got {v!r}")
+            kept[k] = int(v) if fields[k].type in (int, "int") else float(v)
+        return cls(**kept)
 
     def costs(
         self, *, rows: int, seg: int, useful: int, covering: int, aligned: bool
@@ -199,4 +220,34 @@ def pack_layout(table: np.ndarray, at: int) -> tuple[np.ndarray, list[tuple[int,
     return out, copies
 
 
-__all__ = ["GATHERS", "GatherModel", "GatherOptions", "pack_layout"]
+MAX_PITCH = 1 << 31  # cudaMemcpy2D refuses pitches past the device's maxPitch (2^31 - 1 here)
+
+
+def copy_blocks(copies: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int, int, int]]:
+    """Consecutive ``(dst_off, src_off, nbytes)`` copies as 2-D blocks.
+
+    Returns ``(dst_off, dst_pitch, src_off, src_pitch, width, height)``
+    tuples: a run of copies of one width whose destinations and sources
+    advance by fixed steps (each at least the width) becomes one block that
+    one ``cudaMemcpy2DAsync`` moves; a copy that fits no run is a block of
+    height 1 (a plain copy). The blocks move exactly the copies' bytes, in order.
+    """
+    blocks: list[list[int]] = []
+    for dst, src, n in copies:
+        if blocks:
+            b = blocks[-1]
+            d0, dp, s0, sp, w, h = b
+            if w == n:
+                if h == 1:
+                    step_d, step_s = dst - d0, src - s0
+                    if n <= step_d < MAX_PITCH and n <= step_s < MAX_PITCH:
+                        b[1], b[3], b[5] = step_d, step_s, 2
+                        continue
+                elif dst == d0 + h * dp and src == s0 + h * sp:
+                    b[5] = h + 1
+                    continue
+        blocks.append([dst, n, src, n, n, 1])
+    return [tuple(b) for b in blocks]  # type: ignore[misc]
+
+
+__all__ = ["GATHERS", "GatherModel", "GatherOptions", "copy_blocks", "pack_layout"]

@@ -20,10 +20,16 @@ idle threads: a tile runs across row boundaries. Each thread turns its word
 index into (row, word-in-row) with one division per tile, then steps with
 adds and a carry.
 
-Element width: ``layout.widest_word`` over the table and the two buffers'
-base pointers picks 8, 4, 2 or 1 bytes, and the kernel reads and writes
-uint64/uint32/uint16/uint8 views of the buffers' usable prefix. One kernel is
-compiled per width, on first use, and cached (``variants``).
+Element width: ``layout.width_groups`` splits the table per piece. A piece
+whose source and destination agree modulo 16 (8, 4, 2) moves its middle in
+16-byte (8-, 4-, 2-byte) elements; the head bytes before the first aligned
+address and the tail after the last whole element go to narrower groups, so
+one odd offset no longer sends a whole table to the byte kernel. Each group
+is one launch (usually one or two per gather). 16-byte elements are one
+``ld.global.v2.u64`` / ``st.global.v2.u64`` each (``_vec16``'s intrinsics;
+Numba has no 16-byte scalar). Each thread issues ``UNROLL`` (4) loads before
+its stores, so several are in flight. One kernel is compiled per width, on
+first use, and cached (``variants``).
 """
 
 from __future__ import annotations
@@ -37,20 +43,22 @@ import numpy as np
 from numba import config, cuda
 
 from .host import DST_OFF, DST_STRIDE, ROW_BYTES, ROWS, SRC_OFF, SRC_STRIDE, _check
-from .layout import FIRST_TILE, WCOLS, widest_word, word_table
+from .layout import FIRST_TILE, WCOLS, widest_word, width_groups, word_table
 
 __all__ = [
     "DEFAULT_LAUNCH",
     "Launch",
     "compiler_problem",
     "gather",
+    "pinned_table_bytes",
     "release_stream",
     "variants",
     "word_size",
     "workspace_bytes",
 ]
 
-_DTYPES = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
+# 16-byte elements are uint64 pairs, moved with one vector load and store.
+_DTYPES = {16: np.uint64, 8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
 _SIM = bool(config.ENABLE_CUDASIM)
 
 
@@ -81,50 +89,141 @@ class Launch:
             raise ValueError(f"need 1 <= {self.min_blocks=} <= {self.max_blocks=}")
 
 
-def _gather_body(src, dst, pieces, n_tiles, tile_words):
-    """Kernel body: move the words of tiles blockIdx.x, +gridDim.x, ... (see module doc)."""
-    n_pieces = pieces.shape[0] // WCOLS
-    step = cuda.blockDim.x
-    tile = cuda.blockIdx.x
-    while tile < n_tiles:
-        lo = 0
-        hi = n_pieces
-        while hi - lo > 1:  # last piece whose first tile is <= tile
-            mid = (lo + hi) // 2
-            if pieces[mid * WCOLS + FIRST_TILE] <= tile:
-                lo = mid
-            else:
-                hi = mid
-        p = lo * WCOLS
-        row_words = pieces[p + ROW_BYTES]
-        src_stride = pieces[p + SRC_STRIDE]
-        dst_stride = pieces[p + DST_STRIDE]
-        k = (tile - pieces[p + FIRST_TILE]) * tile_words
-        end = pieces[p + ROWS] * row_words
-        if end > k + tile_words:
-            end = k + tile_words
-        # Word k of the piece is (row r, word w); step by `step` words with
-        # adds and one carry instead of a division per word.
-        k += cuda.threadIdx.x
-        r = k // row_words
-        w = k - r * row_words
-        s = pieces[p + SRC_OFF] + r * src_stride + w
-        d = pieces[p + DST_OFF] + r * dst_stride + w
-        dr = step // row_words
-        dw = step - dr * row_words
-        s_step = dr * src_stride + dw
-        d_step = dr * dst_stride + dw
-        while k < end:
-            dst[d] = src[s]
-            k += step
-            w += dw
-            s += s_step
-            d += d_step
-            if w >= row_words:  # carried into the next row
-                w -= row_words
-                s += src_stride - row_words
-                d += dst_stride - row_words
-        tile += cuda.gridDim.x
+UNROLL = 4
+"""Words each thread loads before it stores any: loads in flight per thread."""
+
+
+def _load1_sim(a, i):
+    v = a[i]
+    return v, v  # one element; the pair keeps one signature with the 16-byte load
+
+
+def _store1_sim(a, i, lo, hi):
+    a[i] = lo
+
+
+def _load16_sim(a, i):
+    return a[2 * i], a[2 * i + 1]
+
+
+def _store16_sim(a, i, lo, hi):
+    a[2 * i] = lo
+    a[2 * i + 1] = hi
+
+
+def _make_body(load, store):
+    """The kernel body for one element width, ``load``/``store`` moving one element."""
+
+    def body(src, dst, pieces, n_tiles, tile_words):
+        """Move the words of tiles blockIdx.x, +gridDim.x, ... (see module doc)."""
+        n_pieces = pieces.shape[0] // WCOLS
+        step = cuda.blockDim.x
+        tile = cuda.blockIdx.x
+        while tile < n_tiles:
+            lo = 0
+            hi = n_pieces
+            while hi - lo > 1:  # last piece whose first tile is <= tile
+                mid = (lo + hi) // 2
+                if pieces[mid * WCOLS + FIRST_TILE] <= tile:
+                    lo = mid
+                else:
+                    hi = mid
+            p = lo * WCOLS
+            row_words = pieces[p + ROW_BYTES]
+            src_stride = pieces[p + SRC_STRIDE]
+            dst_stride = pieces[p + DST_STRIDE]
+            k = (tile - pieces[p + FIRST_TILE]) * tile_words
+            end = pieces[p + ROWS] * row_words
+            if end > k + tile_words:
+                end = k + tile_words
+            # Word k of the piece is (row r, word w); step by `step` words with
+            # adds and one carry instead of a division per word.
+            k += cuda.threadIdx.x
+            r = k // row_words
+            w = k - r * row_words
+            s = pieces[p + SRC_OFF] + r * src_stride + w
+            d = pieces[p + DST_OFF] + r * dst_stride + w
+            dr = step // row_words
+            dw = step - dr * row_words
+            s_step = dr * src_stride + dw
+            d_step = dr * dst_stride + dw
+            while k < end:
+                # UNROLL (4) words per thread: every load issued before any
+                # store, so several are in flight. Words past the end load
+                # word 0's address again (valid) and are not stored.
+                s0 = s
+                d0 = d
+                w += dw  # step one block of words, carrying into the next row
+                s += s_step
+                d += d_step
+                if w >= row_words:
+                    w -= row_words
+                    s += src_stride - row_words
+                    d += dst_stride - row_words
+                s1 = s if k + step < end else s0
+                d1 = d
+                w += dw  # step one block of words, carrying into the next row
+                s += s_step
+                d += d_step
+                if w >= row_words:
+                    w -= row_words
+                    s += src_stride - row_words
+                    d += dst_stride - row_words
+                s2 = s if k + 2 * step < end else s0
+                d2 = d
+                w += dw  # step one block of words, carrying into the next row
+                s += s_step
+                d += d_step
+                if w >= row_words:
+                    w -= row_words
+                    s += src_stride - row_words
+                    d += dst_stride - row_words
+                s3 = s if k + 3 * step < end else s0
+                d3 = d
+                w += dw  # step one block of words, carrying into the next row
+                s += s_step
+                d += d_step
+                if w >= row_words:
+                    w -= row_words
+                    s += src_stride - row_words
+                    d += dst_stride - row_words
+                a0, b0 = load(src, s0)
+                a1, b1 = load(src, s1)
+                a2, b2 = load(src, s2)
+                a3, b3 = load(src, s3)
+                store(dst, d0, a0, b0)
+                if k + step < end:
+                    store(dst, d1, a1, b1)
+                if k + 2 * step < end:
+                    store(dst, d2, a2, b2)
+                if k + 3 * step < end:
+                    store(dst, d3, a3, b3)
+                k += UNROLL * step
+            tile += cuda.gridDim.x
+
+    return body
+
+
+if _SIM:
+    _load16, _store16, _load1, _store1 = _load16_sim, _store16_sim, _load1_sim, _store1_sim
+else:
+    from ._vec16 import load1 as _load1
+    from ._vec16 import load16 as _load16
+    from ._vec16 import store1 as _store1
+    from ._vec16 import store16 as _store16
+
+_bodies = {
+    16: _make_body(_load16, _store16),
+    **{w: _make_body(_load1, _store1) for w in (8, 4, 2, 1)},
+}
+
+
+def _body(word: int):
+    """The Python kernel body for ``word``-byte elements (compiled by ``_kernel``)."""
+    return _bodies[word]
+
+
+_gather_body = _bodies[8]  # the 8-byte body, as before
 
 
 _cache: dict[int, Any] = {}
@@ -133,6 +232,12 @@ _workspaces: dict[tuple[int, ...], Any] = {}
 # Table buffers a stream outgrew, each with the event recorded on the stream
 # behind the last launch that may read it: (event, buffer), freed once passed.
 _retired: dict[tuple[int, ...], list[tuple[Any, Any]]] = {}
+# Pinned host copies of the tables, per stream: [event, buffer] pairs, the
+# event recorded behind the upload that last read the buffer. A pageable
+# source would make the H2D of the table synchronous (the driver stages it),
+# stalling the reader thread behind its own transfers.
+_pinned: dict[tuple[int, ...], list[list[Any]]] = {}
+_PINNED_PER_STREAM = 4  # uploads in flight per stream before the oldest is waited for
 _lock = threading.Lock()
 
 
@@ -144,7 +249,7 @@ def _kernel(word: int):
             if kernel is None:
                 ty = np.dtype(_DTYPES[word]).name
                 sig = f"void({ty}[::1], {ty}[::1], int64[::1], int64, int64)"
-                kernel = _cache[word] = cuda.jit(sig)(_gather_body)
+                kernel = _cache[word] = cuda.jit(sig)(_body(word))
                 _compiles[word] = _compiles.get(word, 0) + 1
     return kernel
 
@@ -205,7 +310,9 @@ def _pointer(a: Any) -> int:
 
 
 def word_size(src: Any, dst: Any, table: np.ndarray) -> int:
-    """Element width in bytes (8, 4, 2 or 1) that ``gather`` uses for these arguments."""
+    """The widest element (8, 4, 2 or 1 bytes) common to the whole table and both
+    buffers: what every piece could use without a head/tail split. ``gather``
+    moves each piece's aligned middle wider (``layout.width_groups``)."""
     return _word(_as_device(src, "src"), _as_device(dst, "dst"), table)
 
 
@@ -272,6 +379,37 @@ def _event():
     return cuda.event(timing=False)
 
 
+def _staging_event():
+    """The event behind a pinned table's upload (tests substitute one they control)."""
+    if _SIM:
+        return _Passed()
+    return cuda.event(timing=False)
+
+
+def _pinned_copy(key: tuple[int, ...], pieces: np.ndarray) -> tuple[list[Any], np.ndarray]:
+    """A pinned buffer of ``key`` that no queued upload still reads, holding ``pieces``."""
+    ring = _pinned.setdefault(key, [])
+    entry = next((e for e in ring if e[1].size >= pieces.size and e[0].query()), None)
+    if entry is None:
+        if len(ring) >= _PINNED_PER_STREAM:  # bounded: wait for the oldest, then reuse it
+            entry = ring.pop(0)
+            entry[0].synchronize()
+            ring.append(entry)
+            if entry[1].size < pieces.size:
+                entry[1] = cuda.pinned_array(_table_size(pieces.size, entry[1].size), np.int64)
+        else:
+            size = _table_size(pieces.size, max((e[1].size for e in ring), default=0))
+            entry = [_staging_event(), cuda.pinned_array(size, np.int64)]
+            ring.append(entry)
+    host = entry[1][: pieces.size]
+    host[:] = pieces
+    return entry, host
+
+
+def _table_size(need: int, had: int) -> int:
+    return max(need, 2 * had, 64 * WCOLS)
+
+
 def _reap(key: tuple[int, ...]) -> None:
     """Free the retired table buffers of ``key`` whose stream has passed them."""
     retired = _retired.get(key)
@@ -304,10 +442,12 @@ def _upload(pieces: np.ndarray, stream: Any):
             ev.record(stream=stream)
             _retired.setdefault(key, []).append((ev, buf))
         # Doubling keeps regrowth (and retired buffers) rare.
-        size = max(pieces.size, 2 * (buf.size if buf is not None else 0), 64 * WCOLS)
+        size = _table_size(pieces.size, buf.size if buf is not None else 0)
         buf = _workspaces[key] = cuda.device_array(size, dtype=np.int64)
     view = buf[: pieces.size]
-    view.copy_to_device(pieces, stream=stream)
+    entry, host = _pinned_copy(key, pieces)
+    view.copy_to_device(host, stream=stream)
+    entry[0].record(stream=stream)  # the pinned buffer is free once the stream passes this
     return view
 
 
@@ -335,6 +475,14 @@ def release_stream(stream: Any) -> None:
     for key in [k for k in list(_retired) if k[1] == handle]:
         for ev, _buf in _retired.pop(key, ()):
             ev.synchronize()  # no launch may still read it
+    for key in [k for k in list(_pinned) if k[1] == handle]:
+        for ev, _buf in _pinned.pop(key, ()):
+            ev.synchronize()  # no upload may still read it
+
+
+def pinned_table_bytes() -> int:
+    """Pinned host bytes held for piece tables, over all streams (see ``release_stream``)."""
+    return sum(buf.nbytes for ring in list(_pinned.values()) for _ev, buf in list(ring))
 
 
 def workspace_bytes() -> int:
@@ -386,14 +534,23 @@ def gather(
     src, dst = _as_device(src, "src"), _as_device(dst, "dst")
     table = np.asarray(table)
     _check(table, _extent(src), _extent(dst))
-    word = _word(src, dst, table)
-    pieces, n_tiles = word_table(table, word, launch.tile_words)
-    if n_tiles == 0:
-        return
-    dtype = _DTYPES[word]
-    src_w = src[: src.size // word * word].view(dtype)
-    dst_w = dst[: dst.size // word * word].view(dtype)
-    s = _as_stream(stream)
-    kernel = _kernel(word)
-    blocks = min(max(n_tiles, launch.min_blocks), launch.max_blocks)
-    kernel[blocks, launch.threads, s](src_w, dst_w, _upload(pieces, s), n_tiles, launch.tile_words)
+    s = None
+    src_base, dst_base = _pointer(src), _pointer(dst)
+    for word, part in width_groups(table, src_base, dst_base):
+        # The views start at the first word-aligned byte of each buffer; the
+        # part's offsets are aligned there (width_groups), so shift them.
+        so, do = -src_base % word, -dst_base % word
+        part = part.copy()
+        part[:, SRC_OFF] -= so
+        part[:, DST_OFF] -= do
+        pieces, n_tiles = word_table(part, word, launch.tile_words)
+        if n_tiles == 0:
+            continue
+        dtype = _DTYPES[word]
+        src_w = src[so : so + (src.size - so) // word * word].view(dtype)
+        dst_w = dst[do : do + (dst.size - do) // word * word].view(dtype)
+        s = _as_stream(stream) if s is None else s
+        kernel = _kernel(word)
+        blocks = min(max(n_tiles, launch.min_blocks), launch.max_blocks)
+        table_d = _upload(pieces, s)
+        kernel[blocks, launch.threads, s](src_w, dst_w, table_d, n_tiles, launch.tile_words)

@@ -15,6 +15,9 @@ from .host import DST_OFF, DST_STRIDE, NCOLS, ROW_BYTES, ROWS, SRC_OFF, SRC_STRI
 WORD_SIZES = (8, 4, 2, 1)
 """Element widths in bytes, widest first. 8 is the widest load Numba emits reliably."""
 
+VECTOR_WORDS = (16, 8, 4, 2, 1)
+"""Widths the gather kernel moves: 16 bytes is one ``ld.global.v2.u64`` per element."""
+
 FIRST_TILE = NCOLS
 """Column of a word table holding the index of the piece's first tile."""
 
@@ -90,8 +93,8 @@ def word_table(table: np.ndarray, word: int, tile_words: int) -> tuple[np.ndarra
         Total tiles; tile ``i`` belongs to the last piece whose
         ``FIRST_TILE`` is ``<= i``. Each piece has at least one.
     """
-    if word not in WORD_SIZES:
-        raise ValueError(f"{word=} must be one of {WORD_SIZES}")
+    if word not in VECTOR_WORDS:
+        raise ValueError(f"{word=} must be one of {VECTOR_WORDS}")
     if tile_words < 1:
         raise ValueError(f"{tile_words=} must be positive")
     t = _moving(_as_table(table)).copy()
@@ -106,3 +109,68 @@ def word_table(table: np.ndarray, word: int, tile_words: int) -> tuple[np.ndarra
     tiles = -(-(out[:, ROWS] * out[:, ROW_BYTES]) // tile_words)
     out[:, FIRST_TILE] = np.cumsum(tiles) - tiles
     return out.ravel(), int(tiles.sum())
+
+
+def _widest(sa: np.ndarray, da: np.ndarray, n: np.ndarray, strides: np.ndarray) -> np.ndarray:
+    """Per piece, the widest of VECTOR_WORDS dividing its source and
+    destination addresses, its row length and (``strides``, 0 when single-row) strides."""
+    acc = sa | da | n | strides
+    w = np.ones(len(acc), np.int64)
+    for cand in VECTOR_WORDS[-2::-1]:  # 2, 4, 8, 16: each implies the narrower
+        w = np.where(acc % cand == 0, cand, w)
+    return w
+
+
+def width_groups(table: np.ndarray, src_base: int, dst_base: int) -> list[tuple[int, np.ndarray]]:
+    """Split a byte piece table by element width, with a head/tail split.
+
+    A piece whose source and destination addresses agree modulo ``w`` (and
+    whose strides are multiples of ``w``) moves its middle in ``w``-byte
+    words: the bytes before the first aligned address (head) and after the
+    last whole word (tail) go to narrower groups. Without the split one
+    misaligned start would send the whole table to the byte kernel.
+
+    Returns ``(word, table)`` pairs, widest first, each table's offsets
+    still relative to the buffers' starts (the caller shifts its views);
+    together they move exactly the bytes of ``table``.
+    """
+    t = _moving(_as_table(table))
+    if not len(t):
+        return []
+    so, do, rows, rb = (t[:, c] for c in (SRC_OFF, DST_OFF, ROWS, ROW_BYTES))
+    ss, ds = t[:, SRC_STRIDE], t[:, DST_STRIDE]
+    multi = rows > 1
+    strides = np.where(multi, ss | ds, 0)
+    sa, da = so + src_base, do + dst_base
+    # Widest w with (sa - da) % w == 0 and the strides multiples of w.
+    rel = np.abs(sa - da) | strides
+    w = np.ones(len(t), np.int64)
+    for cand in VECTOR_WORDS[-2::-1]:
+        w = np.where(rel % cand == 0, cand, w)
+    head = np.minimum((-sa) % w, rb)
+    mid = (rb - head) // w * w
+    tail = rb - head - mid
+    parts = []  # (piece rows, start shift, length, width)
+    whole = mid == 0  # shorter than a word: one part, the widest that divides it
+    parts.append((t[whole], np.zeros(whole.sum(), np.int64), rb[whole], None))
+    split = ~whole
+    parts.append((t[split], head[split], mid[split], w[split]))
+    h = split & (head > 0)
+    parts.append((t[h], np.zeros(h.sum(), np.int64), head[h], None))
+    e = split & (tail > 0)
+    parts.append((t[e], (head + mid)[e], tail[e], None))
+    pieces, widths = [], []
+    for rows_, shift, length, width in parts:
+        if not len(rows_):
+            continue
+        p = rows_.copy()
+        p[:, SRC_OFF] += shift
+        p[:, DST_OFF] += shift
+        p[:, ROW_BYTES] = length
+        if width is None:
+            st = np.where(p[:, ROWS] > 1, p[:, SRC_STRIDE] | p[:, DST_STRIDE], 0)
+            width = _widest(p[:, SRC_OFF] + src_base, p[:, DST_OFF] + dst_base, length, st)
+        pieces.append(p)
+        widths.append(width)
+    allp, allw = np.concatenate(pieces), np.concatenate(widths)
+    return [(int(word), allp[allw == word]) for word in VECTOR_WORDS if (allw == word).any()]

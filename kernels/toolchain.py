@@ -10,7 +10,7 @@ fails a load half way through its reads; ``check`` finds it when a GPU Loader
 is made, before any I/O, or on any machine for a named architecture
 (``gpuload doctor --arch sm_90``), since compiling and linking need no GPU.
 
-``check`` compiles and links every word width (8, 4, 2, 1 bytes; see
+``check`` compiles and links every word width (16, 8, 4, 2, 1 bytes; see
 ``gpuload.kernels.cuda``). With a device it compiles through the very
 dispatchers the gathers launch and loads each module into the device's
 primary context, so the work is not repeated at the first gather. The result
@@ -24,7 +24,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
-WORDS = (8, 4, 2, 1)
+WORDS = (16, 8, 4, 2, 1)
 
 _cache: dict[tuple[str | None, int | None], Toolchain] = {}
 _lock = threading.Lock()
@@ -189,7 +189,7 @@ def _run(arch: str | None, device: int | None) -> Toolchain:
         try:
             if device is None:
                 ptx, _ = cuda.compile(
-                    kcuda._gather_body, _sig(word), device=False, cc=cc, output="ptx", abi="numba"
+                    kcuda._body(word), _sig(word), device=False, cc=cc, output="ptx", abi="numba"
                 )
                 tc.nvvm, tc.ptx_isa = ptx_facts(ptx)
                 stage = "link"

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from gpuload.device_memory import MIN_BLOCK, MIN_LARGE_ALLOC, ROUND_LARGE, raw_bytes
 from gpuload.kernels.host import _check, gather_host
 from gpuload.outputs import to_cupy, to_numpy, to_torch
 
@@ -145,7 +146,8 @@ class FakeRuntime:
         self._lock = threading.Lock()
         self._allocated = self.peak = 0  # live device bytes, and their high-water mark
         self.host_peak = 0
-        self.device_allocs: list[int] = []
+        self.device_allocs: list[int] = []  # raw cudaMalloc sizes
+        self.torch_allocs: list[int] = []  # results from torch's caching allocator
         self.host_allocs: list[tuple[int, bool]] = []
         self._host_live = 0  # live staging bytes
         # Frees from finalizers, settled under the lock by the next reader.
@@ -158,6 +160,7 @@ class FakeRuntime:
         self._rng = np.random.default_rng(seed)
         self._mapped: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
         self.device_views = 0
+        self.copies_1d = self.copies_2d = 0  # async H2D copies queued, by kind
 
     # -- memory ------------------------------------------------------------
 
@@ -186,18 +189,35 @@ class FakeRuntime:
             return self._host_live
 
     def device_alloc(self, nbytes: int) -> FakeDeviceBuffer:
+        return self._alloc(nbytes, raw_bytes(nbytes))  # cudaMalloc rounds
+
+    def _alloc(self, nbytes: int, taken: int) -> FakeDeviceBuffer:
+        # ``taken``: what the allocation costs the device.
         with self._lock:
             self._settle()
-            if self._allocated + nbytes > self.total:
+            if self._allocated + taken > self.total:
                 raise FakeOutOfMemory(f"fake device: {nbytes} bytes do not fit")
-            self._allocated += nbytes
+            self._allocated += taken
             self.device_allocs.append(nbytes)
             self.peak = max(self.peak, self._allocated)
             seed = int(self._rng.integers(1 << 63))
         garbage = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
         # Freed when the bytes die: results handed out are views of them.
-        weakref.finalize(garbage, self._free, nbytes)
+        weakref.finalize(garbage, self._free, taken)
         return FakeDeviceBuffer(garbage)
+
+    def torch_alloc(self, nbytes: int) -> FakeDeviceBuffer:
+        """Through torch's caching allocator: each block charged as torch rounds
+        it (512 bytes; 2 MiB from 10 MiB up), counted apart from cudaMallocs.
+        Segment sharing is not modelled: a freed block is free at once."""
+        self.torch_allocs.append(nbytes)
+        big = nbytes >= MIN_LARGE_ALLOC
+        taken = -(-nbytes // (ROUND_LARGE if big else MIN_BLOCK)) * (
+            ROUND_LARGE if big else MIN_BLOCK
+        )
+        buf = self._alloc(nbytes, taken)
+        self.device_allocs.pop()
+        return buf
 
     def host_alloc(self, nbytes: int, *, pinned: bool) -> np.ndarray:
         a = np.empty(nbytes, np.uint8)
@@ -280,10 +300,29 @@ class FakeRuntime:
     def h2d(self, dst, dst_off: int, src: np.ndarray, src_off: int, n: int, stream) -> None:
         assert isinstance(dst, FakeDeviceBuffer) and isinstance(src, np.ndarray)
         _bounds(dst.size, dst_off, src.size, src_off, n)
+        self.copies_1d += 1
         d, s = dst.array, src  # read at run time, as a DMA from pinned memory does
 
         def copy() -> None:
             d[dst_off : dst_off + n] = s[src_off : src_off + n]
+
+        stream.put(copy)
+
+    def h2d_2d(
+        self, dst, dst_off, dst_pitch, src: np.ndarray, src_off, src_pitch, width, height, stream
+    ) -> None:
+        assert isinstance(dst, FakeDeviceBuffer) and isinstance(src, np.ndarray)
+        if height < 1 or dst_pitch < width or src_pitch < width:
+            raise ValueError("fake CUDA: cudaMemcpy2D pitch below the width")
+        _bounds(dst.size, dst_off + (height - 1) * dst_pitch, src.size,
+                src_off + (height - 1) * src_pitch, width)  # fmt: skip
+        self.copies_2d += 1
+        d, s = dst.array, src
+
+        def copy() -> None:  # one DMA of ``height`` rows, run late like the others
+            for r in range(height):
+                a, b = dst_off + r * dst_pitch, src_off + r * src_pitch
+                d[a : a + width] = s[b : b + width]
 
         stream.put(copy)
 

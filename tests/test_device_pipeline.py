@@ -28,6 +28,7 @@ from gpuload import device as device_mod
 from gpuload import outputs
 from gpuload.device import resolve_device
 from gpuload.device_cuda import CudaBackend
+from gpuload.device_memory import footprint, raw_bytes
 from gpuload.dtypes import DTYPES
 from gpuload.errors import BackendUnavailable, PlanError, ReadError
 from gpuload.io import PosixReader
@@ -155,16 +156,20 @@ def test_budgets_smaller_than_largest_tensor(tmp_path, rng, fake_gpu, reader, st
     made = fake_gpu(kvikio=FakeKvikio() if reader == "kvikio" else None)
     most = 0
     settings = dict(staging_bytes=staging, device_scratch_bytes=scratch, chunk_bytes=1 << 20)
+    settings["backend"] = reader  # kvikio here is in compatibility mode: auto would not pick it
     with gpuload.Loader(device="cuda:0", framework="cupy", threads=2, **settings) as ld:
         rt = made[-1]
         for rank, world in ((0, 1), (1, 2), (3, 4)):
             got = ld.load(path, rank, world, rules=BIG_RULES)
             want = expected_shards(path, rank, world, BIG_DIMS)
             assert not (bad := mismatched(got, want)), (rank, world, bad[:5])
-            most = max(most, sum(len(b) for b in want.values()))
+            sizes = [len(b) for b in want.values()]  # each allocator rounds them up
+            most = max(most, footprint(sizes, "raw"), footprint(sizes, "torch"))
             del got
     assert rt.host_peak <= staging  # pinned staging within its budget
-    assert rt.peak <= most + scratch  # device scratch (beside the results) within its budget
+    # device scratch (beside the results) within its budget, each slot's
+    # cudaMalloc rounded to 512 bytes
+    assert rt.peak <= most + scratch + 512 * 16
     assert rt.host_live == 0 and rt.allocated == 0  # close() freed staging and scratch
 
 
@@ -172,7 +177,9 @@ def test_kvikio_scratch_below_three_pages_is_a_plan_error(tmp_path, rng, fake_gp
     path = write_matrix(tmp_path, rng, aligned=True)
     fake_gpu(kvikio=FakeKvikio())
     with (
-        gpuload.Loader(device="cuda:0", device_scratch_bytes=16 << 10, threads=3) as ld,
+        gpuload.Loader(
+            device="cuda:0", device_scratch_bytes=16 << 10, threads=3, backend="kvikio"
+        ) as ld,
         pytest.raises(PlanError, match="kvikio read needs"),
     ):
         ld.load(path, 0, 1)
@@ -259,7 +266,7 @@ def test_reused_loader_keeps_slots_and_results_own_their_memory(tmp_path, rng, f
     assert {k: as_bytes(v) for k, v in first.items()} == snapshot  # not views of staging
     assert not mismatched(second, expected_shards(path, 1, 2))
     assert {k: as_bytes(v) for k, v in third.items()} == snapshot
-    results = sum(a.nbytes for r in (first, second, third) for a in r.values())
+    results = sum(raw_bytes(a.nbytes) for r in (first, second, third) for a in r.values())
     ld.close()
     assert rt.allocated == results and rt.host_live == 0  # close freed staging and scratch
     del first, second, third
@@ -290,7 +297,11 @@ def test_scratch_that_does_not_fit_fails_before_any_read(tmp_path, rng, fake_gpu
     path = write_matrix(tmp_path, rng, aligned=True)
     CountingReader.reads = 0
     with gpuload.Loader(device="cpu", **SMALL) as cpu:
-        need = sum(t.out_nbytes for t in cpu.plan(path, 1, 2, rules=RULES).plan.tensors)
+        sizes = [t.out_nbytes for t in cpu.plan(path, 1, 2, rules=RULES).plan.tensors]
+    need = footprint(
+        sizes,
+        "torch" if outputs.resolve_framework(None, "cuda:0", probe=False) == "torch" else "raw",
+    )
     fake_gpu(total=need + 1000)  # results fit; the slots' scratch does not
     with (  # a device gather is the strategy that needs scratch
         gpuload.Loader(
@@ -373,9 +384,8 @@ def test_a_second_load_while_one_runs_is_refused_without_touching_its_buffers(
 def test_backend_choice_and_reasons(tmp_path, rng, fake_gpu):
     path = write_matrix(tmp_path, rng, aligned=True)
     fake_gpu(kvikio=FakeKvikio(compat=True))
-    with gpuload.Loader(device="cuda:0", threads=5) as ld:
-        assert ld.backend == "kvikio" and "auto" in ld.backend_reason
-        assert "compatibility mode" in ld.backend_reason
+    with gpuload.Loader(device="cuda:0", threads=5, backend="kvikio") as ld:
+        assert ld.backend == "kvikio" and "compatibility mode" in ld.backend_reason
         kv = ld._backend.runtime.kvikio()
         ld.load(path, 0, 1)
         assert kv.defaults.get("num_threads") == 5  # GPULOAD_THREADS sizes kvikio's pool
@@ -389,6 +399,36 @@ def test_backend_choice_and_reasons(tmp_path, rng, fake_gpu):
         assert ld.backend == "posix" and "kvikio unusable" in ld.backend_reason
     with pytest.raises(BackendUnavailable, match="kvikio"):
         gpuload.Loader(device="cuda:0", backend="kvikio")
+
+
+@pytest.mark.parametrize(
+    "defaults, picked",
+    [
+        ({"is_compat_mode_preferred": lambda: True}, "posix"),  # kvikio >= 25.04, no GDS
+        ({"is_compat_mode_preferred": lambda: False}, "kvikio"),  # GDS active
+        ({"compat_mode": lambda: 1}, "posix"),  # 24.12 - 25.02, CompatMode.ON
+        ({"compat_mode": lambda: 2}, "posix"),  # AUTO: unknown, so not worth the device gather
+        ({"compat_mode": lambda: 0}, "kvikio"),
+    ],
+)
+def test_auto_picks_kvikio_only_where_gds_is_active(tmp_path, rng, fake_gpu, defaults, picked):
+    # Compatibility mode forces the device gather (world x the PCIe bytes
+    # for a column shard) and a d2d per row shard: auto reads with posix there.
+    path = write_matrix(tmp_path, rng, aligned=True)
+    pool = {"num_threads": 1}
+    defaults = {
+        **defaults,
+        "get": pool.get,
+        "set": lambda k, v: pool.update({k: v}),
+        "get_num_threads": lambda: pool["num_threads"],
+        "num_threads_reset": lambda n: pool.update(num_threads=n),
+    }
+    fake_gpu(kvikio=FakeKvikio(defaults=defaults))
+    with gpuload.Loader(device="cuda:0") as ld:
+        assert ld.backend == picked and "auto" in ld.backend_reason
+        if picked == "posix":
+            assert "no GDS" in ld.backend_reason
+        ld.load(path, 0, 2)
 
 
 def test_frameworks_on_a_gpu(monkeypatch):
@@ -526,3 +566,127 @@ def test_a_missing_kernel_compiler_is_named():
     )
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
+
+
+class _CudaRuntimeError(RuntimeError):
+    def __init__(self, status: int) -> None:
+        super().__init__("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+        self.status = status  # as cupy.cuda.runtime.CUDARuntimeError has it
+
+
+@pytest.mark.parametrize("driver, told", [(12080, "12.8"), (0, None)])
+def test_a_cuda_build_newer_than_the_driver_is_named(monkeypatch, driver, told):
+    # A cu13 wheel under a CUDA 12 driver: getDeviceCount fails with
+    # cudaErrorInsufficientDriver (35). device=None says why once, and an
+    # explicit device says it in its error; with no driver at all (a CPU
+    # machine with cupy installed) device=None stays quiet.
+    import types
+    import warnings
+
+    def count():
+        raise _CudaRuntimeError(35)
+
+    rt = types.SimpleNamespace(
+        getDeviceCount=count, driverGetVersion=lambda: driver, runtimeGetVersion=lambda: 13000
+    )
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(runtime=rt)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(device_mod, "_warned", [])
+    device_mod.cuda_probe.cache_clear()
+    monkeypatch.setattr(device_mod, "gpu_pipeline_available", lambda: True)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert resolve_device(None) == "cpu"
+            assert resolve_device(None) == "cpu"
+        said = [str(w.message) for w in seen if "gpuload" in str(w.message)]
+        if told is None:
+            assert said == []
+        else:
+            assert len(said) == 1, said
+            assert "cudaErrorInsufficientDriver" in said[0] and told in said[0]
+            assert "gpuload[cu12]" in said[0]
+            with pytest.raises(BackendUnavailable, match="cudaErrorInsufficientDriver.*13.0"):
+                resolve_device("cuda:0")
+    finally:
+        device_mod.cuda_probe.cache_clear()
+
+
+def test_one_shot_gpu_loads_share_warm_up_streams_and_pinned_staging(tmp_path, rng, monkeypatch):
+    # load_sharded on a GPU paid kernel warm-up, K streams and K pinned
+    # staging allocations on every call. The process keeps them per device
+    # now; release_gpu_cache frees the staging and streams.
+    from gpuload import device_cuda, gpu_cache
+
+    path = write_matrix(tmp_path, rng, aligned=False)
+    made: list[FakeRuntime] = []
+
+    def runtime(index):
+        made.append(FakeRuntime(seed=index))
+        return made[-1]
+
+    gpu_cache.forget_runtimes()
+    monkeypatch.setattr(device_cuda, "CupyRuntime", runtime)
+    monkeypatch.setattr(gpuload.loader, "resolve_device", lambda d, probe=True: "cuda:0")
+    monkeypatch.setattr(
+        gpuload.loader,
+        "resolve_framework",
+        lambda f, d, probe=True: outputs.resolve_framework(f, d, probe=False),
+    )
+    try:
+        want = expected_shards(path, 1, 2)
+        pinned = []
+        for _ in range(3):
+            got = gpuload.load_sharded(path, 1, 2, device="cuda:0", rules=RULES, framework="cupy")
+            assert not mismatched(got, want)
+            del got
+            pinned.append(len([n for n, p in made[0].host_allocs if p]))
+        (rt,) = made  # one runtime (one warm-up) for the three loads
+        assert 2 <= len(rt.streams) <= 16  # one pipeline's slots, not three
+        assert pinned[0] > 0 and pinned[1] == pinned[2] == pinned[0]  # staging pinned once
+        assert gpu_cache.held()["pipelines"] == 1 and gpu_cache.held()["pinned_bytes"] > 0
+        assert rt.allocated < 1 << 20  # no device scratch parked, only what GC has not freed
+        gpuload.release_gpu_cache()
+        assert not rt.streams and rt.host_live == 0
+        assert gpu_cache.held()["pipelines"] == 0
+    finally:
+        gpu_cache.forget_runtimes()
+
+
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+def test_results_come_from_torchs_allocator_and_the_fit_check_counts_rounding(
+    tmp_path, rng, fake_gpu, framework
+):
+    # framework="torch": results through torch's caching allocator (seen by
+    # torch.cuda.memory_allocated, freed without a device-wide cudaFree);
+    # cupy keeps raw cudaMallocs. Either way the fit check counts what the
+    # allocator rounds each result up to: on a device with room for the
+    # results' sizes but not their rounded blocks, nothing is allocated or read.
+    if framework == "torch":
+        pytest.importorskip("torch")
+    path = write_matrix(tmp_path, rng, aligned=False)
+    made = fake_gpu()
+    with gpuload.Loader(device="cuda:0", framework=framework, **SMALL) as ld:
+        got = ld.load(path, 1, 2, rules=RULES)
+        assert not mismatched(got, expected_shards(path, 1, 2))
+        sizes = [t.out_nbytes for t in ld.plan(path, 1, 2, rules=RULES).plan.tensors]
+    rt = made[-1]
+    if framework == "torch":
+        assert sorted(rt.torch_allocs) == sorted(sizes) and not set(sizes) & set(rt.device_allocs)
+    else:
+        assert not rt.torch_allocs
+    del got
+    rounded = sum(-(-n // 512) * 512 for n in sizes)  # what the blocks alone take
+    assert rounded > sum(sizes)  # odd sizes: the rounding is what this checks
+    CountingReader.reads = 0
+    made = fake_gpu(total=rounded - 1)
+    with (
+        gpuload.Loader(
+            device="cuda:0", framework=framework, reader_factory=CountingReader, **SMALL
+        ) as ld,
+        pytest.raises(PlanError, match=r"results need [\d,]+ bytes .* only"),
+    ):
+        ld.load(path, 1, 2, rules=RULES)
+    assert not made[-1].torch_allocs and not [n for n in made[-1].device_allocs if n in sizes]
+    assert CountingReader.reads == 0

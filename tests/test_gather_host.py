@@ -188,3 +188,49 @@ def test_word_table_rejects_misalignment_and_bad_arguments() -> None:
         word_table(table, 4, 0)
     flat, n_tiles = word_table(np.zeros((0, 6), dtype=np.int64), 8, 16)
     assert flat.size == 0 and n_tiles == 0
+
+
+# width_groups: the head/tail split ---------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_width_groups_move_exactly_the_tables_bytes_each_at_an_aligned_width(seed: int) -> None:
+    from gpuload.kernels.layout import width_groups
+
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 256, 1 << 14, dtype=np.uint8)
+    n = int(rng.integers(1, 8))
+    rows = []
+    dst_at = 0
+    for _ in range(n):
+        r = int(rng.integers(1, 5))
+        rb = int(rng.integers(1, 300))
+        ss = rb + int(rng.integers(0, 3)) * 16 + int(rng.integers(0, 2)) * int(rng.integers(1, 9))
+        so = int(rng.integers(0, 4000))
+        rows.append([so, dst_at, r, rb, ss, rb])
+        dst_at += r * rb + int(rng.integers(0, 20))
+    table = np.array(rows, np.int64)
+    bases = int(rng.integers(0, 16)) * 4096 + int(rng.integers(0, 16)), int(rng.integers(0, 16))
+    want = np.zeros(dst_at, np.uint8)
+    gather_host(src, want, table)
+    got = np.zeros(dst_at, np.uint8)
+    for word, part in width_groups(table, *bases):
+        for col, base in ((SRC_OFF, bases[0]), (DST_OFF, bases[1])):
+            assert ((part[:, col] + base) % word == 0).all()
+        assert (part[:, ROW_BYTES] % word == 0).all()
+        multi = part[:, ROWS] > 1
+        assert (part[multi][:, [SRC_STRIDE, DST_STRIDE]] % word == 0).all()
+        gather_host(src, got, part)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_misaligned_start_keeps_the_middle_of_a_piece_wide() -> None:
+    # One odd offset used to send the whole table to the byte kernel; now
+    # only the head and tail bytes go narrow.
+    from gpuload.kernels.layout import width_groups
+
+    table = np.array([[3, 3, 4, 4096, 8192, 4096], [16, 1 << 14, 1, 1024, 1024, 1024]], np.int64)
+    assert widest_word(table) == 1
+    moved = {w: int((p[:, ROWS] * p[:, ROW_BYTES]).sum()) for w, p in width_groups(table, 0, 0)}
+    assert sum(moved.values()) == 4 * 4096 + 1024
+    assert moved[16] >= 4 * (4096 - 16) + 1024 and moved.get(1, 0) <= 4 * 16

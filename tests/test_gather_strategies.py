@@ -151,7 +151,7 @@ def test_gather_setting_env_keyword_and_bad_values(monkeypatch, tmp_path, rng, f
         gpuload.Loader(device="cuda:0", gather="pack", backend="kvikio")
     with gpuload.Loader(device="cuda:0", gather="pack") as ld:  # auto backend: posix
         assert ld.backend == "posix" and "pinned staging" in ld.backend_reason
-    with gpuload.Loader(device="cuda:0") as ld:  # kvikio reads: device gathers only
+    with gpuload.Loader(device="cuda:0", backend="kvikio") as ld:  # device gathers only
         path = write_matrix(tmp_path, rng, aligned=True)
         assert set(ld.plan(path, 0, 2, rules=RULES).plan.gathers.values()) == {"device"}
     monkeypatch.setenv("GPULOAD_GATHER", "pack")
@@ -288,3 +288,80 @@ def test_gather_bench_prints_the_models_table_without_a_gpu():
     ).stdout
     rows = [line for line in out.splitlines() if line.startswith("| 8 |")]
     assert len(rows) == 5 and all(r.split("|")[-2].strip() in GATHERS for r in rows)
+
+
+def test_gather_model_constants_come_from_the_file_bench_gather_writes(tmp_path, monkeypatch):
+    # bench/gather.py --write-model writes measured constants; a GPU Loader
+    # plans with them (auto: the per-user cache file; or a named path), and
+    # with the documented defaults when there is none or the flag says 0.
+    import json
+
+    from fake_cuda import FakeRuntime
+
+    import gpuload
+    from gpuload import gather_model
+    from gpuload.errors import GpuloadError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    measured = GatherModel(launch_s=14e-6, h2d_bytes_per_s=51e9)
+    gather_model.write(gather_model.default_path(), measured, {"gpu": "test"})
+
+    def options(**kw):
+        with gpuload.Loader(device="cuda:0", runtime=FakeRuntime(), **kw) as ld:
+            return ld.plan_options().gather.model
+
+    assert options() == measured
+    assert options(gather_model="0") == GatherModel()
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps({"launch_s": 2e-5, "_command": "x"}))
+    assert options(gather_model=str(own)) == GatherModel(launch_s=2e-5)
+    own.write_text(json.dumps({"launch_us": 2}))
+    with pytest.raises(GpuloadError, match="unknown constant 'launch_us'"):
+        options(gather_model=str(own))
+    with pytest.raises(GpuloadError, match="does not exist"):
+        options(gather_model=str(tmp_path / "missing.json"))
+    gather_model.default_path().unlink()
+    assert options() == GatherModel()
+    assert GatherModel().launch_s >= 10e-6  # numba-cuda's measured launch cost
+
+
+def test_regular_rows_go_as_one_2d_copy_each(tmp_path):
+    # Direct pieces at a fixed stride (rows of one tensor read in one range)
+    # and a pack buffer whose rows land with gaps in the destination were one
+    # cudaMemcpyAsync per row; each is one cudaMemcpy2DAsync now, same bytes.
+    from types import SimpleNamespace
+
+    from gpuload.checkpoint import FileHeader
+    from gpuload.plan import Piece, ReadOp
+
+    data = np.random.default_rng(5).integers(0, 256, 1 << 16, dtype=np.uint8)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data.tobytes())
+    rows = 64
+    direct = [Piece("d", 1000 + r * 300, 1, 100, 100, r * 100, 100) for r in range(rows)]
+    op1 = ReadOp(str(path), 1000, (rows - 1) * 300 + 100, tuple(direct), staged=False)
+    # One section of a fused tensor: rows every 128 bytes of a 256-byte-wide result.
+    packed = Piece("p", 30000, rows, 64, 256, 64, 128)
+    op2 = ReadOp(str(path), 30000, (rows - 1) * 256 + 64, (packed,), staged=True)
+    plan = SimpleNamespace(ops=(op1, op2), gathers={"p": "pack"}, bytes_useful=2 * rows * 64)
+    rt = FakeRuntime(max_delay=0.001, p_delay=0.5)
+    pipe = DevicePipeline(rt, threads=2, staging_bytes=1 << 20, scratch_bytes=1 << 20, pin=True)
+    out = {"d": rt.device_alloc(rows * 100), "p": rt.device_alloc(rows * 128)}
+    before_p = out["p"].array.copy()
+    st = path.stat()
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    header = FileHeader(str(path), 0, data.size, {}, {}, identity)
+    rd = PosixReader([header], prefetch=False)
+    try:
+        pipe.run(plan, out, rd, LoadReport(str(path), 0, 1, "cuda:0", "posix"))
+    finally:
+        rd.close()
+        pipe.close()
+        rt.close()
+    assert rt.copies_2d == 2 and rt.copies_1d == 0
+    want_d = np.concatenate([data[1000 + r * 300 : 1100 + r * 300] for r in range(rows)])
+    assert out["d"].array.tobytes() == want_d.tobytes()
+    want_p = before_p.copy()
+    for r in range(rows):
+        want_p[64 + r * 128 : 128 + r * 128] = data[30000 + r * 256 : 30064 + r * 256]
+    assert out["p"].array.tobytes() == want_p.tobytes()  # the gaps are untouched

@@ -68,3 +68,93 @@ def test_failed_load_raises_leaves_no_threads_and_returns_nothing(tmp_path, monk
     assert str(f) in str(e.value)
     # (tqdm keeps a monitor thread of its own; ours are named gpuload-*)
     assert not [t for t in threading.enumerate() if t.name.startswith("gpuload")]
+
+
+def test_a_cold_load_reads_with_a_deeper_queue_and_a_warm_one_does_not(tmp_path):
+    # mincore decides per load: most reads missing the page cache means
+    # cold_threads readers and direct reads of at most cold_chunk_bytes.
+    import threading
+    import time
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import gpuload
+    from gpuload.io import PosixReader
+    from gpuload.pinning import evict
+
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.random((1 << 20) // 4 * 6, np.float32) for i in range(4)}  # 24 MiB
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+
+    class Counting(PosixReader):
+        sizes: list[int] = []
+        active = most = 0
+        lock = threading.Lock()
+
+        def readinto(self, file, offset, buffers):
+            with Counting.lock:
+                Counting.active += 1
+                Counting.most = max(Counting.most, Counting.active)
+                Counting.sizes.append(sum(len(b) for b in buffers))
+            try:
+                time.sleep(0.01)  # long enough that concurrent reads overlap
+                super().readinto(file, offset, buffers)
+            finally:
+                with Counting.lock:
+                    Counting.active -= 1
+
+    settings = dict(threads=2, cold_threads=6, cold_chunk_bytes="1MiB", chunk_bytes="16MiB")
+    settings["cold_direct"] = False  # the buffered reads are what this counts
+    with gpuload.Loader(device="cpu", reader_factory=Counting, **settings) as ld:
+        if evict([str(path)]) > 0.02:
+            pytest.skip("the page cache keeps this file (tmpfs?): no cold load possible")
+        got, rep = ld.load(path, 0, 1, return_report=True)
+        assert rep.cold_reads and max(Counting.sizes) <= 1 << 20
+        assert Counting.most > 2  # more than `threads` reads in flight
+        assert all(got[k].tobytes() == v.tobytes() for k, v in tensors.items())
+        Counting.sizes.clear()
+        got, rep = ld.load(path, 0, 1, return_report=True)  # warm now
+        assert not rep.cold_reads and max(Counting.sizes) > 1 << 20
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("rank_world", [(0, 1), (1, 2), (2, 4)])
+def test_cold_loads_read_whole_tensors_with_o_direct_byte_exact(tmp_path, rng, aligned, rank_world):
+    # Cold: whole tensors and row-shard runs go O_DIRECT into gpuload's own
+    # huge-page result mappings, widened to 4 KiB blocks; the widening lands
+    # where the result mirrors the file or in the mapping's slack, never in
+    # another row's bytes (column shards stay buffered). Every byte checked.
+    from conftest import RULES, expected_shards, write_matrix
+
+    import gpuload
+    from gpuload.pinning import evict
+
+    big = {
+        "big.row": ("BF16", (2048, 1030)),
+        "big.col": ("F32", (600, 2048)),
+        "big.w": ("U8", (3, 1 << 20)),
+    }
+    dims = {"big.row": 0, "big.col": 1, "big.w": None}
+    path = write_matrix(tmp_path, rng, aligned=aligned, extra=big)
+    rules = {r"^big\.row$": 0, r"^big\.col$": 1, **RULES}
+    rank, world = rank_world
+    gpuload.release_host_pool()  # fresh mappings: nothing left from another test's load
+    if evict([str(path)]) > 0.02:
+        pytest.skip("the page cache keeps this file (tmpfs?): no cold load possible")
+    got, rep = gpuload.load_sharded(
+        path, rank, world, device="cpu", rules=rules, return_report=True, cold_chunk_bytes="1MiB"
+    )
+    want = expected_shards(path, rank, world, dims)
+    bad = [k for k in want if np.ascontiguousarray(got[k]).tobytes() != want[k]]
+    assert not bad, bad
+    assert rep.cold_reads
+    if aligned:
+        assert rep.direct_ops > 0  # the big row runs at least
+    evict([str(path)])
+    got, rep = gpuload.load_sharded(
+        path, rank, world, device="cpu", rules=rules, return_report=True, cold_direct=False
+    )
+    assert rep.direct_ops == 0
+    assert not [k for k in want if np.ascontiguousarray(got[k]).tobytes() != want[k]]

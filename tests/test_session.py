@@ -65,6 +65,7 @@ def test_session_all_runs_the_gpu_tier_without_gpuload_installed(tmp_path, bare_
 
     assert "problem(s) found" in (out / "doctor.txt").read_text()
     assert "no usable GPU" in (out / "gather.md").read_text()
+    assert "no usable GPU" in (out / "ab.md").read_text()  # the A/B runs: skipped here
     for mode in ("strategies", "warm", "cold"):
         assert "skipped" in (out / mode / "bench.txt").read_text()
     machine = (out / "machine.txt").read_text()

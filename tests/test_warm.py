@@ -208,12 +208,22 @@ def _mapped_ranges() -> set[int]:
 
 
 def test_a_result_mapping_goes_when_its_last_view_dies():
-    a = host_result(3 * HUGE_PAGE, "t", 64)
+    a = host_result(3 * HUGE_PAGE, "t", 64, pooled=False)
     start = a.base.addr
     view = a[10:20]
     del a
     assert start in _mapped_ranges()
     del view
+    assert start not in _mapped_ranges()
+    # A pooled one (the loader's) is kept for the next result of its size
+    # once its last view dies, and unmapped by release_host_pool.
+    gpuload.release_host_pool()
+    a = host_result(3 * HUGE_PAGE, "t", 64)
+    start = a.base.addr
+    del a
+    assert start in _mapped_ranges()
+    assert host_result(3 * HUGE_PAGE, "u", 128).base.addr == start  # reused
+    gpuload.release_host_pool()
     assert start not in _mapped_ranges()
 
 
@@ -279,7 +289,7 @@ def test_the_prefaulter_keeps_content_and_stops_before_the_load_returns():
     from gpuload.plan import Piece, Plan, ReadOp
 
     data = np.random.default_rng(0).integers(0, 256, 3 * HUGE_PAGE, dtype=np.uint8)
-    out = host_result(data.size, "t", 0)
+    out = host_result(data.size, "t", 0, pooled=False)  # fresh memory: zeros
     out[: HUGE_PAGE + 5] = data[: HUGE_PAGE + 5]  # half written, as mid-load
     piece = Piece("t", 0, 1, data.size, data.size, 0, data.size)
     plan = Plan(ops=(ReadOp("f", 0, data.size, (piece,), staged=False),), tensors=())

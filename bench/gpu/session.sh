@@ -9,10 +9,12 @@
 #   bash bench/gpu/session.sh strategies # gpuload bench, shard warm: auto vs each forced gather
 #   bash bench/gpu/session.sh warm       # gpuload bench, warm runs
 #   bash bench/gpu/session.sh cold       # the same, cold runs
+#   bash bench/gpu/session.sh ab         # bench/gpu/ab.py: backend auto/posix/kvikio, torch
+#                                        # allocator vs raw results, kernel vs device memcpy
 #
 # Output goes under $OUT (the device tool's folder that comes back, which
 # takes at most 8 files at its top): machine.txt, doctor.txt, gpu-tests.txt,
-# gather.md, and folders strategies/, warm/ and cold/ with each bench's log and report.
+# gather.md, ab.md, and folders strategies/, warm/ and cold/ with each bench's log and report.
 # Commit it under bench/results/<date>-<gpu>/. Without a GPU the bench steps
 # say so and skip, and the test tier is collected and skipped.
 #
@@ -23,7 +25,7 @@
 # Only `python3` on PATH is used ($PYTHON overrides it).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-step=${1:?usage: session.sh all|doctor|tests|gather|strategies|warm|cold}
+step=${1:?usage: session.sh all|doctor|tests|gather|strategies|warm|cold|ab}
 OUT=${OUT:-/tmp/gpuload-out}
 GL=${SESSION_DIR:-/tmp/gl}
 PY=${PYTHON:-python3}
@@ -80,6 +82,9 @@ run_step() {  # run_step STEP SECONDS: one step, its output under $OUT
     gather)
         timeout "$limit" "$PY" bench/gather.py --mib 128 --reps 10 2>&1 | tee "$OUT/gather.md"
         ;;
+    ab)
+        timeout "$limit" "$PY" bench/gpu/ab.py --mib 256 --runs 3 2>&1 | tee "$OUT/ab.md"
+        ;;
     strategies | warm | cold)
         mkdir -p "$OUT/$s"
         if ! has_gpu; then
@@ -106,7 +111,7 @@ if [ "$step" = all ]; then
     machine > "$OUT/machine.txt" 2>&1
     rc=0
     # 8 minutes in all, the tool's limit is 10: each step has its own share.
-    for s in doctor:60 tests:150 gather:60 strategies:60 warm:75 cold:75; do
+    for s in doctor:60 tests:130 gather:55 ab:40 strategies:55 warm:70 cold:70; do
         echo "## ${s%%:*} $(date -u +%T)" >> "$OUT/machine.txt"
         run_step "${s%%:*}" "${s##*:}" || { echo "step ${s%%:*} failed" >&2; rc=1; }
     done

@@ -81,15 +81,20 @@ def fresh_buffer(nbytes: int) -> np.ndarray:
     starts 16 bytes into a page, which makes the kernel's copy from a
     page-aligned file offset about 2x slower (bench/fresh_memory.py): no
     floor at all."""
-    return host_result(nbytes, "the fresh buffer", 0)
+    return host_result(nbytes, "the fresh buffer", 0, pooled=False)  # fresh: never a kept one
 
 
-def release_freed() -> None:
+def release_freed(*, pool: bool = True) -> None:
     """Hand freed memory back to the OS (collect garbage, then glibc's
-    ``malloc_trim``), so the next run writes fresh pages, as a process's
-    first load does, instead of pages the last run freed."""
+    ``malloc_trim``, and with ``pool`` gpuload's kept result mappings,
+    :mod:`gpuload.hostpool`), so the next run writes fresh pages, as a
+    process's first load does, instead of pages the last run freed."""
     gc.collect()
     _libc_trim().malloc_trim(0)
+    if pool:
+        from .. import hostpool
+
+        hostpool.release()
 
 
 @functools.cache

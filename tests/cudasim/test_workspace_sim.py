@@ -132,3 +132,41 @@ def test_an_outgrown_table_buffer_lives_until_the_stream_passes_its_event(monkey
     gc.collect()
     assert ev2.synchronized and newer() is None
     assert key not in kernels_cuda._workspaces and key not in kernels_cuda._retired
+
+
+def test_tables_go_up_from_pinned_buffers_reused_once_their_event_passes(monkeypatch):
+    # A pageable table makes its H2D synchronous; the upload reads a pinned
+    # copy instead, reused per stream only once the stream has passed the
+    # event recorded behind the upload that last read it.
+    monkeypatch.setattr(kernels_cuda, "_staging_event", HeldEvent)
+    HeldEvent.made.clear()
+    sources: list = []
+    pinned: list = []
+    real_pinned = cuda.pinned_array
+
+    def counting_pinned(*a, **kw):
+        pinned.append(real_pinned(*a, **kw))
+        return pinned[-1]
+
+    monkeypatch.setattr(kernels_cuda.cuda, "pinned_array", counting_pinned)
+    real_copy = type(cuda.device_array(1)).copy_to_device
+
+    def spy(self, ary, stream=0):
+        sources.append(ary)
+        return real_copy(self, ary, stream=stream)
+
+    monkeypatch.setattr(type(cuda.device_array(1)), "copy_to_device", spy)
+    s = cuda.stream()
+    gather_table(8, s)
+    gather_table(8, s)  # the first upload's event is not passed: a second buffer
+    assert len(pinned) == 2 and len(sources) == 2  # one table upload per gather
+    assert all(any(np.shares_memory(src, p) for p in pinned) for src in sources)
+    for ev in HeldEvent.made:
+        ev.passed = True
+    gather_table(8, s)  # passed: reused, nothing new pinned
+    assert len(pinned) == 2 and kernels_cuda.pinned_table_bytes() > 0
+    for _ in range(6):  # never more than a few per stream: the oldest is waited for
+        gather_table(8, s)
+    assert len(pinned) <= kernels_cuda._PINNED_PER_STREAM
+    release_stream(s)
+    assert kernels_cuda._handle(s) not in {k[1] for k in kernels_cuda._pinned}

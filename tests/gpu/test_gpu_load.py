@@ -228,3 +228,17 @@ def test_every_gather_strategy_matches_oracle(tmp_path, rng, cupy, gather, world
             assert report.gather and set(report.gather.values()) == {gather}
             if gather != "device":
                 assert report.bytes_pcie == report.bytes_useful
+
+
+def test_torch_results_are_seen_by_torchs_allocator(tmp_path, rng, cupy):
+    # framework="torch": vLLM plans its KV cache from memory_allocated.
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    path = write_matrix(tmp_path, rng, aligned=True, extra=BIG)
+    before = torch.cuda.memory_allocated(0)
+    got = gpuload.load_sharded(path, 0, 1, device="cuda:0", framework="torch", rules=RULES)
+    held = sum(t.numel() * t.element_size() for t in got.values())
+    assert torch.cuda.memory_allocated(0) - before >= held
+    del got
+    assert torch.cuda.memory_allocated(0) == before
