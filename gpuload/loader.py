@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import config as _config
 from . import options as _options
 from . import resident as _resident
-from .backend import make_backend
+from .backend import HostBackend, make_backend
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .device import resolve_device
 from .errors import PlanError, ShardingError
@@ -153,8 +153,8 @@ class Loader:
         self._check_open()
         _options.check(options, _options.PER_LOAD, "Loader.plan")
         rank, world = check_rank(rank, world)
-        keep, resident_of, rules, options = _per_load(options)
-        ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+        keep, resident_of, rules, source, options = _per_load(options)
+        ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, source)
         shapes = {name: info.shape for name, info in ckpt.tensors.items()}
         try:
             sharder = Sharder(ckpt.config, rules, shapes=shapes, **options)
@@ -225,20 +225,21 @@ class Loader:
         (checked before any I/O; the result then shares that memory)."""
         self._check_open()
         rank, world = check_rank(*ranks(rank, world, group))  # torch.distributed if omitted
-        _per_load(options)  # bad values fail here, before any file is opened
+        source = _per_load(options)[3]  # bad values fail here, before any file is opened
         t0 = time.perf_counter()
-        ckpt = open_checkpoint(path) if not isinstance(path, Checkpoint) else path
+        ckpt = open_checkpoint(path, source) if not isinstance(path, Checkpoint) else path
         t1 = time.perf_counter()
         lp = self.plan(ckpt, rank, world, **options)
         plan = lp.plan
         t2 = time.perf_counter()
+        remote = ckpt.source is not None
         report = LoadReport(
             path=str(ckpt.root or ckpt.files[0].path if ckpt.files else path),
             rank=rank,
             world=world,
             device=self.device,
-            backend=self.backend,
-            backend_reason=self.backend_reason,
+            backend="remote" if remote else self.backend,
+            backend_reason=_REMOTE_REASON if remote else self.backend_reason,
             tensors=len(plan.tensors) + len(lp.resident),
             file_bytes=touched_bytes(ckpt, plan, lp.resident),
             bytes_gap=plan.bytes_gap,
@@ -261,11 +262,19 @@ class Loader:
         buffers = backend.allocate(plan, into) if into else backend.allocate(plan)
         bar = self._progress(plan.bytes_read)
         try:
-            reader = backend.reader(ckpt.files, prefetch=self.config.prefetch)
+            if remote:  # ranged GETs into the same buffers, staging and plan
+                reader = ckpt.source.reader(ckpt.files, prefetch=self.config.prefetch)
+            else:
+                reader = backend.reader(ckpt.files, prefetch=self.config.prefetch)
             try:
                 backend.run(plan, buffers, reader, report, bar.update if bar is not None else None)
+                if remote and lp.resident:
+                    resident_arrays = _remote_resident(lp, reader, self.config, report)
             finally:
                 reader.close()  # raises if a file changed while we read it
+            if remote:  # what crossed the network, retries included
+                report.bytes_read = reader.bytes_received
+                report.bytes_header = ckpt.source.probe_bytes
         except BaseException:
             # The traceback keeps the frames that saw ``buffers`` alive, so the
             # results would wait for the cyclic GC: on a GPU, gigabytes a retry
@@ -276,7 +285,9 @@ class Loader:
             if bar is not None:
                 bar.close()
         result = backend.convert(buffers, list(plan.tensors), self.framework)
-        if lp.resident:
+        if remote and lp.resident:
+            result.update(resident_as(resident_arrays, self.framework))
+        elif lp.resident:
             # Zero-copy host arrays over the checkpoint's mapping, prefaulted
             # and pinned (fused cuts: copies, pinned the same way): they stay
             # on the CPU whatever the device.
@@ -341,8 +352,43 @@ def _per_load(options: dict[str, Any]):
         resident_spec = _resident.PRESET_EXPERTS
     resident_of = name_filter(resident_spec or None, "cpu_resident")
     rules = options.pop("rules", None)
+    source = options.pop("storage_options", None)
+    if source is not None and not isinstance(source, dict):
+        raise TypeError(f"storage_options must be a dict, got {type(source).__name__}")
     Sharder(None, rules, **options)  # validates rules and every sharding option
-    return keep, resident_of, rules, options
+    return keep, resident_of, rules, source, options
+
+
+_REMOTE_REASON = "remote checkpoint: ranged GETs (gpuload.remote) into the backend's buffers"
+
+
+def _remote_resident(lp: LoadPlan, reader, cfg, report: LoadReport) -> dict[str, np.ndarray]:
+    """cpu_resident tensors of a remote checkpoint: nothing to map, so they
+    are read (only their selection's ranges) into host memory, and reported
+    as copies; prefault does not apply to them."""
+    from .outputs import convert as host_convert
+    from .pipeline import HostPipeline
+    from .resident import PrefaultReport
+
+    items = [(lp.checkpoint.tensors[n], sel) for n, sel in lp.resident.items()]
+    plan = plan_reads(
+        items,
+        PlanOptions(
+            chunk_bytes=max(1, min(cfg.chunk_bytes, cfg.staging_bytes // 2)),
+            min_chunk_bytes=min(cfg.min_chunk_bytes, cfg.chunk_bytes),
+        ),
+    )
+    bufs = HostBackend(cfg.replace(backend="posix")).allocate(plan)
+    HostPipeline(cfg.threads, cfg.staging_bytes).run(plan, bufs, reader, LoadReport())
+    arrays = host_convert(bufs, list(plan.tensors), "numpy")
+    report.bytes_resident = sum(a.nbytes for a in arrays.values())
+    report.resident_copies = sorted(arrays)
+    report.prefault = PrefaultReport(
+        skipped_reason="remote checkpoint: prefault does not apply (nothing is mapped); "
+        "cpu_resident tensors were read into host memory as copies",
+        copies=sorted(arrays),
+    )
+    return arrays
 
 
 def touched_bytes(ckpt: Checkpoint, plan: Plan, resident: dict[str, Selection]) -> int:
