@@ -379,7 +379,8 @@ def _remote_resident(lp: LoadPlan, reader, cfg, report: LoadReport) -> dict[str,
         ),
     )
     bufs = HostBackend(cfg.replace(backend="posix")).allocate(plan)
-    HostPipeline(cfg.threads, cfg.staging_bytes).run(plan, bufs, reader, LoadReport())
+    scratch = LoadReport(path=report.path, rank=0, world=1, device="cpu", backend="remote")
+    HostPipeline(cfg.threads, cfg.staging_bytes).run(plan, bufs, reader, scratch)
     arrays = host_convert(bufs, list(plan.tensors), "numpy")
     report.bytes_resident = sum(a.nbytes for a in arrays.values())
     report.resident_copies = sorted(arrays)

@@ -25,8 +25,9 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 @dataclasses.dataclass
 class Faults:
-    every: int = 0  # inject on every N-th .safetensors GET (0: never)
+    every: int = 0  # inject on every N-th .safetensors GET (0: never), once per range
     kind: str = ""  # "500" | "503" | "drop" | "short" | "ignore_range" | "hang"
+    repeat: bool = False  # also on retries of a faulted request
     missing: tuple[str, ...] = ()  # file names answered 404
     token: str = ""  # required "Authorization: Bearer TOKEN" (else 403)
     ignore_if_match: bool = False  # serve a stale If-Match anyway (ETag still sent)
@@ -42,6 +43,7 @@ class RangeServer:
         self.requests: list[tuple[str, str, int]] = []  # (path, range, status)
         self.active = 0  # open connections
         self.n = 0  # .safetensors GETs seen
+        self.faulted: set[tuple[str, str]] = set()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -117,8 +119,11 @@ class RangeServer:
                 n = self.n
             if callable(f.on_request):
                 f.on_request(n)
-            if f.every and n % f.every == 0:
+            key = (path, h.headers.get("Range", ""))
+            # Never the same request twice: a retry of it gets through.
+            if f.every and n % f.every == 0 and (f.repeat or key not in self.faulted):
                 fault = f.kind
+                self.faulted.add(key)
         if fault == "500":
             return self._reply(h, 500, b"<Error><Code>InternalError</Code></Error>")
         if fault == "503":

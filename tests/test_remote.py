@@ -1,0 +1,228 @@
+"""Remote checkpoints over HTTP (a real server on 127.0.0.1): every rank of
+worlds 1, 2, 4, 8 byte-exact, bytes counted at the server, the Hub's
+resolve URLs, the CLI, and each fault of issue 22 through the public
+entry points: correct bytes or a GpuloadError, never wrong bytes, a hang or
+a connection left open."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import RULES, differing, expected_shards, write_matrix
+from remote_server import Faults, RangeServer, replace_file
+
+import gpuload
+from gpuload import synth
+from gpuload.errors import GpuloadError, IndexFileError, ReadError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(
+        np.ascontiguousarray(a[n]).tobytes() == np.ascontiguousarray(b[n]).tobytes() for n in a
+    )
+
+
+def _no_leaks(server: RangeServer) -> None:
+    assert server.wait_idle() == 0, "a connection was left open"
+    assert not [t for t in threading.enumerate() if t.name.startswith("gpuload-")]
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory) -> Path:
+    """Every dtype x shape in two files with an index, 6 MiB of padding
+    tensors so the header probes are a small part of the bytes."""
+    where = tmp_path_factory.mktemp("matrix")
+    rng = np.random.default_rng(5)
+    return write_matrix(where, rng, index=True, extra={"big.row": ("F32", (24, 65536))})
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> Path:
+    return synth.write_model(tmp_path_factory.mktemp("moe") / "m", "tiny-qwen-moe", num_files=3)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_http_every_rank_matches_oracle_and_server_bytes(matrix, world):
+    dims = {"big.row": 0}
+    with RangeServer(matrix) as s:
+        for rank in range(world):
+            before = s.sent
+            got, rep = gpuload.load_sharded(
+                s.url + "/", rank, world, device="cpu", rules=RULES, return_report=True
+            )
+            assert not differing(got, expected_shards(matrix, rank, world, dims))
+            assert rep.backend == "remote"
+            # What the server sent is what the load counted: the planned
+            # reads (no retries here) plus index, header probes, config.
+            assert s.sent - before == rep.bytes_read + rep.bytes_header
+            plan = gpuload.Loader(device="cpu").plan(s.url + "/", rank, world, rules=RULES)
+            assert rep.bytes_read == plan.plan.bytes_read
+        _no_leaks(s)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_http_moe_matches_local_every_rank(moe, world):
+    with RangeServer(moe) as s:
+        for rank in range(world):
+            want = gpuload.load_sharded(moe, rank, world, device="cpu")
+            got = gpuload.load_sharded(s.url + "/", rank, world, device="cpu")
+            assert _same(got, want)
+        ep = gpuload.load_sharded(s.url + "/", 1, 2, device="cpu", expert_parallel=True)
+        assert _same(ep, gpuload.load_sharded(moe, 1, 2, device="cpu", expert_parallel=True))
+        _no_leaks(s)
+
+
+def test_single_file_url_and_cpu_resident_and_prefault(tmp_path, rng):
+    f = write_matrix(tmp_path, rng)
+    with RangeServer(tmp_path) as s:
+        got, rep = gpuload.load_sharded(
+            f"{s.url}/model.safetensors",
+            1,
+            2,
+            device="cpu",
+            rules=RULES,
+            cpu_resident=r"\.col$",
+            prefault=True,
+            return_report=True,
+        )
+        assert not differing(got, expected_shards(f, 1, 2))
+        assert rep.resident_copies and all(n.endswith(".col") for n in rep.resident_copies)
+        assert "does not apply" in rep.prefault.skipped_reason
+        assert all(got[n].flags.writeable for n in rep.resident_copies)  # owned copies
+        _no_leaks(s)
+
+
+def test_hf_resolve_urls_with_token_and_revision(moe):
+    repo = moe.parent / "hub" / "org" / "tiny" / "resolve" / "v1"
+    repo.mkdir(parents=True)
+    for p in moe.iterdir():
+        shutil.copy(p, repo / p.name)
+    with RangeServer(moe.parent / "hub", Faults(token="hf_secret")) as s:
+        opts = {"hf_endpoint": s.url, "hf_token": "hf_secret"}
+        got = gpuload.load_sharded("hf://org/tiny@v1", 0, 2, device="cpu", storage_options=opts)
+        assert _same(got, gpuload.load_sharded(moe, 0, 2, device="cpu"))
+        # A wrong token: a clear 403 naming the URL, never the token.
+        with pytest.raises(ReadError, match=r"HTTP 403.*credentials") as e:
+            gpuload.load_sharded(
+                "hf://org/tiny@v1", 0, 2, device="cpu", storage_options={**opts, "hf_token": "bad"}
+            )
+        assert "/org/tiny/resolve/v1/" in str(e.value)
+        assert "hf_secret" not in str(e.value)
+        _no_leaks(s)
+
+
+def test_hf_env_is_read(moe, monkeypatch):
+    repo = moe.parent / "hub2" / "org" / "m" / "resolve" / "main"
+    repo.mkdir(parents=True)
+    for p in moe.iterdir():
+        shutil.copy(p, repo / p.name)
+    with RangeServer(moe.parent / "hub2") as s:
+        monkeypatch.setenv("HF_ENDPOINT", s.url)
+        got = gpuload.load_sharded("hf://org/m", 1, 2, device="cpu")
+        assert _same(got, gpuload.load_sharded(moe, 1, 2, device="cpu"))
+
+
+def test_cli_inspect_and_plan_take_urls(moe):
+    with RangeServer(moe) as s:
+        run = [sys.executable, "-m", "gpuload"]
+        out = subprocess.run(
+            [*run, "inspect", "--json", s.url + "/"], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert len(doc["files"]) == 3 and doc["files"][0]["path"].startswith(s.url)
+        out = subprocess.run(
+            [*run, "plan", s.url + "/", "--world", "2", "--rank", "1"],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+
+
+# -- faults ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["500", "503", "drop", "short", "hang"])
+def test_transient_faults_end_in_correct_bytes(matrix, kind):
+    with RangeServer(matrix, Faults(every=3, kind=kind)) as s:
+        got, rep = gpuload.load_sharded(
+            s.url + "/",
+            1,
+            2,
+            device="cpu",
+            rules=RULES,
+            return_report=True,
+            storage_options={"timeout": 0.5, "retries": 4},
+        )
+        assert not differing(got, expected_shards(matrix, 1, 2, {"big.row": 0}))
+        assert s.n >= 3  # the fault was hit
+        _no_leaks(s)
+
+
+def test_retries_are_bounded(matrix):
+    with RangeServer(matrix, Faults(every=1, kind="503", repeat=True)) as s:
+        with pytest.raises(ReadError, match=r"after 3 tries: HTTP 503.*SlowDown"):
+            gpuload.load_sharded(s.url + "/", 0, 2, device="cpu", storage_options={"retries": 2})
+        _no_leaks(s)
+
+
+@pytest.mark.parametrize("honours_if_match", [True, False])
+def test_object_replaced_mid_load_raises(tmp_path, rng, honours_if_match):
+    where = write_matrix(tmp_path, rng, index=True, extra={"big.row": ("F32", (24, 65536))})
+    target = where / "model-0.safetensors"
+
+    def replace(n: int) -> None:
+        if n == 3:  # after both header probes, before the ranges
+            replace_file(target)
+
+    faults = Faults(on_request=replace, ignore_if_match=not honours_if_match)
+    with RangeServer(where, faults) as s:
+        with pytest.raises(ReadError, match="changed since|replaced") as e:
+            gpuload.load_sharded(s.url + "/", 0, 1, device="cpu", rules=RULES, threads=1)
+        assert "model-0.safetensors" in str(e.value)
+        _no_leaks(s)
+
+
+def test_server_ignoring_range_is_refused(matrix):
+    with RangeServer(matrix, Faults(every=1, kind="ignore_range", repeat=True)) as s:
+        with pytest.raises(ReadError, match="ignored Range"):
+            gpuload.load_sharded(s.url + "/", 0, 2, device="cpu", rules=RULES)
+        _no_leaks(s)
+
+
+def test_missing_shard_names_the_url(matrix):
+    with RangeServer(matrix, Faults(missing=("model-1.safetensors",))) as s:
+        with pytest.raises(IndexFileError, match=r"model-1.safetensors.*HTTP 404") as e:
+            gpuload.load_sharded(s.url + "/", 0, 2, device="cpu", rules=RULES)
+        assert s.url in str(e.value)
+        with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+            gpuload.load_sharded(s.url + "/nothing/", 0, 2, device="cpu")
+        _no_leaks(s)
+
+
+def test_bad_header_is_a_header_error(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    with RangeServer(tmp_path) as s:
+        with pytest.raises(GpuloadError, match="exceeds"):
+            gpuload.load_sharded(s.url + "/model.safetensors", 0, 1, device="cpu")
+
+
+def test_prefetch_off_and_storage_options_checked(matrix):
+    with RangeServer(matrix) as s:
+        got = gpuload.load_sharded(s.url + "/", 0, 2, device="cpu", rules=RULES, prefetch=False)
+        assert not differing(got, expected_shards(matrix, 0, 2, {"big.row": 0}))
+        with pytest.raises(TypeError, match="unknown storage_options"):
+            gpuload.load_sharded(s.url + "/", 0, 2, device="cpu", storage_options={"bogus": 1})
+    with pytest.raises(TypeError, match="storage_options"):
+        gpuload.Loader(device="cpu", storage_options={})
+    with pytest.raises(ValueError, match="storage_options is for"):
+        gpuload.load_sharded(matrix, 0, 2, device="cpu", storage_options={"region": "x"})
