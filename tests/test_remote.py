@@ -211,9 +211,8 @@ def test_missing_shard_names_the_url(matrix):
 
 def test_bad_header_is_a_header_error(tmp_path):
     (tmp_path / "model.safetensors").write_bytes((10**9).to_bytes(8, "little") + b"{}")
-    with RangeServer(tmp_path) as s:
-        with pytest.raises(GpuloadError, match="exceeds"):
-            gpuload.load_sharded(s.url + "/model.safetensors", 0, 1, device="cpu")
+    with RangeServer(tmp_path) as s, pytest.raises(GpuloadError, match="exceeds"):
+        gpuload.load_sharded(s.url + "/model.safetensors", 0, 1, device="cpu")
 
 
 def test_prefetch_off_and_storage_options_checked(matrix):
