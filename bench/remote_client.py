@@ -123,10 +123,7 @@ def main() -> None:
         "range_mib": args.range_mib,
         "threads": args.threads,
         "cpus": os.cpu_count(),
-        **{
-            f"{k}_gib_s": round(size / statistics.median(v) / 2**30, 3)
-            for k, v in times.items()
-        },
+        **{f"{k}_gib_s": round(size / statistics.median(v) / 2**30, 3) for k, v in times.items()},
         "runs_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
     }
     print(json.dumps(res, indent=1))

@@ -65,7 +65,8 @@ def test_http_every_rank_matches_oracle_and_server_bytes(matrix, world):
             # reads (no retries here) plus index, header probes, config.
             assert s.sent - before == rep.bytes_read + rep.bytes_header
             plan = gpuload.Loader(device="cpu").plan(s.url + "/", rank, world, rules=RULES)
-            assert rep.bytes_read == plan.plan.bytes_read
+            # The planned reads, less what the probes' first MiB already held.
+            assert plan.plan.bytes_read - 2 * (1 << 20) <= rep.bytes_read <= plan.plan.bytes_read
         _no_leaks(s)
 
 
@@ -178,7 +179,9 @@ def test_retries_are_bounded(matrix):
 @pytest.mark.parametrize("honours_if_match", [True, False])
 def test_object_replaced_mid_load_raises(tmp_path, rng, honours_if_match):
     where = write_matrix(tmp_path, rng, index=True, extra={"big.row": ("F32", (24, 65536))})
-    target = where / "model-0.safetensors"
+    wm = json.loads((where / "model.safetensors.index.json").read_text())["weight_map"]
+    name = wm["big.row"]  # the file with ranges past its probe's first MiB
+    target = where / name
 
     def replace(n: int) -> None:
         if n == 3:  # after both header probes, before the ranges
@@ -188,7 +191,7 @@ def test_object_replaced_mid_load_raises(tmp_path, rng, honours_if_match):
     with RangeServer(where, faults) as s:
         with pytest.raises(ReadError, match="changed since|replaced") as e:
             gpuload.load_sharded(s.url + "/", 0, 1, device="cpu", rules=RULES, threads=1)
-        assert "model-0.safetensors" in str(e.value)
+        assert name in str(e.value)
         _no_leaks(s)
 
 

@@ -112,10 +112,11 @@ def test_nginx_every_rank_matches_oracle_and_logged_bytes(nginx, world):
         )
         assert not differing(got, expected_shards(root / "matrix", rank, world, dims))
         sent, _ = _sent(log, since)
-        # Exactly the planned ranges plus index, probes and config.json (404).
-        assert rep.bytes_read == gpuload.Loader(device="cpu").plan(
-            f"{url}/matrix/", rank, world, rules=RULES
-        ).plan.bytes_read
+
+        planned = gpuload.Loader(device="cpu").plan(f"{url}/matrix/", rank, world, rules=RULES)
+        # less what the two files' 1 MiB header probes already fetched
+        assert planned.plan.bytes_read - 2 * (1 << 20) <= rep.bytes_read
+        assert rep.bytes_read <= planned.plan.bytes_read
         assert sent - rep.bytes_read - rep.bytes_header < 1024  # the 404 page of config.json
 
 

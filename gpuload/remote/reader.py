@@ -4,7 +4,8 @@ The pipeline calls :meth:`RemoteReader.readinto` from its reader threads
 exactly as it calls :meth:`gpuload.io.PosixReader.readinto`: the plan's
 (coalesced, split) read ops become one ranged GET each, whose body is read
 straight into the op's destination buffers (results, staging or the gap
-discard). Each reader has its own connection pool, closed by
+discard). Bytes the header probe already fetched (the first MiB of each
+file) are copied from it, not fetched again. Each reader has its own connection pool, closed by
 :meth:`close`, so a load leaves no connection behind.
 
 Read-ahead (``GPULOAD_PREFETCH``): the pipeline announces the op a thread
@@ -48,6 +49,19 @@ class RemoteReader:
         if self._closed:
             raise ReadError(f"{file}: the reader is closed")
         target, size, etag = self._files[file]
+        seed = self.source.seeds.get(file, b"")
+        if offset < len(seed):  # the probe fetched these bytes already
+            rest = []
+            for b in buffers:
+                n = max(0, min(len(b), len(seed) - offset))
+                if n:
+                    b[:n] = seed[offset : offset + n]
+                if n < len(b):
+                    rest.append(b[n:])
+                offset += n
+            buffers = rest
+            if not buffers:
+                return
         self.client.read_range(target, offset, buffers, etag=etag, size=size)
 
     def advise(self, file: str, offset: int, length: int) -> None:

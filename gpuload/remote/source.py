@@ -39,6 +39,7 @@ from .s3 import Bucket, Credentials
 PROBE_BYTES = 1 << 20  # hf-mount's probe: the header and often the first tensors' start
 JSON_LIMIT = 64 << 20  # index.json / config.json
 PROBE_THREADS = 16
+MAX_SEEDS = 64  # probes kept to serve reads from: at most 64 MiB per checkpoint
 
 #: The keys ``storage_options=`` takes (each overrides its environment variable).
 OPTIONS = {
@@ -67,6 +68,10 @@ class Source:
     target_of: Any  # name (relative to base) -> Target
     files: dict[str, Target] = dataclasses.field(default_factory=dict)  # url -> target
     probe_bytes: int = 0  # bytes the header probes fetched
+    # Each file's first bytes as the probe fetched them (the header and the
+    # start of the data): ranges inside them are served from here, as
+    # hf-mount seeds its buffer with the probe's trailing bytes.
+    seeds: dict[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
 
     def reader(self, headers, *, prefetch: bool):
         from .reader import RemoteReader
@@ -212,6 +217,8 @@ def probe(src: Source, name: str) -> FileHeader:
         src.client.read_range(t, got, [memoryview(more)], etag=etag, size=size, what="header")
         head += bytes(more)
     h = parse_header_bytes(t.url, head, size, (0, 0, size, 0))
+    if len(src.seeds) < MAX_SEEDS:
+        src.seeds[t.url] = head
     return dataclasses.replace(h, version=etag)
 
 
