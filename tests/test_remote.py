@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import RULES, differing, expected_shards, write_matrix
 from remote_server import Faults, RangeServer, replace_file
+from test_device_pipeline import SMALL, fake_gpu, mismatched  # noqa: F401  (a fixture)
 
 import gpuload
 from gpuload import synth
@@ -228,3 +229,20 @@ def test_prefetch_off_and_storage_options_checked(matrix):
         gpuload.Loader(device="cpu", storage_options={})
     with pytest.raises(ValueError, match="storage_options is for"):
         gpuload.load_sharded(matrix, 0, 2, device="cpu", storage_options={"region": "x"})
+
+
+@pytest.mark.parametrize("reader", ["posix", "kvikio"])
+def test_remote_on_the_fake_gpu_pipeline(tmp_path, rng, fake_gpu, reader):
+    """The device pipeline (fake CUDA runtime) takes the remote reader in
+    place of posix or kvikio: pinned staging, H2D, gathers, same bytes."""
+    from fake_cuda import FakeKvikio
+
+    where = write_matrix(tmp_path, rng, index=True)
+    fake_gpu(kvikio=FakeKvikio(compat=False) if reader == "kvikio" else None)
+    with RangeServer(where) as s:
+        with gpuload.Loader(device="cuda:0", framework="cupy", **SMALL) as ld:
+            for rank in range(2):
+                got, rep = ld.load(s.url + "/", rank, 2, rules=RULES, return_report=True)
+                assert not mismatched(got, expected_shards(where, rank, 2))
+                assert rep.backend == "remote"
+        _no_leaks(s)
