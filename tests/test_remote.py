@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from conftest import RULES, differing, expected_shards, write_matrix
 from remote_server import Faults, RangeServer, replace_file
-from test_device_pipeline import SMALL, fake_gpu, mismatched  # noqa: F401  (a fixture)
+from test_device_pipeline import SMALL, mismatched
+from test_device_pipeline import fake_gpu as fake_gpu  # noqa: F401  (the fixture)
 
 import gpuload
 from gpuload import synth
@@ -232,7 +233,7 @@ def test_prefetch_off_and_storage_options_checked(matrix):
 
 
 @pytest.mark.parametrize("reader", ["posix", "kvikio"])
-def test_remote_on_the_fake_gpu_pipeline(tmp_path, rng, fake_gpu, reader):
+def test_remote_on_the_fake_gpu_pipeline(tmp_path, rng, fake_gpu, reader):  # noqa: F811
     """The device pipeline (fake CUDA runtime) takes the remote reader in
     place of posix or kvikio: pinned staging, H2D, gathers, same bytes."""
     from fake_cuda import FakeKvikio
