@@ -21,6 +21,10 @@ Times are each process's own, from its start of the load to its tensors in
 memory (import excluded); link bytes are the namespace's veth ``tx_bytes``
 (headers included). Needs root (netns, tc) and nginx.
 
+Then a sweep of world 1 over reader threads (one GET in flight each) and
+read sizes (``GPULOAD_THREADS``, ``GPULOAD_CHUNK_BYTES``): how many requests
+of what size fill the link.
+
     python bench/remote.py [--size-gib 2] [--rates 1gbit,10gbit] [--delay-ms 0.5] [--out DIR]
 """
 
@@ -133,6 +137,19 @@ def run(code: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def sweep(url: str, threads: list[int], chunks: list[str]) -> list[dict]:
+    """World 1 with each reader-thread count (requests in flight) and read size."""
+    out = []
+    for chunk in chunks:
+        for n in threads:
+            env = {**ENV, "GPULOAD_THREADS": str(n), "GPULOAD_CHUNK_BYTES": chunk}
+            env["GPULOAD_MIN_CHUNK_BYTES"] = chunk
+            r = run(LOAD, url, "0", "1", env=env)
+            out.append({"threads": n, "chunk": chunk, "s": round(r["s"], 3)})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def measure(url: str, names: list[str], scratch: Path) -> dict:
     res: dict = {}
     b0 = tx_bytes()
@@ -199,6 +216,8 @@ def main() -> None:
     ap.add_argument("--rates", default="1gbit,10gbit")
     ap.add_argument("--delay-ms", type=float, default=0.5)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--sweep-threads", default="1,4,8,16", help="world-1 sweep ('' skips it)")
+    ap.add_argument("--sweep-chunks", default="4MiB,16MiB")
     args = ap.parse_args()
     from gpuload import synth
 
@@ -233,6 +252,12 @@ def main() -> None:
         for rate in args.rates.split(","):
             results.setdefault("shaping", {})[rate] = shape(rate, args.delay_ms)
             results["runs"][rate] = measure(url, names, scratch)
+            if args.sweep_threads:
+                results["runs"][rate]["sweep"] = sweep(
+                    url,
+                    [int(x) for x in args.sweep_threads.split(",")],
+                    args.sweep_chunks.split(","),
+                )
             print(json.dumps({rate: results["runs"][rate]}, indent=1), flush=True)
     finally:
         if nginx is not None:

@@ -37,6 +37,7 @@ from ..errors import ReadError
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _XML_FIELD = re.compile(r"<(Code|Message)>([^<]{0,300})</\1>")
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+_REDIRECT = {301, 302, 303, 307, 308}
 REDIRECTS = 5
 
 
@@ -146,26 +147,39 @@ class Client:
                 text = text.replace(s, "***")
         return text
 
+    def _start(self, t: Target, headers: dict[str, str]):
+        """Send one GET, not waiting for its answer: (target, connection)."""
+        t = self._moved.get(t.url, t)
+        h = dict(t.headers)
+        h.update(headers)
+        if t.sign is not None:
+            t.sign("GET", t, h)
+        p = t.parts
+        path = (p.path or "/") + (f"?{p.query}" if p.query else "")
+        conn = self._connect(t)
+        try:
+            conn.request("GET", path, headers=h)
+        except (OSError, http.client.HTTPException) as e:
+            self._drop(conn)
+            raise Retry(f"{type(e).__name__}: {e}") from e
+        return t, conn
+
+    def _answer(self, conn):
+        try:
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            self._drop(conn)
+            raise Retry(f"{type(e).__name__}: {e}") from e
+        with self._lock:
+            self.requests += 1
+        return resp
+
     def _send(self, t: Target, headers: dict[str, str]):
         """One request (redirects followed): (target, connection, response)."""
-        t = self._moved.get(t.url, t)
         for _ in range(REDIRECTS + 1):
-            h = dict(t.headers)
-            h.update(headers)
-            if t.sign is not None:
-                t.sign("GET", t, h)
-            p = t.parts
-            path = (p.path or "/") + (f"?{p.query}" if p.query else "")
-            conn = self._connect(t)
-            try:
-                conn.request("GET", path, headers=h)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as e:
-                self._drop(conn)
-                raise Retry(f"{type(e).__name__}: {e}") from e
-            with self._lock:
-                self.requests += 1
-            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+            t, conn = self._start(t, headers)
+            resp = self._answer(conn)
+            if resp.status in _REDIRECT and resp.getheader("Location"):
                 moved = t.moved(resp.getheader("Location", ""))
                 self._finish(t, conn, resp)
                 self._moved[t.url] = moved  # later ranges go straight there
@@ -173,6 +187,23 @@ class Client:
                 continue
             return t, conn, resp
         raise ReadError(f"{t.url}: more than {REDIRECTS} redirects")
+
+    def start_range(self, t: Target, offset: int, length: int, etag: str) -> tuple | None:
+        """Read-ahead: send the ranged GET for ``[offset, offset+length)``
+        now; :meth:`read_range` given it as ``pending`` reads its answer
+        (the body waits in the socket buffers meanwhile). None: not sent."""
+        h = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        if etag:
+            h["If-Match"] = etag
+        try:
+            t2, conn = self._start(t, h)
+        except Retry:
+            return None  # the read itself will retry and report
+        return t2, conn, offset, length
+
+    def discard(self, pending: tuple) -> None:
+        """Drop a read-ahead that will not be read (its answer is unread)."""
+        self._drop(pending[1])
 
     def _finish(self, t: Target, conn, resp, limit: int = 1 << 16) -> bytes:
         """Read a small body to its end and keep the connection, or drop it."""
@@ -269,17 +300,20 @@ class Client:
         size: int | None = None,
         what: str = "",
         to_end: bool = False,
+        pending: tuple | None = None,
     ) -> tuple[int, str, int]:
         """Fill ``buffers`` in order from bytes ``offset...`` of the object.
 
         ``etag`` (the ETag at the header probe): sent as ``If-Match`` and
         compared with each response's; ``size``: the object's size, compared
         with each ``Content-Range``; ``to_end``: a range running past the
-        object's end is cut there (the header probe). Returns (object size,
-        ETag, bytes filled).
+        object's end is cut there (the header probe); ``pending``: this
+        range's GET, already sent by :meth:`start_range`. Returns (object
+        size, ETag, bytes filled).
         """
         bufs = [b.cast("B") if b.format != "B" else b for b in buffers if len(b)]
         state: dict[str, Any] = {"pos": offset, "size": size, "etag": etag, "to_end": to_end}
+        state["pending"] = pending
         label = what or f"GET bytes {offset}+{sum(len(b) for b in bufs)}"
 
         def attempt() -> None:
@@ -288,7 +322,17 @@ class Client:
             h = {"Range": f"bytes={pos}-{pos + want - 1}"}
             if state["etag"]:
                 h["If-Match"] = state["etag"]
-            t2, conn, resp = self._send(t, h)
+            ahead, state["pending"] = state["pending"], None
+            if ahead is not None and ahead[2:] == (pos, want):
+                t2, conn = ahead[:2]
+                resp = self._answer(conn)
+                if resp.status in _REDIRECT:
+                    self._finish(t2, conn, resp)
+                    raise Retry("redirected")  # the next try follows it
+            else:
+                if ahead is not None:
+                    self.discard(ahead)
+                t2, conn, resp = self._send(t, h)
             if resp.status == 200:
                 self._drop(conn)  # its body is the whole object: never read it
                 raise ReadError(
@@ -361,18 +405,3 @@ class Client:
             self._drop(conn)
         else:
             self._release(t, conn)
-
-    def warm(self, t: Target) -> None:
-        """Open a connection to ``t``'s host ahead of need when none is idle."""
-        p = self._moved.get(t.url, t).parts
-        with self._lock:
-            if self._idle.get((p.scheme, p.netloc)):
-                return
-        t = self._moved.get(t.url, t)
-        conn = self._connect(t)
-        try:
-            conn.connect()
-        except OSError:
-            self._drop(conn)  # the request that needs it retries and reports
-            return
-        self._release(t, conn)
