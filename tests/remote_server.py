@@ -32,6 +32,7 @@ class Faults:
     token: str = ""  # required "Authorization: Bearer TOKEN" (else 403)
     ignore_if_match: bool = False  # serve a stale If-Match anyway (ETag still sent)
     on_request: object = None  # callable(n) run before the n-th .safetensors GET
+    delay_s: float = 0.0  # every .safetensors GET waits this long before its answer
 
 
 class RangeServer:
@@ -44,6 +45,7 @@ class RangeServer:
         self.active = 0  # open connections
         self.n = 0  # .safetensors GETs seen
         self.faulted: set[tuple[str, str]] = set()
+        self.inflight = self.peak = 0  # requests being answered, and the most at once
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -65,7 +67,14 @@ class RangeServer:
                 pass
 
             def do_GET(self) -> None:
-                server._get(self)
+                with server.lock:
+                    server.inflight += 1
+                    server.peak = max(server.peak, server.inflight)
+                try:
+                    server._get(self)
+                finally:
+                    with server.lock:
+                        server.inflight -= 1
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -119,6 +128,7 @@ class RangeServer:
                 n = self.n
             if callable(f.on_request):
                 f.on_request(n)
+            time.sleep(f.delay_s)
             key = (path, h.headers.get("Range", ""))
             # Never the same request twice: a retry of it gets through.
             if f.every and n % f.every == 0 and (f.repeat or key not in self.faulted):

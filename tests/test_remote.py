@@ -247,3 +247,21 @@ def test_remote_on_the_fake_gpu_pipeline(tmp_path, rng, fake_gpu, reader):  # no
                 assert not mismatched(got, expected_shards(where, rank, 2))
                 assert rep.backend == "remote"
         _no_leaks(s)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_prefetch_sends_the_next_range_ahead(matrix, prefetch):
+    """One reader thread: with read-ahead the next range's GET is in flight
+    while the current one is read (two at once at the server); with
+    GPULOAD_PREFETCH=0 never more than one."""
+    with RangeServer(matrix, Faults(delay_s=0.05)) as s:  # answers overlap
+        ckpt = gpuload.open_checkpoint(s.url + "/")  # the probes run 16 at once: not counted
+        s.peak = 0
+        mib = 1 << 20
+        with gpuload.Loader(
+            device="cpu", threads=1, chunk_bytes=mib, min_chunk_bytes=mib, prefetch=prefetch
+        ) as ld:
+            got = ld.load(ckpt, 0, 1, rules=RULES)
+        assert not differing(got, expected_shards(matrix, 0, 1, {"big.row": 0}))
+        assert s.peak == (2 if prefetch else 1)
+        _no_leaks(s)
