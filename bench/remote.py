@@ -128,9 +128,9 @@ print(json.dumps({"s": t2 - t0, "download_s": t1 - t0, "load_s": t2 - t1, "tenso
 ENV = {**os.environ, "GPULOAD_PROGRESS": "0"}
 
 
-def run(code: str, *args: str) -> dict:
+def run(code: str, *args: str, env: dict | None = None) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=ENV
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env or ENV
     )
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import config as _config
 from . import options as _options
 from . import resident as _resident
-from .backend import HostBackend, make_backend
+from .backend import make_backend
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .device import resolve_device
 from .errors import PlanError, ShardingError
@@ -269,7 +269,9 @@ class Loader:
             try:
                 backend.run(plan, buffers, reader, report, bar.update if bar is not None else None)
                 if remote and lp.resident:
-                    resident_arrays = _remote_resident(lp, reader, self.config, report)
+                    from .remote.resident import read_resident
+
+                    resident_arrays = read_resident(lp, reader, self.config, report)
             finally:
                 reader.close()  # raises if a file changed while we read it
             if remote:  # what crossed the network, retries included
@@ -360,36 +362,6 @@ def _per_load(options: dict[str, Any]):
 
 
 _REMOTE_REASON = "remote checkpoint: ranged GETs (gpuload.remote) into the backend's buffers"
-
-
-def _remote_resident(lp: LoadPlan, reader, cfg, report: LoadReport) -> dict[str, np.ndarray]:
-    """cpu_resident tensors of a remote checkpoint: nothing to map, so they
-    are read (only their selection's ranges) into host memory, and reported
-    as copies; prefault does not apply to them."""
-    from .outputs import convert as host_convert
-    from .pipeline import HostPipeline
-    from .resident import PrefaultReport
-
-    items = [(lp.checkpoint.tensors[n], sel) for n, sel in lp.resident.items()]
-    plan = plan_reads(
-        items,
-        PlanOptions(
-            chunk_bytes=max(1, min(cfg.chunk_bytes, cfg.staging_bytes // 2)),
-            min_chunk_bytes=min(cfg.min_chunk_bytes, cfg.chunk_bytes),
-        ),
-    )
-    bufs = HostBackend(cfg.replace(backend="posix")).allocate(plan)
-    scratch = LoadReport(path=report.path, rank=0, world=1, device="cpu", backend="remote")
-    HostPipeline(cfg.threads, cfg.staging_bytes).run(plan, bufs, reader, scratch)
-    arrays = host_convert(bufs, list(plan.tensors), "numpy")
-    report.bytes_resident = sum(a.nbytes for a in arrays.values())
-    report.resident_copies = sorted(arrays)
-    report.prefault = PrefaultReport(
-        skipped_reason="remote checkpoint: prefault does not apply (nothing is mapped); "
-        "cpu_resident tensors were read into host memory as copies",
-        copies=sorted(arrays),
-    )
-    return arrays
 
 
 def touched_bytes(ckpt: Checkpoint, plan: Plan, resident: dict[str, Selection]) -> int:

@@ -265,3 +265,9 @@ def test_prefetch_sends_the_next_range_ahead(matrix, prefetch):
         assert not differing(got, expected_shards(matrix, 0, 1, {"big.row": 0}))
         assert s.peak == (2 if prefetch else 1)
         _no_leaks(s)
+
+
+def test_import_gpuload_loads_no_remote_module():
+    code = "import gpuload, sys; print([m for m in sys.modules if m.startswith('gpuload.remote')])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
