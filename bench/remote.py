@@ -203,7 +203,7 @@ def plot(results: dict, path: Path) -> None:
         ax.bar([x + i * width for x in range(4)], vals, width, label=rate)
     ax.set_xticks([x + width * (len(rates) - 1) / 2 for x in range(4)], labels)
     ax.set_ylabel("seconds to tensors (host memory)")
-    shaping = next(iter(results["shaping"].values())).split(":")[0]
+    shaping = next(iter(results["shaping"].values())).rsplit(": ", 1)[0]
     ax.set_title(f"{results['size_gib']} GiB checkpoint, link shaped by {shaping}", fontsize=9)
     ax.legend()
     fig.tight_layout()
