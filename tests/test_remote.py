@@ -271,3 +271,9 @@ def test_import_gpuload_loads_no_remote_module():
     code = "import gpuload, sys; print([m for m in sys.modules if m.startswith('gpuload.remote')])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_unsupported_schemes_say_so():
+    for url in ("gs://bucket/m/", "az://container/m/"):
+        with pytest.raises(ValueError, match="is not supported"):
+            gpuload.load_sharded(url, 0, 1, device="cpu")

@@ -13,16 +13,23 @@ from __future__ import annotations
 from typing import Any
 
 SCHEMES = ("s3://", "http://", "https://", "hf://")
+# Recognised, so that they fail with a clear message, not as a missing file.
+UNSUPPORTED = ("gs://", "gcs://", "az://", "abfs://", "abfss://")
 
 
 def is_remote(path: Any) -> bool:
     """Whether ``path`` is a URL gpuload reads remotely."""
-    return isinstance(path, str) and path.lower().startswith(SCHEMES)
+    return isinstance(path, str) and path.lower().startswith(SCHEMES + UNSUPPORTED)
 
 
 def open_remote(url: str, storage_options: dict[str, Any] | None = None):
     """Parse the remote checkpoint at ``url``: a
     :class:`~gpuload.checkpoint.Checkpoint` whose ``source`` makes its reader."""
+    if url.lower().startswith(UNSUPPORTED):
+        raise ValueError(
+            f"{url}: {url.split(':', 1)[0]}:// is not supported; gpuload reads s3://, "
+            "http(s):// and hf:// (a GCS bucket through its S3-compatible endpoint)"
+        )
     from .source import open_remote as _open
 
     return _open(url, storage_options)
