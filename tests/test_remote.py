@@ -277,3 +277,19 @@ def test_unsupported_schemes_say_so():
     for url in ("gs://bucket/m/", "az://container/m/"):
         with pytest.raises(ValueError, match="is not supported"):
             gpuload.load_sharded(url, 0, 1, device="cpu")
+
+
+def test_https_trusts_the_system_store_and_refuses_an_unknown_certificate(
+    matrix, tmp_path, monkeypatch
+):
+    from remote_server import self_signed
+
+    cert, key = self_signed(tmp_path)
+    with RangeServer(matrix, tls=(cert, key)) as s:
+        assert s.url.startswith("https://")
+        with pytest.raises(ReadError, match="certificate not trusted"):
+            gpuload.load_sharded(s.url + "/", 0, 2, device="cpu", rules=RULES)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # OpenSSL's own variable
+        got = gpuload.load_sharded(s.url + "/", 1, 2, device="cpu", rules=RULES)
+        assert not differing(got, expected_shards(matrix, 1, 2, {"big.row": 0}))
+        _no_leaks(s)

@@ -126,6 +126,9 @@ class Client:
         conn = self._connect(t)
         try:
             conn.request("GET", path, headers=h)
+        except ssl.SSLCertVerificationError as e:
+            self._drop(conn)  # not transient: no retry
+            raise ReadError(f"{t.url}: TLS certificate not trusted: {e.verify_message}") from e
         except (OSError, http.client.HTTPException) as e:
             self._drop(conn)
             raise Retry(f"{type(e).__name__}: {e}") from e
