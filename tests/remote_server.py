@@ -34,6 +34,7 @@ class Faults:
     ignore_if_match: bool = False  # serve a stale If-Match anyway (ETag still sent)
     on_request: object = None  # callable(n) run before the n-th .safetensors GET
     delay_s: float = 0.0  # every .safetensors GET waits this long before its answer
+    redirect_to: str = ""  # answer every GET with a 302 to this base URL + the path
 
 
 class RangeServer:
@@ -46,6 +47,7 @@ class RangeServer:
         self.active = 0  # open connections
         self.n = 0  # .safetensors GETs seen
         self.faulted: set[tuple[str, str]] = set()
+        self.auth_seen = 0  # requests that carried an Authorization header
         self.inflight = self.peak = 0  # requests being answered, and the most at once
         server = self
 
@@ -124,8 +126,13 @@ class RangeServer:
         path = urllib.parse.unquote(urllib.parse.urlsplit(h.path).path)
         file = (self.root / path.lstrip("/")).resolve()
         name = file.name
+        if h.headers.get("Authorization"):
+            with self.lock:
+                self.auth_seen += 1
         if f.token and h.headers.get("Authorization") != f"Bearer {f.token}":
             return self._reply(h, 403, b"<Error><Code>AccessDenied</Code></Error>")
+        if f.redirect_to:
+            return self._reply(h, 302, b"", {"Location": f.redirect_to + h.path})
         if name in f.missing or not file.is_file() or self.root.resolve() not in file.parents:
             return self._reply(h, 404, b"<Error><Code>NoSuchKey</Code></Error>")
         fault = ""

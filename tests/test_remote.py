@@ -293,3 +293,26 @@ def test_https_trusts_the_system_store_and_refuses_an_unknown_certificate(
         got = gpuload.load_sharded(s.url + "/", 1, 2, device="cpu", rules=RULES)
         assert not differing(got, expected_shards(matrix, 1, 2, {"big.row": 0}))
         _no_leaks(s)
+
+
+def test_hf_redirect_to_a_cdn_drops_the_token(moe):
+    """The Hub answers resolve URLs with a redirect to its CDN (another
+    host): followed, and the token is never sent there."""
+    repo = moe.parent / "cdn" / "org" / "r" / "resolve" / "main"
+    repo.mkdir(parents=True)
+    for p in moe.iterdir():
+        shutil.copy(p, repo / p.name)
+    with RangeServer(moe.parent / "cdn") as cdn:
+        faults = Faults(token="hf_tok", redirect_to=cdn.url.replace("127.0.0.1", "localhost"))
+        with RangeServer(moe.parent / "cdn", faults) as hub:
+            got = gpuload.load_sharded(
+                "hf://org/r",
+                0,
+                2,
+                device="cpu",
+                storage_options={"hf_endpoint": hub.url, "hf_token": "hf_tok"},
+            )
+            assert _same(got, gpuload.load_sharded(moe, 0, 2, device="cpu"))
+            assert hub.auth_seen > 0 and cdn.auth_seen == 0
+            _no_leaks(hub)
+        _no_leaks(cdn)
