@@ -102,6 +102,14 @@ class RangeServer:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def quiet(self, seconds: float = 5.0) -> int:
+        """Bytes sent, once no request is being answered (a handler counts
+        its bytes after its write returns, maybe after the client read them)."""
+        deadline = time.monotonic() + seconds
+        while self.inflight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.sent
+
     def wait_idle(self, seconds: float = 5.0) -> int:
         """Open connections once the client had ``seconds`` to close them."""
         deadline = time.monotonic() + seconds

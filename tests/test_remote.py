@@ -57,7 +57,7 @@ def test_http_every_rank_matches_oracle_and_server_bytes(matrix, world):
     dims = {"big.row": 0}
     with RangeServer(matrix) as s:
         for rank in range(world):
-            before = s.sent
+            before = s.quiet()
             got, rep = gpuload.load_sharded(
                 s.url + "/", rank, world, device="cpu", rules=RULES, return_report=True
             )
@@ -65,7 +65,7 @@ def test_http_every_rank_matches_oracle_and_server_bytes(matrix, world):
             assert rep.backend == "remote"
             # What the server sent is what the load counted: the planned
             # reads (no retries here) plus index, header probes, config.
-            assert s.sent - before == rep.bytes_read + rep.bytes_header
+            assert s.quiet() - before == rep.bytes_read + rep.bytes_header
             plan = gpuload.Loader(device="cpu").plan(s.url + "/", rank, world, rules=RULES)
             # The planned reads, less what the probes' first MiB already held.
             assert plan.plan.bytes_read - 2 * (1 << 20) <= rep.bytes_read <= plan.plan.bytes_read
