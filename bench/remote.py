@@ -21,6 +21,13 @@ Times are each process's own, from its start of the load to its tensors in
 memory (import excluded); link bytes are the namespace's veth ``tx_bytes``
 (headers included). Needs root (netns, tc) and nginx.
 
+With ``--runai-python PY`` (a Python with ``runai-model-streamer`` and
+``runai-model-streamer-s3``), the Run:ai streamer's S3 reader too, against
+the same nginx as a path-style S3 endpoint: one process, and
+``--runai-ranks`` processes at once, each streaming every file (what vLLM's
+runai loader streams on every rank); ``--only-runai`` runs just gpuload
+world 1 and those.
+
 Then a sweep of world 1 over reader threads (one GET in flight each) and
 read sizes (``GPULOAD_THREADS``, ``GPULOAD_CHUNK_BYTES``): how many requests
 of what size fill the link.
@@ -128,9 +135,65 @@ print(json.dumps({"s": t2 - t0, "download_s": t1 - t0, "load_s": t2 - t1, "tenso
 ENV = {**os.environ, "GPULOAD_PROGRESS": "0"}
 
 
-def run(code: str, *args: str, env: dict | None = None) -> dict:
+RUNAI = """
+import json, sys, time
+from runai_model_streamer import SafetensorsStreamer
+base, names = sys.argv[1], sys.argv[2].split(",")
+t0 = time.perf_counter()
+n = 0
+with SafetensorsStreamer() as s:
+    s.stream_files([base + f for f in names if f.endswith(".safetensors")])
+    for name, t in s.get_tensors():
+        n += t.numel() * t.element_size()
+print(json.dumps({"s": time.perf_counter() - t0, "tensor_bytes": n}))
+"""
+
+
+def runai_env(endpoint: str) -> dict:
+    """The Run:ai streamer's S3 client (AWS SDK) at nginx, path style; nginx
+    ignores the (dummy) signature."""
+    return {
+        **ENV,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+    }
+
+
+def measure_runai(py: str, endpoint: str, names: list[str], ranks: int) -> dict:
+    """Run:ai's streamer as vLLM's runai loader uses it: every rank streams
+    every file (s3://model/FILE is nginx's /model/FILE)."""
+    env = runai_env(endpoint)
+    res: dict = {}
+    b0 = tx_bytes()
+    res["runai_world1"] = run(RUNAI, "s3://model/", ",".join(names), env=env, python=py)
+    res["runai_world1"]["link_bytes"] = tx_bytes() - b0
+    if ranks > 1:
+        b0 = tx_bytes()
+        procs = [
+            subprocess.Popen(
+                [py, "-c", RUNAI, "s3://model/", ",".join(names)], stdout=subprocess.PIPE, env=env
+            )
+            for _ in range(ranks)
+        ]
+        outs = [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
+        res[f"runai_{ranks}_procs"] = {
+            "link_bytes": tx_bytes() - b0,
+            "rank_s": [round(o["s"], 3) for o in outs],
+            "max_s": max(o["s"] for o in outs),
+        }
+    return res
+
+
+def run(code: str, *args: str, env: dict | None = None, python: str | None = None) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env or ENV
+        [python or sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env or ENV,
     )
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
@@ -218,6 +281,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--sweep-threads", default="1,4,8,16", help="world-1 sweep ('' skips it)")
     ap.add_argument("--sweep-chunks", default="4MiB,16MiB")
+    ap.add_argument("--runai-python", help="a python with runai-model-streamer[-s3]: compare")
+    ap.add_argument("--runai-ranks", type=int, default=8, help="Run:ai processes at once")
+    ap.add_argument("--only-runai", action="store_true", help="gpuload world 1 and Run:ai only")
     args = ap.parse_args()
     from gpuload import synth
 
@@ -251,8 +317,20 @@ def main() -> None:
         url = f"http://{NET}.2:8080/model/"
         for rate in args.rates.split(","):
             results.setdefault("shaping", {})[rate] = shape(rate, args.delay_ms)
-            results["runs"][rate] = measure(url, names, scratch)
-            if args.sweep_threads:
+            if args.only_runai:
+                b0 = tx_bytes()
+                w1 = run(LOAD, url, "0", "1")
+                w1["link_bytes"] = tx_bytes() - b0
+                results["runs"][rate] = {"world1": w1}
+            else:
+                results["runs"][rate] = measure(url, names, scratch)
+            if args.runai_python:
+                results["runs"][rate].update(
+                    measure_runai(
+                        args.runai_python, f"http://{NET}.2:8080", names, args.runai_ranks
+                    )
+                )
+            if args.sweep_threads and not args.only_runai:
                 results["runs"][rate]["sweep"] = sweep(
                     url,
                     [int(x) for x in args.sweep_threads.split(",")],
@@ -267,8 +345,10 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "remote.json").write_text(json.dumps(results, indent=1))
-        plot(results, args.out / "remote.png")
+        stem = "runai" if args.only_runai else "remote"
+        (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+        if not args.only_runai:
+            plot(results, args.out / "remote.png")
 
 
 if __name__ == "__main__":
