@@ -175,15 +175,25 @@ def measure_runai(py: str, endpoint: str, names: list[str], ranks: int) -> dict:
         b0 = tx_bytes()
         procs = [
             subprocess.Popen(
-                [py, "-c", RUNAI, "s3://model/", ",".join(names)], stdout=subprocess.PIPE, env=env
+                [py, "-c", RUNAI, "s3://model/", ",".join(names)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
             )
             for _ in range(ranks)
         ]
-        outs = [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
+        outs, errors = [], []
+        for p in procs:
+            out, err = p.communicate()
+            if p.returncode:
+                errors.append(err.decode()[-300:])
+            else:
+                outs.append(json.loads(out.decode().strip().splitlines()[-1]))
         res[f"runai_{ranks}_procs"] = {
             "link_bytes": tx_bytes() - b0,
             "rank_s": [round(o["s"], 3) for o in outs],
-            "max_s": max(o["s"] for o in outs),
+            "max_s": max((o["s"] for o in outs), default=None),
+            "failed": errors,  # processes that failed, with the end of their stderr
         }
     return res
 
