@@ -316,3 +316,16 @@ def test_hf_redirect_to_a_cdn_drops_the_token(moe):
             assert hub.auth_seen > 0 and cdn.auth_seen == 0
             _no_leaks(hub)
         _no_leaks(cdn)
+
+
+def test_torch_load_into_takes_a_url(moe):
+    torch = pytest.importorskip("torch")
+    ref = gpuload.load_sharded(moe, 0, 1, device="cpu")
+    name = next(n for n in ref if n.endswith("q_proj.weight"))
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.zeros(ref[name].shape, dtype=torch.bfloat16))
+    with RangeServer(moe) as s:
+        report = gpuload.torch.load_into(m, s.url + "/", name_map={"w": name}, strict=False)
+        assert report.backend == "remote"
+        _no_leaks(s)
+    assert m.w.detach().view(torch.int16).numpy().tobytes() == ref[name].tobytes()
