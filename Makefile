@@ -24,7 +24,7 @@ STAMP_CU13 := $(VENV_CU13)/.installed
 LOCK ?= 1
 locked = $(if $(filter 1,$(LOCK)),-c requirements/$(1).lock)
 
-.PHONY: install install-cu13 test test-latest lock test-realpkg test-gpu lint demo bench-cpu clean
+.PHONY: install install-cu13 nginx test test-latest lock test-realpkg test-gpu lint demo bench-cpu clean
 
 $(STAMP): pyproject.toml Makefile requirements/cpu.lock
 	rm -rf $(VENV)
@@ -67,8 +67,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check gpuload kernels tests bench examples
 	$(BIN)/hadolint docker/Dockerfile
 
-test: lint
-	$(BIN)/python -m pytest -q --ignore=tests/cudasim --ignore=tests/realpkg
+# The remote tier serves checkpoints with nginx (Debian's package): a real
+# Range/ETag/If-Match server on 127.0.0.1. CI runs as root and installs it
+# when missing; TEST_NGINX=1 makes its absence a failure, not a skip.
+NGINX_BIN := $(firstword $(shell command -v nginx) $(wildcard /usr/sbin/nginx))
+
+nginx:
+	$(if $(NGINX_BIN),@true,apt-get update -q && (apt-get install -y -q nginx-light || apt-get install -y -q nginx))
+
+test: lint nginx
+	TEST_NGINX=1 $(BIN)/python -m pytest -q --ignore=tests/cudasim --ignore=tests/realpkg
 	# Numba reads NUMBA_ENABLE_CUDASIM at import: the simulator tier runs alone.
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -q tests/cudasim
 	$(MAKE) test-realpkg

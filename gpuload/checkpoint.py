@@ -65,6 +65,7 @@ class FileHeader:
     metadata: dict[str, str]
     tensors: dict[str, TensorInfo]  # ordered by offset
     identity: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+    version: str = ""  # a remote object's ETag at the header probe ("": local)
 
     @property
     def data_start(self) -> int:
@@ -80,6 +81,9 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     config: dict[str, Any]
     config_path: str | None = None  # where ``config`` came from (None: no config.json)
+    # A remote checkpoint's store (gpuload.remote.source.Source): it makes
+    # the reader. None: local files.
+    source: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def file_bytes(self) -> int:
         return sum(f.size for f in self.files)
@@ -379,10 +383,18 @@ def _files_in_dir(root: Path) -> tuple[list[Path], dict[str, str] | None, Path |
 
 
 @paused()  # many small acyclic objects: see gpuload.gcpause
-def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Checkpoint:
+def open_checkpoint(
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    storage_options: dict[str, Any] | None = None,
+) -> Checkpoint:
     """Parse a checkpoint: a ``.safetensors`` file, a list of them, or a model
     directory (with ``model.safetensors.index.json`` and ``config.json``),
     also as a list of one.
+
+    A ``s3://``, ``http(s)://`` or ``hf://`` URL is a remote checkpoint
+    (:mod:`gpuload.remote`): its headers are fetched with ranged GETs, and
+    ``storage_options`` overrides the endpoint and credentials the
+    environment gives.
 
     Raises
     ------
@@ -392,6 +404,12 @@ def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         A header or the index is malformed, or they disagree; the message names
         the file and the tensor.
     """
+    from . import remote  # light: the clients load only for a URL
+
+    if remote.is_remote(path):
+        return remote.open_remote(path, storage_options)
+    if storage_options is not None:
+        raise ValueError(f"storage_options is for s3://, http(s):// and hf:// paths, not {path!r}")
     weight_map: dict[str, str] | None = None
     index: Path | None = None
     root: Path | None = None
@@ -434,6 +452,35 @@ def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                 )
 
     headers = [parse_header(p) for p in paths]
+    config: dict[str, Any] = {}
+    cfg_dir = root if root is not None else paths[0].parent
+    cfg = cfg_dir / "config.json"
+    if cfg.is_file():
+        config = _read_json(cfg, ConfigFileError)
+    return assemble(
+        headers,
+        weight_map,
+        None if index is None else str(index),
+        config,
+        str(cfg) if config or cfg.is_file() else None,
+        None if root is None else str(root),
+        {h.path: Path(h.path).name for h in headers},
+    )
+
+
+def assemble(
+    headers: Sequence[FileHeader],
+    weight_map: dict[str, str] | None,
+    index: str | None,
+    config: Any,
+    config_path: str | None,
+    root: str | None,
+    names: dict[str, str],
+    source: Any = None,
+) -> Checkpoint:
+    """A :class:`Checkpoint` from parsed headers, cross-checked against the
+    index's ``weight_map`` (``names``: each header's file name as the index
+    writes it). Local and remote checkpoints (:mod:`gpuload.remote`) share it."""
     tensors: dict[str, TensorInfo] = {}
     for h in headers:
         for name, info in h.tensors.items():
@@ -441,28 +488,18 @@ def open_checkpoint(path: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                 raise HeaderError(h.path, f"also stored in {tensors[name].file}", name)
             tensors[name] = info
     if weight_map is not None and index is not None:
-        names = {h.path: Path(h.path).name for h in headers}  # once per file, not per tensor
         for name, fname in weight_map.items():
             info = tensors.get(name)
             if info is None:
-                raise IndexFileError(str(index), f"listed in {fname!r} but found in no file", name)
+                raise IndexFileError(index, f"listed in {fname!r} but found in no file", name)
             if names[info.file] != fname:
-                raise IndexFileError(
-                    str(index), f"listed in {fname!r} but stored in {info.file}", name
-                )
+                raise IndexFileError(index, f"listed in {fname!r} but stored in {info.file}", name)
         for name, info in tensors.items():
             if name not in weight_map:
-                raise IndexFileError(
-                    str(index), f"stored in {info.file} but not in weight_map", name
-                )
-
-    config: dict[str, Any] = {}
-    cfg_dir = root if root is not None else paths[0].parent
-    cfg = cfg_dir / "config.json"
-    if cfg.is_file():
-        doc = _read_json(cfg, ConfigFileError)
-        if not isinstance(doc, dict):
-            raise ConfigFileError(str(cfg), "config.json is not a JSON object")
-        config = doc
-    root_str = None if root is None else str(root)
-    return Checkpoint(root_str, tuple(headers), tensors, config, str(cfg) if config else None)
+                raise IndexFileError(index, f"stored in {info.file} but not in weight_map", name)
+    if config_path is not None and not isinstance(config, dict):
+        raise ConfigFileError(config_path, "config.json is not a JSON object")
+    config = config or {}
+    return Checkpoint(
+        root, tuple(headers), tensors, config, config_path if config else None, source
+    )

@@ -287,3 +287,32 @@ def override(**settings: Any) -> Iterator[Config]:
         yield _current
     finally:
         _current = old
+
+
+# Remote checkpoints (gpuload.remote): the standard variables of the AWS
+# SDKs and of huggingface_hub, read here like every other variable, so a
+# test can point a load at a local server. ``storage_options=`` overrides
+# them key by key.
+_REMOTE_ENV = {
+    "endpoint": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+    "access_key_id": ("AWS_ACCESS_KEY_ID",),
+    "secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
+    "session_token": ("AWS_SESSION_TOKEN",),
+    "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+    "allow_http": ("AWS_ALLOW_HTTP",),
+    "hf_endpoint": ("HF_ENDPOINT",),
+    "hf_token": ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+}
+
+
+def remote_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The remote storage settings the environment gives (unset ones absent):
+    endpoint and credentials from ``AWS_*``, the Hub's from ``HF_*``."""
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    for key, names in _REMOTE_ENV.items():
+        for name in names:
+            if env.get(name):
+                out[key] = env[name]
+                break
+    return out

@@ -158,8 +158,8 @@ class Loader:
         self._check_open()
         _options.check(options, _options.PER_LOAD, "Loader.plan")
         rank, world = check_rank(rank, world)
-        keep, resident_of, rules, options = _per_load(options)
-        ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+        keep, resident_of, rules, source, options = _per_load(options)
+        ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, source)
         shapes = {name: info.shape for name, info in ckpt.tensors.items()}
         try:
             sharder = Sharder(ckpt.config, rules, shapes=shapes, **options)
@@ -230,20 +230,21 @@ class Loader:
         (checked before any I/O; the result then shares that memory)."""
         self._check_open()
         rank, world = check_rank(*ranks(rank, world, group))  # torch.distributed if omitted
-        _per_load(options)  # bad values fail here, before any file is opened
+        source = _per_load(options)[3]  # bad values fail here, before any file is opened
         t0 = time.perf_counter()
-        ckpt = open_checkpoint(path) if not isinstance(path, Checkpoint) else path
+        ckpt = open_checkpoint(path, source) if not isinstance(path, Checkpoint) else path
         t1 = time.perf_counter()
         lp = self.plan(ckpt, rank, world, **options)
         plan = lp.plan
         t2 = time.perf_counter()
+        remote = ckpt.source is not None
         report = LoadReport(
             path=str(ckpt.root or ckpt.files[0].path if ckpt.files else path),
             rank=rank,
             world=world,
             device=self.device,
-            backend=self.backend,
-            backend_reason=self.backend_reason,
+            backend="remote" if remote else self.backend,
+            backend_reason=_REMOTE_REASON if remote else self.backend_reason,
             tensors=len(plan.tensors) + len(lp.resident),
             file_bytes=touched_bytes(ckpt, plan, lp.resident),
             bytes_gap=plan.bytes_gap,
@@ -266,11 +267,21 @@ class Loader:
         buffers = backend.allocate(plan, into) if into else backend.allocate(plan)
         bar = self._progress(plan.bytes_read)
         try:
-            reader = backend.reader(ckpt.files, prefetch=self.config.prefetch)
+            if remote:  # ranged GETs into the same buffers, staging and plan
+                reader = ckpt.source.reader(ckpt.files, prefetch=self.config.prefetch)
+            else:
+                reader = backend.reader(ckpt.files, prefetch=self.config.prefetch)
             try:
                 backend.run(plan, buffers, reader, report, bar.update if bar is not None else None)
+                if remote and lp.resident:
+                    from .remote.resident import read_resident
+
+                    resident_arrays = read_resident(lp, reader, self.config, report)
             finally:
                 reader.close()  # raises if a file changed while we read it
+            if remote:  # what crossed the network, retries included
+                report.bytes_read = reader.bytes_received
+                report.bytes_header = ckpt.source.probe_bytes
         except BaseException:
             # The traceback keeps the frames that saw ``buffers`` alive, so the
             # results would wait for the cyclic GC: on a GPU, gigabytes a retry
@@ -281,7 +292,9 @@ class Loader:
             if bar is not None:
                 bar.close()
         result = backend.convert(buffers, list(plan.tensors), self.framework)
-        if lp.resident:
+        if remote and lp.resident:
+            result.update(resident_as(resident_arrays, self.framework))
+        elif lp.resident:
             # Zero-copy host arrays over the checkpoint's mapping, prefaulted
             # and pinned (fused cuts: copies, pinned the same way): they stay
             # on the CPU whatever the device.
@@ -346,8 +359,14 @@ def _per_load(options: dict[str, Any]):
         resident_spec = _resident.PRESET_EXPERTS
     resident_of = name_filter(resident_spec or None, "cpu_resident")
     rules = options.pop("rules", None)
+    source = options.pop("storage_options", None)
+    if source is not None and not isinstance(source, dict):
+        raise TypeError(f"storage_options must be a dict, got {type(source).__name__}")
     Sharder(None, rules, **options)  # validates rules and every sharding option
-    return keep, resident_of, rules, options
+    return keep, resident_of, rules, source, options
+
+
+_REMOTE_REASON = "remote checkpoint: ranged GETs (gpuload.remote) into the backend's buffers"
 
 
 def touched_bytes(ckpt: Checkpoint, plan: Plan, resident: dict[str, Selection]) -> int:

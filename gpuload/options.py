@@ -36,6 +36,11 @@ SHARDING = (
     "vision_tp",
 )
 
+#: Where the checkpoint is: endpoint and credentials of a remote one
+#: (``s3://``, ``http(s)://``, ``hf://``; see :mod:`gpuload.remote`),
+#: overriding the environment's. Per load.
+SOURCE = ("storage_options",)
+
 #: The keyword twins of the ``GPULOAD_*`` flags: the fields of
 #: :class:`gpuload.Config`. Per loader (``Loader(...)``, ``load_sharded``).
 SETTINGS = tuple(f.name for f in dataclasses.fields(Config))
@@ -44,12 +49,13 @@ SETTINGS = tuple(f.name for f in dataclasses.fields(Config))
 LOADER = ("device", "framework", "reader_factory", "runtime")
 
 #: Per-load keywords: what ``Loader.load`` and ``Loader.plan`` accept.
-PER_LOAD = SELECTION + SHARDING
+PER_LOAD = SELECTION + SHARDING + SOURCE
 
 _WHERE = {
     **{k: "a selection option of Loader.load / Loader.plan / load_sharded" for k in SELECTION},
     **{k: "a sharding option of Loader.load / Loader.plan / load_sharded" for k in SHARDING},
     **{k: "a setting of Loader(...) / load_sharded (GPULOAD_* twin)" for k in SETTINGS},
+    "storage_options": "a source option of Loader.load / Loader.plan / load_sharded",
     "device": "a keyword of Loader(...) / load_sharded",
     "framework": "a keyword of Loader(...) / load_sharded",
     "reader_factory": "a keyword of Loader(...)",
@@ -85,4 +91,4 @@ def split(kwargs: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[s
     return settings, per_load
 
 
-__all__ = ["LOADER", "PER_LOAD", "SELECTION", "SETTINGS", "SHARDING", "check", "split"]
+__all__ = ["LOADER", "PER_LOAD", "SELECTION", "SETTINGS", "SHARDING", "SOURCE", "check", "split"]

@@ -28,7 +28,8 @@ class LoadReport:
     tensors: int = 0  # arrays returned: read ones + cpu_resident ones
     file_bytes: int = 0  # tensor bytes of the files this load read from or mapped
     bytes_useful: int = 0  # bytes read into results (cpu_resident ones are mapped: not here)
-    bytes_read: int = 0  # bytes read from files: useful + wasted
+    bytes_read: int = 0  # bytes read from files (remote: received over the network)
+    bytes_header: int = 0  # remote: listing, index, header probes and config.json
     bytes_gap: int = 0  # of the wasted: gaps merged over (others' bytes), <= 25% of useful
     bytes_resident: int = 0  # bytes of the cpu_resident arrays returned
     # Bytes gpuload moved from host memory to the device: H2D copies plus the

@@ -79,7 +79,9 @@ def test_sharding_option_table_is_the_sharders_signature():
     assert set(options.SETTINGS) == {f for f in gpuload.Config.__dataclass_fields__}
     loader = set(inspect.signature(gpuload.Loader).parameters) - {"settings"}
     assert loader == set(options.LOADER)
-    every = options.SELECTION + options.SHARDING + options.SETTINGS + options.LOADER
+    every = (
+        options.SELECTION + options.SHARDING + options.SOURCE + options.SETTINGS + options.LOADER
+    )
     assert set(options._WHERE) == {*every, "return_report", "group"}  # each one's place is known
 
 

@@ -110,7 +110,8 @@ def load_into(
         tensor. A module on the ``meta`` device is first given empty tensors
         on ``device`` (``module.to_empty``), then filled.
     path
-        A ``.safetensors`` file, a list of them, or a model directory.
+        A ``.safetensors`` file, a list of them, a model directory, or an
+        ``s3://``, ``http(s)://`` or ``hf://`` URL of one.
     name_map
         ``state_dict()`` key -> checkpoint name: a dict (keys it lacks map to
         themselves) or a callable. Default: the identity.
@@ -127,7 +128,8 @@ def load_into(
         error (before any read). True: convert to the parameter's dtype
         while copying.
     **settings
-        :class:`~gpuload.Loader` settings (``threads``, ``chunk_bytes``...).
+        :class:`~gpuload.Loader` settings (``threads``, ``chunk_bytes``...),
+        and ``storage_options`` for a remote ``path`` (:mod:`gpuload.remote`).
 
     Returns
     -------
@@ -154,7 +156,7 @@ def load_into(
     """
     import torch
 
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, settings.pop("storage_options", None))
     if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
         _to_empty(module, device or current_device() or "cpu")
     mapping = _mapper(name_map)
