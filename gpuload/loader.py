@@ -290,8 +290,12 @@ class Loader:
                 self.config,
                 device=gpu,
                 writable=self.framework == "torch",
+                copy=options.get("cpu_resident") == "copy",
             )
             result.update(resident_as(arrays, self.framework))
+            # Converting may read the views (a dtype torch lacks is copied):
+            # the file is checked again once nothing more touches it.
+            _resident.check_unchanged(ckpt, {ckpt.tensors[n].file for n in arrays})
             report.bytes_resident = sum(a.nbytes for a in arrays.values())
             report.resident_copies = list(report.prefault.copies)
         report.seconds = time.perf_counter() - t0
@@ -337,7 +341,7 @@ def _per_load(options: dict[str, Any]):
     options = dict(options)
     keep = name_filter(options.pop("include", None))
     resident_spec = options.pop("cpu_resident", None)
-    if resident_spec is True:
+    if resident_spec is True or resident_spec == "copy":
         resident_spec = _resident.PRESET_EXPERTS
     resident_of = name_filter(resident_spec or None, "cpu_resident")
     rules = options.pop("rules", None)
@@ -399,7 +403,8 @@ def load_sharded(
           ``include`` (keep only matching tensors; the others are never
           read), ``cpu_resident`` (tensors kept in host memory: a regex,
           callable or names, or True for the routed-expert preset
-          ``gpuload.resident.PRESET_EXPERTS``; see
+          ``gpuload.resident.PRESET_EXPERTS``, or ``"copy"``: that preset
+          read into pinned anonymous memory instead of mapped; see
           :func:`gpuload.resident.map_resident` for views and copies);
         * sharding: ``num_heads``, ``num_kv_heads``, ``num_experts``,
           ``qkv_sections``, ``expert_parallel``, ``allow_uneven``,
