@@ -223,3 +223,62 @@ def test_2d_mesh_fsdp_times_tp(tmp_path):
         assert r["failures"] == [], r
         # each rank read its shards, not the file (plus a few covering gaps)
         assert r["bytes_read"] < r["file_bytes"], r
+
+
+def test_name_map_two_keys_to_one_name_loads_both(tmp_path):
+    """A tied checkpoint (no lm_head.weight) into an untied meta Qwen3 with
+    lm_head.weight mapped to the embeddings: both parameters get its bytes
+    (issue 23: only one did, the other kept uninitialised memory)."""
+    pytest.importorskip("transformers")
+    from tiny_models import quiet, write_model
+
+    where = write_model("qwen3", tmp_path)  # tied: the file has no lm_head.weight
+    assert "lm_head.weight" not in open_checkpoint(where).tensors
+    with quiet():
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(where)
+        config.tie_word_embeddings = False
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    with torch.no_grad():  # garbage a missed copy would leave behind
+        model.to_empty(device="cpu")
+        model.model.embed_tokens.weight.fill_(7.0)
+        model.lm_head.weight.fill_(7.0)
+    report = gt.load_into(
+        model, where, name_map={"lm_head.weight": "model.embed_tokens.weight"}, strict=True
+    )
+    want = save_load_reference(where, "model.embed_tokens.weight")
+    assert torch.equal(model.model.embed_tokens.weight, want)
+    assert torch.equal(model.lm_head.weight, want)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert report.missing == [] and report.unexpected == []
+
+
+def test_name_map_one_name_to_two_plain_parameters(tmp_path):
+    """Two untied plain parameters mapped to one name both get its bytes."""
+    path = tmp_path / "m.safetensors"
+    save_file({"x.weight": torch.randn(4, 4)}, path)
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.zeros(4, 4))
+            self.b = nn.Parameter(torch.zeros(4, 4))
+
+    mod = Pair()
+    report = gt.load_into(mod, path, name_map=lambda k: "x.weight")
+    want = save_load_reference(path, "x.weight")
+    assert torch.equal(mod.a, want) and torch.equal(mod.b, want) and not report.missing
+
+
+def save_load_reference(where, name):
+    from safetensors import safe_open
+
+    files = [where] if str(where).endswith(".safetensors") else sorted(where.glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            if name in set(h.keys()):
+                return h.get_tensor(name)
+    raise KeyError(name)

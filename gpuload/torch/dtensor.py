@@ -34,15 +34,18 @@ def _mapper(name_map: NameMap) -> Callable[[str], str]:
 
 
 def _targets(module: Any, mapping: Callable[[str], str], names: Any):
-    """``{checkpoint name: (tensor, key)}``, missing keys, unexpected names.
+    """``{checkpoint name: [(tensor, key), ...]}``, missing keys, unexpected
+    names.
 
     Tied parameters (one tensor under several keys, e.g. ``lm_head.weight``
     and ``model.embed_tokens.weight``) load once, from whichever key the
-    checkpoint has."""
+    checkpoint has. Untied ones that ``mapping`` sends to one checkpoint
+    name (a tied checkpoint into an untied model) are all listed: the name
+    is read once and copied to each."""
     groups: dict[int, tuple[Any, list[str]]] = {}
     for key, t in module.state_dict(keep_vars=True).items():
         groups.setdefault(id(t), (t, []))[1].append(key)
-    wanted: dict[str, tuple[Any, str]] = {}
+    wanted: dict[str, list[tuple[Any, str]]] = {}
     missing: list[str] = []
     asked: set[str] = set()
     for t, keys in groups.values():
@@ -52,7 +55,7 @@ def _targets(module: Any, mapping: Callable[[str], str], names: Any):
         if not found:
             missing.extend(keys)
         for k, n in found[:1]:
-            wanted[n] = (t, k)
+            wanted.setdefault(n, []).append((t, k))
     unexpected = sorted(set(names) - asked)
     return wanted, missing, unexpected
 
@@ -165,28 +168,41 @@ def load_into(
             f"missing keys {missing}, unexpected keys {unexpected}"
         )
     infos, selections, locals_, devices = {}, {}, {}, set()
-    for name, (t, key) in wanted.items():
+    copies: list[tuple[str, Any]] = []  # (name, local): a second key of one name
+    for name, targets in wanted.items():
         info = ckpt.tensors[name]
-        if tuple(t.shape) != info.shape:
-            raise ShardingError(
-                f"{info.file}: {name!r} has shape {info.shape}, {key!r} {tuple(t.shape)}"
-            )
-        found = _local(t, name, info.shape)
-        if found is None:
-            continue  # this rank is outside the tensor's mesh
-        local, box = found
-        want = tuple(b - a for a, b in box)
-        if tuple(local.shape) != want:  # a placement our box math gets wrong
-            raise ShardingError(f"{name!r}: local shard {tuple(local.shape)}, box {box}")
-        stored = getattr(torch, info.dtype.torch or "uint8")
-        if stored != local.dtype and not cast:
-            raise TypeError(
-                f"{info.file}: {name!r} is {info.dtype.name}, {key!r} is {local.dtype}; "
-                "pass cast=True to convert"
-            )
-        infos[name], selections[name] = box_read(info, box)
-        locals_[name] = local
-        devices.add(str(local.device))
+        boxes: dict[tuple, str] = {}
+        for t, key in targets:
+            if tuple(t.shape) != info.shape:
+                raise ShardingError(
+                    f"{info.file}: {name!r} has shape {info.shape}, {key!r} {tuple(t.shape)}"
+                )
+            found = _local(t, name, info.shape)
+            if found is None:
+                continue  # this rank is outside the tensor's mesh
+            local, box = found
+            want = tuple(b - a for a, b in box)
+            if tuple(local.shape) != want:  # a placement our box math gets wrong
+                raise ShardingError(f"{name!r}: local shard {tuple(local.shape)}, box {box}")
+            stored = getattr(torch, info.dtype.torch or "uint8")
+            if stored != local.dtype and not cast:
+                raise TypeError(
+                    f"{info.file}: {name!r} is {info.dtype.name}, {key!r} is {local.dtype}; "
+                    "pass cast=True to convert"
+                )
+            devices.add(str(local.device))
+            if boxes and box not in boxes:  # one read per name: one box per name
+                raise ShardingError(
+                    f"{info.file}: {name!r} is mapped to {boxes[next(iter(boxes))]!r} and "
+                    f"{key!r}, whose local shards differ ({next(iter(boxes))} vs {box}); "
+                    "load them with separate load_into calls"
+                )
+            if boxes:
+                copies.append((name, local))
+                continue
+            boxes[box] = key
+            infos[name], selections[name] = box_read(info, box)
+            locals_[name] = local
     if len(devices) > 1:
         raise ValueError(f"parameters on several devices {sorted(devices)}: load each part")
 
@@ -206,6 +222,8 @@ def load_into(
         for name, local in locals_.items():
             if name not in into:
                 local.copy_(tensors.pop(name).view(local.shape))
+        for name, local in copies:  # read once, copied to each further key
+            local.copy_(locals_[name])
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         report.rank, report.world = dist.get_rank(), dist.get_world_size()
