@@ -157,7 +157,9 @@ class Loader:
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
         shapes = {name: info.shape for name, info in ckpt.tensors.items()}
         try:
-            sharder = Sharder(ckpt.config, rules, shapes=shapes, **options)
+            sharder = Sharder(
+                ckpt.config, rules, shapes=shapes, config_path=ckpt.config_path, **options
+            )
         except ShardingError as e:  # a bad value in config.json
             raise ShardingError(f"{ckpt.config_path}: {e}") from None
         items: list[tuple[TensorInfo, Selection]] = []
