@@ -130,6 +130,10 @@ class Loader:
         # Two staging slots must fit the budget so reads overlap packing.
         chunk = max(1, min(self.config.chunk_bytes, self.config.staging_bytes // 2))
         gather = None
+        if self.config.gather == "zerocopy" and not self.config.pin:  # on the CPU too
+            raise ValueError(
+                "gather='zerocopy' reads mapped pinned staging, but pin=0 leaves it pageable"
+            )
         if self.device != "cpu":  # covering reads reach the GPU by a cost-model choice
             gather = GatherOptions(
                 force=self.config.gather,

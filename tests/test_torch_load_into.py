@@ -282,3 +282,19 @@ def save_load_reference(where, name):
             if name in set(h.keys()):
                 return h.get_tensor(name)
     raise KeyError(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no CUDA")
+def test_device_cuda_without_cuda_refused_before_materializing(tmp_path):
+    """A CPU-only torch: a clear GpuloadError, the meta module untouched
+    (it was torch's AssertionError after materializing had started)."""
+    from gpuload import BackendUnavailable
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3)}, path)
+    with torch.device("meta"):
+        mod = nn.Sequential()
+        mod.a = nn.Linear(4, 3)
+    with pytest.raises(BackendUnavailable, match="no CUDA"):
+        gt.load_into(mod, path, device="cuda")
+    assert mod.a.weight.is_meta and mod.a.bias.is_meta

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..checkpoint import open_checkpoint
-from ..errors import ShardingError
+from ..errors import BackendUnavailable, ShardingError
 from ..loader import Loader
 from ..report import LoadReport
 from ..selection import Selection
@@ -154,9 +154,18 @@ def load_into(
         or a local shard gpuload cannot read as one box; before any I/O.
     TypeError
         A dtype mismatch without ``cast=True``.
+    BackendUnavailable
+        ``device="cuda..."`` where torch sees no CUDA device; before the
+        module is touched.
     """
     import torch
 
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda and not torch.cuda.is_available():  # before anything is materialized
+        raise BackendUnavailable(
+            f"load_into(device={device!r}): this torch ({torch.__version__}) sees no CUDA "
+            "device (a CPU-only build, or no GPU); pass device='cpu'"
+        )
     ckpt = open_checkpoint(path)
     if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
         _to_empty(module, device or current_device() or "cpu")
