@@ -296,8 +296,9 @@ def parse_header(path: str | os.PathLike[str]) -> FileHeader:
     file = os.fspath(path)
     # O_NONBLOCK: opening a FIFO (or a device) named *.safetensors must not
     # block forever; it is refused below. Reads of regular files ignore it.
-    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
+    fd = -1
+    try:  # the open inside: a Ctrl-C right after it must not leak the fd
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise HeaderError(file, "is not a regular file")
@@ -315,7 +316,8 @@ def parse_header(path: str | os.PathLike[str]) -> FileHeader:
             raise ReadError(f"{file}: reading the header failed: {e.strerror}") from e
         return parse_header_bytes(file, head + body, st.st_size, identity)
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------
