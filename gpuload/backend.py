@@ -96,10 +96,19 @@ class HostBackend:
                     f"{t.out_nbytes} bytes"
                 )
         first = {p.tensor: p.src for op in plan.ops for p in op.pieces if p.dst == 0}
+        big = sum(1 for t in plan.tensors if t.name not in into and t.out_nbytes >= HUGE_PAGE)
+        # Mapped results only within half of the mappings this process has
+        # left (other code in it needs some): the rest come from np.empty.
+        cap = HostBuffer.live + mappings_left() // 2 if big else 0
         return {
             t.name: into[t.name]
             if t.name in into
-            else host_result(t.out_nbytes, t.name, first.get(t.name, 0), self._hugepages)
+            else host_result(
+                t.out_nbytes,
+                t.name,
+                first.get(t.name, 0),
+                self._hugepages and HostBuffer.live < cap,
+            )
             for t in plan.tensors
         }
 
@@ -148,7 +157,14 @@ def host_result(nbytes: int, name: str, src_offset: int = 0, hugepages: bool = T
     """
     at = page_place(src_offset)
     if hugepages and nbytes >= HUGE_PAGE and HostBuffer.live < max_result_mappings():
-        return np.asarray(HostBuffer(nbytes, f"the result {name!r}", huge=True, page_offset=at))
+        try:
+            return np.asarray(HostBuffer(nbytes, f"the result {name!r}", huge=True, page_offset=at))
+        except MemoryError:
+            # mmap refused: the process's mappings (vm.max_map_count, shared
+            # with everything else in it) or its memory ran out. np.empty
+            # (malloc, from a heap) usually still serves it; if memory is
+            # truly gone, it says so too.
+            pass
     if nbytes < PLACE_MIN:
         return np.empty(nbytes, np.uint8)
     return placed_empty(nbytes, at)
@@ -157,16 +173,31 @@ def host_result(nbytes: int, name: str, src_offset: int = 0, hugepages: bool = T
 PLACE_MIN = 64 << 10  # smaller results are not placed (see host_result)
 
 
+def mappings_left() -> int:
+    """How many more mappings this process may make (``vm.max_map_count``
+    less the lines of /proc/self/maps); a large number where unknown."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+    except OSError:
+        return 1 << 30
+    return max(0, _map_count_limit() - used)
+
+
+@functools.cache
+def _map_count_limit() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
 @functools.cache
 def max_result_mappings() -> int:
     """A quarter of the kernel's per-process mapping limit (``vm.max_map_count``,
     65530 by default), and at most 16384."""
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            limit = int(f.read())
-    except (OSError, ValueError):
-        limit = 65530
-    return max(0, min(16384, limit // 4))
+    return max(0, min(16384, _map_count_limit() // 4))
 
 
 def make_backend(

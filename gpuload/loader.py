@@ -25,7 +25,7 @@ from . import resident as _resident
 from .backend import make_backend
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .device import resolve_device
-from .errors import PlanError, ShardingError
+from .errors import PlanError, ShardingError, exhausted
 from .gcpause import paused
 from .outputs import resident_as, resolve_framework
 from .plan import Plan, PlanOptions, plan_reads
@@ -214,7 +214,24 @@ class Loader:
         _options.check(options, _options.PER_LOAD, "Loader.load")
         return self._load(path, rank, world, group=group, return_report=return_report, **options)
 
-    def _load(
+    def _load(self, path: PathLike, *args: Any, **kwargs: Any):
+        """:meth:`load`, and for :func:`gpuload.torch.load_into` on the CPU,
+        ``into``: name -> a writable C-contiguous ``uint8`` array of exactly
+        the result's bytes, which the load fills instead of a new buffer
+        (checked before any I/O; the result then shares that memory).
+
+        Memory, mappings or threads running out is an
+        :class:`~gpuload.errors.OutOfMemoryError` (a ``MemoryError`` too) or
+        a :class:`~gpuload.errors.ResourceError` (a ``RuntimeError`` too)."""
+        try:
+            return self._load_once(path, *args, **kwargs)
+        except (MemoryError, RuntimeError) as e:
+            err = exhausted(e, f"loading {os.fspath(path) if _is_path(path) else 'a checkpoint'}")
+            if err is None:
+                raise
+            raise err from e
+
+    def _load_once(
         self,
         path: PathLike,
         rank: int | None,
@@ -225,10 +242,6 @@ class Loader:
         into: dict[str, np.ndarray] | None = None,
         **options: Any,
     ):
-        """:meth:`load`, and for :func:`gpuload.torch.load_into` on the CPU,
-        ``into``: name -> a writable C-contiguous ``uint8`` array of exactly
-        the result's bytes, which the load fills instead of a new buffer
-        (checked before any I/O; the result then shares that memory)."""
         self._check_open()
         rank, world = check_rank(*ranks(rank, world, group))  # torch.distributed if omitted
         _per_load(options)  # bad values fail here, before any file is opened
@@ -338,6 +351,10 @@ class Loader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_path(path: Any) -> bool:
+    return isinstance(path, str | os.PathLike)
 
 
 def _per_load(options: dict[str, Any]):

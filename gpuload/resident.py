@@ -53,6 +53,7 @@ from . import config, pinning
 from . import io as _io
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .dtypes import numpy_shape
+from .errors import exhausted
 from .pinning import mem_available, residency
 from .populate import check_unchanged, populate
 from .selection import Selection
@@ -479,6 +480,16 @@ def prefault(
     :class:`~gpuload.errors.ReadError`; pages are populated with calls that
     report failure, never with loads that die of SIGBUS.
     """
+    try:
+        return _prefault_paths(paths, tensors, pin, threads, setting)
+    except (MemoryError, RuntimeError) as e:
+        err = exhausted(e, f"prefault of {paths}")
+        if err is None:
+            raise
+        raise err from e
+
+
+def _prefault_paths(paths, tensors, pin, threads, setting) -> PrefaultReport:
     cfg = config.get().replace(pin=pin, threads=threads, prefault=setting)
     ck = open_checkpoint(paths)
     keep = name_filter(tensors) if tensors is not None else None
