@@ -18,6 +18,7 @@ from ..loader import Loader
 from ..report import LoadReport
 from ..selection import Selection
 from .boxes import box_read, local_box
+from .fused import fused_sources, pieces, renamed
 from .group import current_device
 
 NameMap = Mapping[str, str] | Callable[[str], str] | None
@@ -46,18 +47,27 @@ def _targets(module: Any, mapping: Callable[[str], str], names: Any):
     for key, t in module.state_dict(keep_vars=True).items():
         groups.setdefault(id(t), (t, []))[1].append(key)
     wanted: dict[str, list[tuple[Any, str]]] = {}
+    fused: dict[str, tuple[Any, list[list[str]], str]] = {}
     missing: list[str] = []
     asked: set[str] = set()
     for t, keys in groups.values():
         mapped = [(k, mapping(k)) for k in keys]
+        if not any(n in names for _, n in mapped):  # Mixtral's block_sparse_moe.
+            mapped = [(k, renamed(n, names) or n) for k, n in mapped]
         asked.update(n for _, n in mapped)
         found = [(k, n) for k, n in mapped if n in names]
         if not found:
-            missing.extend(keys)
+            # transformers 5's fused experts, from per-expert tensors
+            made = next(((k, f) for k, n in mapped if (f := fused_sources(n, names))), None)
+            if made is None:
+                missing.extend(keys)
+            else:
+                fused[made[0]] = (t, *made[1])
+                asked.update(n for group in made[1][0] for n in group)
         for k, n in found[:1]:
             wanted.setdefault(n, []).append((t, k))
     unexpected = sorted(set(names) - asked)
-    return wanted, missing, unexpected
+    return wanted, fused, missing, unexpected
 
 
 def _to_empty(module: Any, device: str) -> None:
@@ -116,7 +126,13 @@ def load_into(
         A ``.safetensors`` file, a list of them, or a model directory.
     name_map
         ``state_dict()`` key -> checkpoint name: a dict (keys it lacks map to
-        themselves) or a callable. Default: the identity.
+        themselves) or a callable. Default: the identity. Several keys may
+        map to one name: it is read once and copied to each. transformers
+        5's fused experts (``mlp.experts.gate_up_proj [E, 2I, H]``,
+        ``down_proj [E, H, I]``) are built from per-expert tensors as
+        transformers does (``experts.N.gate_proj/up_proj/down_proj`` or
+        Mixtral's ``block_sparse_moe.experts.N.w1/w3/w2``), each rank
+        reading only the boxes its placements cover (:mod:`gpuload.torch.fused`).
     strict
         Raise, before any read, when a key has no tensor in the checkpoint
         or a checkpoint tensor no key, as ``load_state_dict`` does; either
@@ -170,7 +186,7 @@ def load_into(
     if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
         _to_empty(module, device or current_device() or "cpu")
     mapping = _mapper(name_map)
-    wanted, missing, unexpected = _targets(module, mapping, ckpt.tensors)
+    wanted, fused, missing, unexpected = _targets(module, mapping, ckpt.tensors)
     if strict and (missing or unexpected):
         raise RuntimeError(
             f"Error(s) loading {ckpt.root or path} into {type(module).__name__}: "
@@ -212,6 +228,31 @@ def load_into(
             boxes[box] = key
             infos[name], selections[name] = box_read(info, box)
             locals_[name] = local
+    parts = []  # (checkpoint name, local tensor, index): pieces of fused experts
+    for key, (t, sources, kind) in fused.items():
+        shape = _fused_shape(ckpt, key, sources, kind)
+        if tuple(t.shape) != shape:
+            raise ShardingError(
+                f"{key!r} has shape {tuple(t.shape)}, its {len(sources)} experts "
+                f"({sources[0][0]!r}...) make {shape}"
+            )
+        found = _local(t, key, shape)
+        if found is None:
+            continue
+        local, box = found
+        devices.add(str(local.device))
+        for piece in pieces(sources, kind, box, shape):
+            info = ckpt.tensors[piece.source]
+            stored = getattr(torch, info.dtype.torch or "uint8")
+            if stored != local.dtype and not cast:
+                raise TypeError(
+                    f"{info.file}: {piece.source!r} is {info.dtype.name}, {key!r} is "
+                    f"{local.dtype}; pass cast=True to convert"
+                )
+            if piece.source in infos:
+                raise ShardingError(f"{piece.source!r} is read for {key!r} and another key")
+            infos[piece.source], selections[piece.source] = box_read(info, piece.box)
+            parts.append((piece.source, local, piece.dest))
     if len(devices) > 1:
         raise ValueError(f"parameters on several devices {sorted(devices)}: load each part")
 
@@ -233,12 +274,26 @@ def load_into(
                 local.copy_(tensors.pop(name).view(local.shape))
         for name, local in copies:  # read once, copied to each further key
             local.copy_(locals_[name])
+        for name, local, dest in parts:  # fused experts: each piece in its place
+            part = local[dest]
+            part.copy_(tensors.pop(name).view(part.shape))
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         report.rank, report.world = dist.get_rank(), dist.get_world_size()
     report.file_bytes = sum(i.nbytes for i in ckpt.tensors.values())
     report.missing, report.unexpected = missing, unexpected
     return report
+
+
+def _fused_shape(ckpt, key: str, sources: list[list[str]], kind: str) -> tuple[int, ...]:
+    """The global shape transformers gives ``key``: ``[E, 2I, H]`` from
+    gate and up ``[I, H]``, ``[E, H, I]`` from down ``[H, I]``; every
+    expert's tensors of one shape."""
+    shapes = {ckpt.tensors[n].shape for group in sources for n in group}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ShardingError(f"{key!r}: its expert tensors have shapes {sorted(shapes)}")
+    rows, cols = next(iter(shapes))
+    return (len(sources), 2 * rows, cols) if kind == "gate_up" else (len(sources), rows, cols)
 
 
 def _fillable(t, info) -> bool:
