@@ -182,7 +182,8 @@ def test_into_buffers_are_checked_before_any_read(tmp_path):
 
 def test_2d_mesh_fsdp_times_tp(tmp_path):
     """4 ranks on a 2 x 2 (dp, tp) mesh: explicit placements (2-D boxes, nested,
-    uneven, empty, 3-D, bf16) and a meta MLP under parallelize_module + fully_shard."""
+    uneven, empty, 3-D, bf16), a meta MLP under parallelize_module + fully_shard,
+    and transformers 5 fused experts built from per-expert tensors."""
     from tiny_models import ROOT, free_port
 
     g = torch.Generator().manual_seed(0)
@@ -200,6 +201,13 @@ def test_2d_mesh_fsdp_times_tp(tmp_path):
         "mlp.up.bias": (16,),
         "mlp.down.weight": (8, 16),
         "mlp.down.bias": (8,),
+        # per-expert tensors for fused gate_up_proj [4, 10, 6] / down_proj [4, 6, 5]
+        **{
+            f"moe.experts.{e}.{p}.weight": (5, 6)
+            for e in range(4)
+            for p in ("gate_proj", "up_proj")
+        },
+        **{f"moe.experts.{e}.down_proj.weight": (6, 5) for e in range(4)},
     }
     tensors = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     tensors["i"] = tensors["i"].bfloat16()
