@@ -312,14 +312,15 @@ class Loader:
                 copy=options.get("cpu_resident") == "copy",
             )
             result.update(resident_as(arrays, self.framework))
-            # Converting may read the views (a dtype torch lacks is copied):
-            # the file is checked again once nothing more touches it.
-            _resident.check_unchanged(ckpt, {ckpt.tensors[n].file for n in arrays})
             report.bytes_resident = sum(a.nbytes for a in arrays.values())
             report.resident_copies = list(report.prefault.copies)
         report.seconds = time.perf_counter() - t0
         self.last_report = report
         log.info("%s", report.summary())
+        # Last: every file read or mapped still is what its header described
+        # (converting may have read the views: a dtype torch lacks is copied).
+        files = {op.file for op in plan.ops} | {ckpt.tensors[n].file for n in lp.resident}
+        _resident.check_unchanged(ckpt, files)
         return (result, report) if return_report else result
 
     def _progress(self, total: int):
