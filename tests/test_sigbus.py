@@ -292,3 +292,31 @@ def test_eio_fixture_serves_good_bytes(eio_model):
         assert e.value.errno == errno.EIO
     finally:
         os.close(fd)
+
+
+def test_mutate_soak_runs_and_counts(tmp_path):
+    """bench/mutate_soak.py, a few trials: it runs, counts every trial, and
+    (on this code) sees no crash, no wrong byte, no result over a changed
+    file. The full run's counts are in bench/results/2026-12-06-cpu-soak/."""
+    import json
+
+    out = tmp_path / "soak.json"
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(HERE.parent / "bench" / "mutate_soak.py"),
+            "--trials",
+            "24",
+            "--seed",
+            "5",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["trials"] == 24 == doc["error"] + doc["unchanged"] + doc["over_changed"]
+    assert doc["crash"] == doc["wrong_bytes_trials"] == doc["over_changed"] == 0
