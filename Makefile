@@ -24,7 +24,7 @@ STAMP_CU13 := $(VENV_CU13)/.installed
 LOCK ?= 1
 locked = $(if $(filter 1,$(LOCK)),-c requirements/$(1).lock)
 
-.PHONY: install install-cu13 nginx test test-latest lock test-realpkg test-gpu lint demo bench-cpu clean
+.PHONY: install install-cu13 nginx fuse-deps test test-latest lock test-realpkg test-gpu lint demo bench-cpu clean
 
 $(STAMP): pyproject.toml Makefile requirements/cpu.lock
 	rm -rf $(VENV)
@@ -75,7 +75,15 @@ NGINX_BIN := $(firstword $(shell command -v nginx) $(wildcard /usr/sbin/nginx))
 nginx:
 	$(if $(NGINX_BIN),@true,apt-get update -q && (apt-get install -y -q nginx-light || apt-get install -y -q nginx))
 
-test: lint nginx
+# tests/test_sigbus.py serves a failing file through FUSE (fusepy needs
+# libfuse2); as root, where apt-get exists, install it. Without it (or
+# without /dev/fuse, or not root) those tests skip and say why.
+fuse-deps:
+	@if ! ldconfig -p | grep -q 'libfuse\.so\.2' && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && apt-get install -y -qq libfuse2 >/dev/null; fi
+
+test: lint nginx fuse-deps
 	TEST_NGINX=1 $(BIN)/python -m pytest -q --ignore=tests/cudasim --ignore=tests/realpkg
 	# Numba reads NUMBA_ENABLE_CUDASIM at import: the simulator tier runs alone.
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -q tests/cudasim

@@ -13,8 +13,10 @@ from .errors import (
     GpuloadError,
     HeaderError,
     IndexFileError,
+    OutOfMemoryError,
     PlanError,
     ReadError,
+    ResourceError,
     ShardingError,
 )
 from .loader import Loader, load_sharded
@@ -52,10 +54,12 @@ __all__ = [
     "IndexFileError",
     "LoadReport",
     "Loader",
+    "OutOfMemoryError",
     "PRESET_EXPERTS",
     "PrefaultReport",
     "PlanError",
     "ReadError",
+    "ResourceError",
     "Selection",
     "Sharder",
     "ShardingError",

@@ -105,11 +105,19 @@ class HostBackend:
         # A cold load that reads with O_DIRECT wants each result at its
         # source's exact place in a page, so whole blocks can land in it.
         exact = self._direct and _plan_cold(plan)
+        big = sum(1 for t in plan.tensors if t.name not in into and t.out_nbytes >= HUGE_PAGE)
+        # Mapped results only within half of the mappings this process has
+        # left (other code in it needs some): the rest come from np.empty.
+        cap = HostBuffer.live + mappings_left() // 2 if big else 0
         return {
             t.name: into[t.name]
             if t.name in into
             else host_result(
-                t.out_nbytes, t.name, first.get(t.name, 0), self._hugepages, exact=exact
+                t.out_nbytes,
+                t.name,
+                first.get(t.name, 0),
+                self._hugepages and HostBuffer.live < cap,
+                exact=exact,
             )
             for t in plan.tensors
         }
@@ -175,8 +183,17 @@ def host_result(
     if exact and hugepages and nbytes >= HUGE_PAGE:
         at = src_offset % PAGE
     if hugepages and nbytes >= HUGE_PAGE and HostBuffer.live < max_result_mappings():
-        buf = HostBuffer(nbytes, f"the result {name!r}", huge=True, page_offset=at, pooled=pooled)
-        return np.asarray(buf)
+        try:
+            buf = HostBuffer(
+                nbytes, f"the result {name!r}", huge=True, page_offset=at, pooled=pooled
+            )
+            return np.asarray(buf)
+        except MemoryError:
+            # mmap refused: the process's mappings (vm.max_map_count, shared
+            # with everything else in it) or its memory ran out. np.empty
+            # (malloc, from a heap) usually still serves it; if memory is
+            # truly gone, it says so too.
+            pass
     if nbytes < PLACE_MIN:
         return np.empty(nbytes, np.uint8)
     return placed_empty(nbytes, at)
@@ -185,16 +202,31 @@ def host_result(
 PLACE_MIN = 64 << 10  # smaller results are not placed (see host_result)
 
 
+def mappings_left() -> int:
+    """How many more mappings this process may make (``vm.max_map_count``
+    less the lines of /proc/self/maps); a large number where unknown."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+    except OSError:
+        return 1 << 30
+    return max(0, _map_count_limit() - used)
+
+
+@functools.cache
+def _map_count_limit() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
 @functools.cache
 def max_result_mappings() -> int:
     """A quarter of the kernel's per-process mapping limit (``vm.max_map_count``,
     65530 by default), and at most 16384."""
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            limit = int(f.read())
-    except (OSError, ValueError):
-        limit = 65530
-    return max(0, min(16384, limit // 4))
+    return max(0, min(16384, _map_count_limit() // 4))
 
 
 def make_backend(

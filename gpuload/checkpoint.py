@@ -27,6 +27,10 @@ from .gcpause import paused
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap (HeaderTooLarge)
 U64_MAX = (1 << 64) - 1
+# Tensor entries per file. Real single files hold tens of thousands (a
+# merged DeepSeek-V3 ~91k; Kimi K2 with its scales ~210k); 1.65 million
+# zero-size ones fit in the 100 MB cap and took 46 s and 1.8 GB to parse.
+MAX_TENSORS = 1 << 19
 MAX_DIMS = 32  # numpy 1.x holds at most 32 dims (2.x: 64); no weight comes close
 INDEX_NAME = "model.safetensors.index.json"
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
@@ -218,6 +222,15 @@ def parse_header_bytes(
         )
     if len(prefix) < 8 + n:
         raise HeaderError(file, f"header truncated: have {len(prefix) - 8} of {n} bytes")
+    # Each entry is a JSON object, each object a "{": counted (bytes.count,
+    # a fraction of a second) before the parse that costs per object.
+    objects = prefix.count(b"{", 8, 8 + n)
+    if objects > MAX_TENSORS + 1:  # + the header object itself
+        raise HeaderError(
+            file,
+            f"header declares up to {objects - 1:,} tensors ({objects:,} JSON objects), "
+            f"more than the {MAX_TENSORS:,} gpuload reads per file",
+        )
     try:
         text = bytes(prefix[8 : 8 + n]).decode("utf-8")
         doc = json.loads(text, object_pairs_hook=_header_object, parse_constant=_reject_constant)
@@ -287,8 +300,9 @@ def parse_header(path: str | os.PathLike[str]) -> FileHeader:
     file = os.fspath(path)
     # O_NONBLOCK: opening a FIFO (or a device) named *.safetensors must not
     # block forever; it is refused below. Reads of regular files ignore it.
-    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
+    fd = -1
+    try:  # the open inside: a Ctrl-C right after it must not leak the fd
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise HeaderError(file, "is not a regular file")
@@ -306,7 +320,8 @@ def parse_header(path: str | os.PathLike[str]) -> FileHeader:
             raise ReadError(f"{file}: reading the header failed: {e.strerror}") from e
         return parse_header_bytes(file, head + body, st.st_size, identity)
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------

@@ -184,6 +184,10 @@ class Config:
     # ... and reads whole-tensor runs with O_DIRECT straight into gpuload's
     # own (huge-page) result mappings: no page-cache insert, no copy out of it.
     cold_direct: bool = True
+    # Whether min_chunk_bytes was set (a keyword or GPULOAD_MIN_CHUNK_BYTES):
+    # the 4 MiB default is clamped to a smaller chunk_bytes, a chosen floor
+    # above the cap is refused.
+    min_chunk_set: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Validate at construction (keywords arrive here unparsed), so a bad
@@ -206,15 +210,23 @@ class Config:
         set_(self, "cold_threads", parse_positive_int("cold_threads", self.cold_threads))
         set_(self, "cold_chunk_bytes", parse_size("cold_chunk_bytes", self.cold_chunk_bytes))
         set_(self, "cold_direct", parse_bool("cold_direct", self.cold_direct))
-        # min_chunk_bytes above chunk_bytes is not an error: the planner clamps
-        # the floor to the cap, so setting only a small cap just works.
+        # The default floor above chunk_bytes is not an error: the planner
+        # clamps it to the cap, so setting only a small cap just works. A
+        # floor the caller chose is theirs: one above the cap is refused.
+        if self.min_chunk_set and self.min_chunk_bytes > self.chunk_bytes:
+            raise ValueError(
+                f"min_chunk_bytes={self.min_chunk_bytes} exceeds chunk_bytes={self.chunk_bytes}: "
+                "the floor of a split read cannot be above its cap"
+            )
 
     def replace(self, **overrides: Any) -> Config:
         """A copy with keyword twins applied; ``None`` means "keep"."""
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self) if f.repr}
         if unknown:
             raise TypeError(f"unknown gpuload setting(s): {', '.join(sorted(unknown))}")
         kept = {k: v for k, v in overrides.items() if v is not None}
+        if "min_chunk_bytes" in kept:
+            kept["min_chunk_set"] = True
         return dataclasses.replace(self, **kept) if kept else self
 
 
@@ -256,6 +268,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Config:
             Config(**{_FLAGS[key]: raw})
         except ValueError as e:
             raise ValueError(f"{key}={raw!r}: {e}") from None
+    values["min_chunk_set"] = "min_chunk_bytes" in values
     return Config(**values)
 
 

@@ -63,13 +63,46 @@ class BackendUnavailable(GpuloadError):
     """A requested backend or device cannot be used on this machine."""
 
 
+class OutOfMemoryError(GpuloadError, MemoryError):
+    """Memory ran out during a load: RAM, the address space (``RLIMIT_AS``),
+    the process's mappings (``vm.max_map_count``) or device memory. Also a
+    ``MemoryError``, which is what callers of allocating code catch."""
+
+
+class ResourceError(GpuloadError, RuntimeError):
+    """A system resource other than memory ran out during a load (a thread
+    could not be started). Also a ``RuntimeError``, as Python raises it."""
+
+
 __all__ = [
     "BackendUnavailable",
     "ConfigFileError",
     "GpuloadError",
     "HeaderError",
     "IndexFileError",
+    "OutOfMemoryError",
     "PlanError",
     "ReadError",
+    "ResourceError",
     "ShardingError",
 ]
+
+
+def exhausted(exc: BaseException, what: str) -> GpuloadError | None:
+    """The GpuloadError for ``exc`` when it says a resource ran out (a
+    ``MemoryError``; ``RuntimeError: can't start new thread``), else None.
+    ``what`` says during what, for the message."""
+    if isinstance(exc, GpuloadError):
+        return None
+    if isinstance(exc, MemoryError):
+        detail = str(exc) or type(exc).__name__
+        return OutOfMemoryError(
+            f"{what}: out of memory ({detail}); nothing was returned and what the load "
+            "had allocated is freed (free memory, raise ulimit -v, or load fewer tensors)"
+        )
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        return ResourceError(
+            f"{what}: cannot start a thread ({exc}); lower threads= (GPULOAD_THREADS) "
+            "or raise the process's limits (ulimit -u, ulimit -v)"
+        )
+    return None

@@ -163,23 +163,26 @@ class PosixReader:
             if fd is None:
                 if self._closed:  # never reopen behind close(): that fd would leak
                     raise ReadError(f"{file}: the reader is closed")
-                try:
-                    # O_NONBLOCK: a file replaced by a FIFO since its header
-                    # was parsed must fail the identity check, not block here.
-                    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+                # O_NONBLOCK: a file replaced by a FIFO since its header was
+                # parsed must fail the identity check, not block here.
+                flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+                fd = -1
+                try:  # anything (a Ctrl-C too) between open and store closes it
                     fd = os.open(file, flags)
-                except OSError as e:
-                    raise ReadError(f"{file}: cannot open: {e.strerror}") from e
-                self._check(file, os.fstat(fd), fd)
-                os.set_blocking(fd, True)  # a regular file: plain blocking reads
-                self._fds[file] = fd
+                    self._check(file, os.fstat(fd))
+                    os.set_blocking(fd, True)  # a regular file: plain blocking reads
+                    self._fds[file] = fd
+                except BaseException as e:
+                    if fd >= 0 and self._fds.get(file) != fd:
+                        os.close(fd)
+                    if isinstance(e, OSError) and not isinstance(e, ReadError):
+                        raise ReadError(f"{file}: cannot open: {e.strerror}") from e
+                    raise
             return fd
 
-    def _check(self, file: str, st: os.stat_result, fd: int | None = None) -> None:
+    def _check(self, file: str, st: os.stat_result) -> None:
         want = self._headers[file].identity
         if want != (0, 0, 0, 0) and _identity(st) != want:
-            if fd is not None:
-                os.close(fd)
             raise ReadError(
                 f"{file}: file changed since its header was read "
                 f"(inode/size/mtime {want[1:]} -> {_identity(st)[1:]})"
@@ -387,13 +390,16 @@ class PosixReader:
             if m is not None:
                 m._finalizer()
         changed = None
-        for file, fd in fds.items():
-            try:
-                self._check(file, os.stat(file))
-            except (ReadError, OSError) as e:
-                changed = changed or e
-            finally:
-                os.close(fd)
+        try:
+            for file in fds:
+                try:
+                    self._check(file, os.stat(file))
+                except (ReadError, OSError) as e:
+                    changed = changed or e
+        finally:  # every fd, even when a Ctrl-C lands in the checks
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         if changed is not None:
             raise changed if isinstance(changed, ReadError) else ReadError(str(changed))
 

@@ -26,7 +26,7 @@ from . import resident as _resident
 from .backend import make_backend
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .device import resolve_device
-from .errors import GpuloadError, PlanError, ShardingError
+from .errors import GpuloadError, PlanError, ShardingError, exhausted
 from .gcpause import paused
 from .outputs import resident_as, resolve_framework
 from .plan import Plan, PlanOptions, plan_reads
@@ -133,6 +133,10 @@ class Loader:
         # Two staging slots must fit the budget so reads overlap packing.
         chunk = max(1, min(self.config.chunk_bytes, self.config.staging_bytes // 2))
         gather = None
+        if self.config.gather == "zerocopy" and not self.config.pin:  # on the CPU too
+            raise ValueError(
+                "gather='zerocopy' reads mapped pinned staging, but pin=0 leaves it pageable"
+            )
         if self.device != "cpu":  # covering reads reach the GPU by a cost-model choice
             model, _source = gather_model.resolve(self.config.gather_model)
             gather = GatherOptions(
@@ -162,7 +166,9 @@ class Loader:
         ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, source)
         shapes = {name: info.shape for name, info in ckpt.tensors.items()}
         try:
-            sharder = Sharder(ckpt.config, rules, shapes=shapes, **options)
+            sharder = Sharder(
+                ckpt.config, rules, shapes=shapes, config_path=ckpt.config_path, **options
+            )
         except ShardingError as e:  # a bad value in config.json
             raise ShardingError(f"{ckpt.config_path}: {e}", keywords=e.keywords) from None
         items: list[tuple[TensorInfo, Selection]] = []
@@ -213,7 +219,24 @@ class Loader:
         _options.check(options, _options.PER_LOAD, "Loader.load")
         return self._load(path, rank, world, group=group, return_report=return_report, **options)
 
-    def _load(
+    def _load(self, path: PathLike, *args: Any, **kwargs: Any):
+        """:meth:`load`, and for :func:`gpuload.torch.load_into` on the CPU,
+        ``into``: name -> a writable C-contiguous ``uint8`` array of exactly
+        the result's bytes, which the load fills instead of a new buffer
+        (checked before any I/O; the result then shares that memory).
+
+        Memory, mappings or threads running out is an
+        :class:`~gpuload.errors.OutOfMemoryError` (a ``MemoryError`` too) or
+        a :class:`~gpuload.errors.ResourceError` (a ``RuntimeError`` too)."""
+        try:
+            return self._load_once(path, *args, **kwargs)
+        except (MemoryError, RuntimeError) as e:
+            err = exhausted(e, f"loading {os.fspath(path) if _is_path(path) else 'a checkpoint'}")
+            if err is None:
+                raise
+            raise err from e
+
+    def _load_once(
         self,
         path: PathLike,
         rank: int | None,
@@ -224,10 +247,6 @@ class Loader:
         into: dict[str, np.ndarray] | None = None,
         **options: Any,
     ):
-        """:meth:`load`, and for :func:`gpuload.torch.load_into` on the CPU,
-        ``into``: name -> a writable C-contiguous ``uint8`` array of exactly
-        the result's bytes, which the load fills instead of a new buffer
-        (checked before any I/O; the result then shares that memory)."""
         self._check_open()
         rank, world = check_rank(*ranks(rank, world, group))  # torch.distributed if omitted
         source = _per_load(options)[3]  # bad values fail here, before any file is opened
@@ -308,6 +327,7 @@ class Loader:
                 self.config,
                 device=gpu,
                 writable=self.framework == "torch",
+                copy=options.get("cpu_resident") == "copy",
             )
             result.update(resident_as(arrays, self.framework))
             report.bytes_resident = sum(a.nbytes for a in arrays.values())
@@ -315,6 +335,10 @@ class Loader:
         report.seconds = time.perf_counter() - t0
         self.last_report = report
         log.info("%s", report.summary())
+        # Last: every file read or mapped still is what its header described
+        # (converting may have read the views: a dtype torch lacks is copied).
+        files = {op.file for op in plan.ops} | {ckpt.tensors[n].file for n in lp.resident}
+        _resident.check_unchanged(ckpt, files)
         return (result, report) if return_report else result
 
     def _progress(self, total: int):
@@ -348,6 +372,10 @@ class Loader:
         self.close()
 
 
+def _is_path(path: Any) -> bool:
+    return isinstance(path, str | os.PathLike)
+
+
 def _per_load(options: dict[str, Any]):
     """Per-load keywords -> (include filter, cpu_resident filter, rules,
     sharding options), every value checked: a bad regex or count raises
@@ -355,7 +383,7 @@ def _per_load(options: dict[str, Any]):
     options = dict(options)
     keep = name_filter(options.pop("include", None))
     resident_spec = options.pop("cpu_resident", None)
-    if resident_spec is True:
+    if resident_spec is True or resident_spec == "copy":
         resident_spec = _resident.PRESET_EXPERTS
     resident_of = name_filter(resident_spec or None, "cpu_resident")
     rules = options.pop("rules", None)
@@ -423,7 +451,8 @@ def load_sharded(
           ``include`` (keep only matching tensors; the others are never
           read), ``cpu_resident`` (tensors kept in host memory: a regex,
           callable or names, or True for the routed-expert preset
-          ``gpuload.resident.PRESET_EXPERTS``; see
+          ``gpuload.resident.PRESET_EXPERTS``, or ``"copy"``: that preset
+          read into pinned anonymous memory instead of mapped; see
           :func:`gpuload.resident.map_resident` for views and copies);
         * sharding: ``num_heads``, ``num_kv_heads``, ``num_experts``,
           ``qkv_sections``, ``expert_parallel``, ``allow_uneven``,

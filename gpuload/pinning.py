@@ -139,8 +139,9 @@ class Mapping:
         self._twin: Mapping | None = None
         # O_NONBLOCK: a FIFO swapped in for the file must not hang the open;
         # the identity (a regular file's inode) check below then refuses it.
-        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
-        try:
+        fd = -1
+        try:  # the open inside: a Ctrl-C right after it must not leak the fd
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             st = os.fstat(fd)
             now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             if identity is not None and identity != (0, 0, 0, 0) and now != identity:
@@ -154,7 +155,8 @@ class Mapping:
             if addr is None or addr == ctypes.c_void_p(-1).value:
                 raise ReadError(f"{self.path}: {_os_error('mmap')}")
         finally:
-            os.close(fd)  # the mapping keeps the file open
+            if fd >= 0:
+                os.close(fd)  # the mapping keeps the file open
         self.addr, self.size = addr, st.st_size
         self._release = _Release(addr, st.st_size)
         # Not at exit: arrays may outlive this module's teardown, and the OS

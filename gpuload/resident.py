@@ -7,11 +7,13 @@ handing arrays out, a thread pool sweeps the ranges in 32 MiB chunks:
 
 1. hints (best effort): ``madvise(MADV_WILLNEED)`` (the mapping's
    ``posix_fadvise(WILLNEED)``) in 128 KiB steps, which queues reads of
-   exactly the chunk, then ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+;
-   EINVAL before, ignored), which faults it in;
-2. the guarantee: one byte read per page. Afterwards every page is in the
-   page cache *and* mapped in this process's page tables, so a first touch
-   costs what a warm one does;
+   exactly the chunk;
+2. the guarantee, :func:`gpuload.populate.populate`: ``madvise(MADV_POPULATE_READ)`` (Linux
+   5.14+), else ``process_vm_readv`` of a byte per page. Both fault pages in
+   through the kernel, which *reports* a page it cannot read (truncated file,
+   EIO) where a load instruction would die of SIGBUS: it becomes a
+   ReadError. Afterwards every page is in the page cache *and* mapped in this
+   process's page tables, so a first touch costs what a warm one does;
 3. pin (see :mod:`gpuload.pinning`): ``cudaHostRegister`` read-only, or
    ``mlock`` without CUDA; a private copy-on-write mapping (torch results)
    through ``mlock`` of a read-only twin, since locking the writable
@@ -25,10 +27,16 @@ method, and unpinned when its last array dies.
 
 ``GPULOAD_PREFAULT`` gates all three (:func:`should_prefault`);
 ``GPULOAD_PIN=0`` skips step 3. Residency is measured with ``mincore``.
+gpuload itself never reads a mapped page with a load instruction, and checks
+each file's identity after its last page is populated (a changed file raises
+ReadError). The views it returns are still a mapping: a file truncated after
+the call makes a later read of them die of SIGBUS (``cpu_resident="copy"``
+reads the tensors into anonymous memory instead; see docs/cpu_resident.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import mmap
@@ -42,9 +50,12 @@ from typing import Literal
 import numpy as np
 
 from . import config, pinning
+from . import io as _io
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .dtypes import numpy_shape
+from .errors import exhausted
 from .pinning import mem_available, residency
+from .populate import check_unchanged, populate
 from .selection import Selection
 
 __all__ = [
@@ -63,7 +74,6 @@ _log = logging.getLogger(__name__)
 PAGE = pinning.PAGE
 CHUNK_BYTES = 32 << 20  # one sweep task
 HINT_BYTES = 128 << 10  # one read-ahead hint
-_MADV_POPULATE_READ = 22  # not in Python's mmap module before 3.13
 _GiB = float(1 << 30)
 
 #: Routed MoE experts: ``*.experts.*`` (HF names) and ``ffn_*_exps`` (GGUF
@@ -185,7 +195,7 @@ def _page_ranges(ranges: Iterable[tuple[int, int]], size: int) -> list[tuple[int
     return out
 
 
-def _sweep_chunk(m: pinning.Mapping, base: np.ndarray, s: int, e: int) -> None:
+def _sweep_chunk(m: pinning.Mapping, s: int, e: int) -> None:
     # Hints: madvise(WILLNEED) on a file mapping is posix_fadvise(WILLNEED) on
     # the file (mm/madvise.c calls vfs_fadvise): it queues reads of exactly
     # the range, but the kernel caps one call at the read-ahead window, so
@@ -198,13 +208,10 @@ def _sweep_chunk(m: pinning.Mapping, base: np.ndarray, s: int, e: int) -> None:
         refused |= m.madvise(a, min(e, a + HINT_BYTES), mmap.MADV_WILLNEED)
     if refused:  # no hints: let the faults read ahead after all
         m.madvise(s, e, mmap.MADV_NORMAL)
-    m.madvise(s, e, _MADV_POPULATE_READ)  # EINVAL before Linux 5.14: the touch does it
-    # The guarantee: one byte read per page (s is page-aligned, so the stride
-    # hits every page, the partial last one included). numpy reductions over
-    # uint8 release the GIL (measured: the main thread keeps running during
-    # one), so the pool's page faults overlap as a C loop's would.
-    np.maximum.reduce(base[s:e:PAGE])
-    m.madvise(s, e, mmap.MADV_NORMAL)  # later faults (after eviction) read ahead again
+    try:
+        populate(m, s, e)
+    finally:
+        m.madvise(s, e, mmap.MADV_NORMAL)  # later faults (after eviction) read ahead again
 
 
 def _prefault(
@@ -242,11 +249,10 @@ def _prefault(
         for a in range(s, e, CHUNK_BYTES)
     ]
     threads = min(cfg.threads, len(chunks))  # 0: only copies, nothing to sweep
-    bases = {id(m): np.asarray(m) for m, _ in spans}
     t0 = time.perf_counter()
     if chunks:
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="gpuload-prefault") as pool:
-            list(pool.map(lambda c: _sweep_chunk(c[0], bases[id(c[0])], c[1], c[2]), chunks))
+            list(pool.map(lambda c: _sweep_chunk(*c), chunks))
     rep.seconds, rep.threads = time.perf_counter() - t0, threads
     rep.pages_resident_after = sum(m.mincore(s, e) for m, sp in spans for s, e in sp)
 
@@ -335,6 +341,7 @@ def map_resident(
     *,
     device: int | None = None,
     writable: bool = False,
+    copy: bool = False,
 ) -> tuple[dict[str, np.ndarray], PrefaultReport]:
     """Host arrays for ``selections``, backed by the checkpoint's files.
 
@@ -362,38 +369,91 @@ def map_resident(
     report
         the :class:`PrefaultReport`.
 
+    ``copy=True`` (``cpu_resident="copy"``): every tensor is read with
+    ``pread`` into anonymous memory gpuload owns (a C-contiguous copy, in
+    ``report.copies``), pinned as copies are; nothing stays mapped, so the
+    file may change or vanish after the call.
+
     Notes
     -----
+    A view is a mapping of the file: if the file is truncated after this
+    returns, reading the view dies of SIGBUS (as with numpy's and
+    safetensors' own mmaps). During the call, pages are populated with calls
+    that report failure and each file's identity is checked afterwards, so
+    a file changed or failing under the call raises ReadError instead.
+
     The mapping and its pins live as long as any view does, whatever happens
     to ``checkpoint``; the last view to die unpins, then unmaps. A copy's
     buffer and its pin live as long as the copy (or a view of it) does.
     """
     cfg = config.get() if cfg is None else cfg
     headers = {h.path: h for h in checkpoint.files}
-    maps: dict[str, pinning.Mapping] = {}
-    ranges: dict[str, list[tuple[int, int]]] = {}
-    copies = []
-    for name, sel in selections.items():
-        info = checkpoint.tensors.get(name)
-        if info is None:
+    for name in selections:
+        if name not in checkpoint.tensors:
             raise ValueError(f"tensor {name!r} is not in the checkpoint")
-        if info.file not in maps:
-            ident = headers[info.file].identity
-            maps[info.file] = pinning.Mapping(info.file, ident, private=writable)
-        if is_copy(info, sel):
-            copies.append(name)
-        else:
+    files = sorted({checkpoint.tensors[n].file for n in selections})
+    # Copies are read with pread, never through the mapping: a read reports
+    # a truncated or failing file as an error, a load from a mapping dies
+    # of SIGBUS. The reader checks each file's identity at open and close.
+    reader = _io.PosixReader([headers[f] for f in files], prefetch=cfg.prefetch)
+    try:
+        maps: dict[str, pinning.Mapping] = {}
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        arrays, owned, copies = {}, [], []
+        for name, sel in selections.items():
+            info = checkpoint.tensors[name]
+            if copy or is_copy(info, sel):
+                copies.append(name)
+                arrays[name] = _copy(reader, info, sel, owned)
+                continue
+            if info.file not in maps:
+                ident = headers[info.file].identity
+                maps[info.file] = pinning.Mapping(info.file, ident, private=writable)
             ranges.setdefault(info.file, []).append(_byte_range(info, sel))
-    # The arrays first: the copies have to exist to be pinned with the views.
-    bases = {f: np.asarray(m) for f, m in maps.items()}
-    arrays, owned = {}, []
-    for name, sel in selections.items():
-        info = checkpoint.tensors[name]
-        arrays[name] = _array(bases[info.file], info, sel, owned)
-    jobs = [(maps[f], rs) for f, rs in ranges.items()]
-    report = _prefault(jobs, cfg, device=device, owned=owned, cuda=not writable)
-    report.copies = copies
+            # A view touches nothing: its pages are populated (or not) below.
+            arrays[name] = _array(np.asarray(maps[info.file]), info, sel, owned)
+        jobs = [(maps[f], rs) for f, rs in ranges.items()]
+        report = _prefault(jobs, cfg, device=device, owned=owned, cuda=copy or not writable)
+        report.copies = copies
+    except BaseException:
+        with contextlib.suppress(Exception):
+            reader.close()
+        raise
+    reader.close()  # raises ReadError if a file changed while it was read
+    check_unchanged(checkpoint, maps)  # after the last mapped page was populated
     return arrays, report
+
+
+def _copy(
+    reader: _io.PosixReader, info: TensorInfo, sel: Selection, owned: list[pinning.HostBuffer]
+) -> np.ndarray:
+    """``sel`` of ``info`` read with ``reader`` into a C-contiguous array in
+    a :class:`~gpuload.pinning.HostBuffer` appended to ``owned``: the bytes
+    covering the selection (:func:`_byte_range`) go to scratch memory, then
+    the selection is cut from there."""
+    lo, hi = _byte_range(info, sel)
+    scratch = np.empty(hi - lo, np.uint8)
+    if hi > lo:
+        reader.readinto(info.file, lo, [memoryview(scratch)])
+    sub_info, sub = info, sel
+    if (lo, hi) != (info.start, info.end):  # tight: rows [r0, r1) of dim d
+        d = sel.dim
+        r0 = min(s for s, _ in sel.ranges)
+        r1 = max(s + n for s, n in sel.ranges)
+        shape = info.shape[:d] + (r1 - r0,) + info.shape[d + 1 :]
+        sub = dataclasses.replace(sel, ranges=tuple((s - r0, n) for s, n in sel.ranges))
+        sub_info = dataclasses.replace(info, shape=shape, nbytes=hi - lo)
+    sub_info = dataclasses.replace(sub_info, start=0)
+    made: list[pinning.HostBuffer] = []
+    arr = _array(scratch, sub_info, sub, made)
+    if made or arr.nbytes == 0:  # already a copy in memory gpuload owns
+        owned.extend(made)
+        return arr
+    buf = pinning.HostBuffer(arr.nbytes, f"the copy of {info.name}")
+    owned.append(buf)
+    out = np.asarray(buf).view(arr.dtype).reshape(arr.shape)
+    out[...] = arr
+    return out
 
 
 def prefault(
@@ -414,9 +474,24 @@ def prefault(
     ``GPULOAD_THREADS`` and ``GPULOAD_PREFAULT``.
 
     The pages stay in the page cache afterwards, subject to memory pressure.
-    When pinned, they stay locked while the returned report is alive, until
-    :meth:`PrefaultReport.release`.
+    When pinned, the returned report owns the pins: they stay locked while
+    it is alive, until :meth:`PrefaultReport.release`. Keep it: a bare
+    ``gpuload.prefault(p, pin=True)`` statement unpins at once.
+
+    A file truncated, changed or failing (EIO) under the call raises
+    :class:`~gpuload.errors.ReadError`; pages are populated with calls that
+    report failure, never with loads that die of SIGBUS.
     """
+    try:
+        return _prefault_paths(paths, tensors, pin, threads, setting)
+    except (MemoryError, RuntimeError) as e:
+        err = exhausted(e, f"prefault of {paths}")
+        if err is None:
+            raise
+        raise err from e
+
+
+def _prefault_paths(paths, tensors, pin, threads, setting) -> PrefaultReport:
     cfg = config.get().replace(pin=pin, threads=threads, prefault=setting)
     ck = open_checkpoint(paths)
     keep = name_filter(tensors) if tensors is not None else None
@@ -428,4 +503,6 @@ def prefault(
             rs = [(t.start, t.end) for t in h.tensors.values() if keep(t.name)]
         if rs:
             jobs.append((pinning.Mapping(h.path, h.identity), rs))
-    return _prefault(jobs, cfg, keep=True)
+    report = _prefault(jobs, cfg, keep=True)
+    check_unchanged(ck, [m.path for m, _ in jobs])
+    return report

@@ -88,6 +88,18 @@ def _as_spec(value: Any, where: str) -> Spec | Selection:
     )
 
 
+_QKV = frozenset({"q_proj", "k_proj", "v_proj"})
+_GATED_Q = frozenset({"qwen3_next"})  # q_proj: each head's query, then its output gate
+
+
+def _source(value: Any, keyword: str, config: Mapping[str, Any], where: str, *keys: str) -> str:
+    """Where a count came from, for messages: the keyword, or the config key."""
+    if value is not None:
+        return f"the keyword {keyword}={value!r}"
+    key = next((k for k in keys if config.get(k) is not None), None)
+    return f"{where} {key}" if key else ""
+
+
 def _count(label: str, value: Any, config: Mapping[str, Any], *keys: str) -> int | None:
     """``value`` if given, else the first of ``keys`` in the config; a positive int.
 
@@ -116,21 +128,27 @@ def _chunk(name: str, what: str, size: int, rank: int, world: int, uneven: bool)
     return start, min(size, start + per) - start
 
 
-def _heads(name: str, size: int, heads: int, rank: int, world: int, kv: bool) -> tuple[int, int]:
-    """``(start, length)`` of the rank's whole heads in ``size`` = heads * head_dim."""
+def _heads(
+    name: str, size: int, heads: int, rank: int, world: int, kv: bool, source: str = ""
+) -> tuple[int, int]:
+    """``(start, length)`` of the rank's whole heads in ``size`` = heads * head_dim.
+    ``source`` says where ``heads`` came from, for the errors."""
     label = "kv heads" if kv else "heads"
+    whence = f"; the {heads} {label} came from {source}" if source else ""
     if size % heads:
-        raise ShardingError(f"{name!r}: size {size} is not a multiple of {heads} {label}")
+        raise ShardingError(f"{name!r}: size {size} is not a multiple of {heads} {label}{whence}")
     head_dim = size // heads
     if kv and world > heads:
         if world % heads:
             raise ShardingError(
                 f"{name!r}: world size {world} is not a multiple of {heads} kv heads, "
-                "so kv heads cannot be replicated evenly"
+                f"so kv heads cannot be replicated evenly{whence}"
             )
         return rank // (world // heads) * head_dim, head_dim
     if heads % world:
-        raise ShardingError(f"{name!r}: {heads} {label} do not divide by world size {world}")
+        raise ShardingError(
+            f"{name!r}: {heads} {label} do not divide by world size {world}{whence}"
+        )
     per = heads // world * head_dim
     return rank * per, per
 
@@ -224,6 +242,7 @@ class Sharder:
         shapes: Mapping[str, tuple[int, ...]] | None = None,
         weight_block_size: tuple[int, int] | None = None,
         vision_tp: str = "weights",
+        config_path: str | None = None,
     ) -> None:
         if vision_tp not in VISION_TP:
             raise ValueError(f"vision_tp={vision_tp!r} has to be one of {VISION_TP}")
@@ -254,6 +273,29 @@ class Sharder:
         self.num_heads = _count("num_heads", num_heads, config, "num_attention_heads", "n_head")
         kv = _count("num_kv_heads", num_kv_heads, config, "num_key_value_heads")
         self.num_kv_heads = kv or self.num_heads
+        where = config_path or "config.json"
+        self._from = {
+            "num_heads": _source(
+                num_heads, "num_heads", config, where, "num_attention_heads", "n_head"
+            ),
+            "num_kv_heads": _source(
+                num_kv_heads if kv else num_heads,
+                "num_kv_heads" if kv else "num_heads",
+                config,
+                where,
+                *(("num_key_value_heads",) if kv else ("num_attention_heads", "n_head")),
+            ),
+            "vision_heads": _source(
+                None, "", vcfg, f"{where} vision_config", "num_attention_heads", "num_heads"
+            ),
+        }
+        if self.num_heads and self.num_kv_heads > self.num_heads:
+            raise ShardingError(
+                f"{self.num_kv_heads} kv heads (from {self._from['num_kv_heads']}) exceed "
+                f"{self.num_heads} heads (from {self._from['num_heads']}): a model has at most "
+                "as many key/value heads as query heads"
+            )
+        self._head_dims: dict[tuple[str, bool], tuple[int, str, str]] = {}
         self.hidden = _count("hidden_size", None, config, "hidden_size")
         keys = ("num_local_experts", "num_experts", "n_routed_experts")
         self.num_experts = _count("num_experts", num_experts, config, *keys)
@@ -358,6 +400,8 @@ class Sharder:
             return spec
         if isinstance(spec, Expert):  # expert parallelism reads the index in the name
             return self._expert(spec, rule, name, shape, rank, world)
+        if isinstance(spec, Heads):
+            self._check_head_dim(spec, rule, name, shape)
         key = (spec, rule, shape, rank, world)
         if key not in self._applied:  # errors are raised, never remembered
             self._applied[key] = self._split(spec, rule, name, shape, rank, world)
@@ -401,7 +445,7 @@ class Sharder:
         if isinstance(spec, Heads):
             count = "vision_heads" if spec.vision else "num_kv_heads" if spec.kv else "num_heads"
             heads = self._need(count, name, rule)
-            part = _heads(name, size, heads, rank, world, spec.kv)
+            part = _heads(name, size, heads, rank, world, spec.kv, self._from[count])
             kind = "kv-replicated" if spec.kv and world > heads else "row"
             return _selection(shape, 0, (size,), [part], kind, rule)
         return self._fused_qkv(rule, name, shape, dim, rank, world, spec.vision)
@@ -428,15 +472,19 @@ class Sharder:
         head_dim = size // (heads + 2 * kv_heads)
         sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
         sizes = sizes if vision or self.qkv_sections is None else self.qkv_sections
+        hsrc = self._from["vision_heads" if vision else "num_heads"]
+        ksrc = hsrc if vision else self._from["num_kv_heads"]
         if sum(sizes) != size:
             raise ShardingError(
-                f"{name!r}: dim {dim} of size {size} is not q | k | v as {sizes} ({heads} heads, "
-                f"{kv_heads} kv heads); pass num_heads=, num_kv_heads= or qkv_sections=",
+                f"{name!r}: dim {dim} of size {size} is not q | k | v as {sizes} ({heads} heads "
+                f"from {hsrc}, {kv_heads} kv heads from {ksrc}); pass num_heads=, num_kv_heads= "
+                "or qkv_sections=",
                 keywords=("num_heads=", "num_kv_heads=", "qkv_sections="),
             )
-        counts = ((heads, False), (kv_heads, True), (kv_heads, True))
+        counts = ((heads, False, hsrc), (kv_heads, True, ksrc), (kv_heads, True, ksrc))
         parts = [
-            _heads(name, s, h, rank, world, kv) for s, (h, kv) in zip(sizes, counts, strict=True)
+            _heads(name, s, h, rank, world, kv, src)
+            for s, (h, kv, src) in zip(sizes, counts, strict=True)
         ]
         return _selection(shape, dim, sizes, parts, "fused", rule)
 
@@ -450,6 +498,29 @@ class Sharder:
                 )
             sizes.append(math.prod(values))
         return Split(spec.dim, tuple(sizes))
+
+    def _check_head_dim(self, spec: Heads, rule: str, name: str, shape: tuple[int, ...]) -> None:
+        """``q_proj``, ``k_proj`` and ``v_proj`` of one attention block agree
+        on head_dim: a head count the tensors' shapes contradict would cut
+        heads apart. (Only these names: MLA's ``q_b_proj``/``kv_b_proj``
+        carry other widths per head; Qwen3-Next's q_proj holds a gate too.)"""
+        block, _, leaf = name.rpartition(".")[0].rpartition(".")
+        if leaf not in _QKV or not shape:
+            return
+        count = "vision_heads" if spec.vision else "num_kv_heads" if spec.kv else "num_heads"
+        heads = getattr(self, count)
+        if heads is None or shape[0] % heads:
+            return  # unknown, or _heads says what is wrong
+        per = shape[0] // heads // (2 if leaf == "q_proj" and self.family in _GATED_Q else 1)
+        seen = self._head_dims.setdefault((block, spec.vision), (per, name, count))
+        if seen[0] != per:
+            other_dim, other, other_count = seen
+            raise ShardingError(
+                f"{name!r}: {shape[0]} rows over {heads} {count} give head_dim {per}, but "
+                f"{other!r} gives {other_dim} over {getattr(self, other_count)} {other_count}; "
+                f"the head counts do not match the tensors (num_heads from "
+                f"{self._from['num_heads']}, num_kv_heads from {self._from['num_kv_heads']})"
+            )
 
     def _need(self, attr: str, name: str, rule: str) -> int:
         if (count := getattr(self, attr)) is None:

@@ -89,6 +89,39 @@ def main(path: str) -> None:
     if not torch.allclose(mlp(x), plain(x), atol=1e-5):
         failures.append("FSDP x TP forward differs from the plain module")
 
+    # transformers 5 fused experts from per-expert tensors (gpuload.torch.fused):
+    # experts by dp, gate_up rows (gate | up) and down's input columns by tp.
+    n_exp = sum(1 for k in full if k.startswith("moe.experts.") and k.endswith(".gate_proj.weight"))
+    fused = {
+        "gate_up_proj": torch.stack(
+            [
+                torch.cat(
+                    [
+                        full[f"moe.experts.{e}.gate_proj.weight"],
+                        full[f"moe.experts.{e}.up_proj.weight"],
+                    ]
+                )
+                for e in range(n_exp)
+            ]
+        ),
+        "down_proj": torch.stack([full[f"moe.experts.{e}.down_proj.weight"] for e in range(n_exp)]),
+    }
+    experts = nn.Module()
+    for name, placements in (
+        ("gate_up_proj", (Shard(0), Shard(1))),
+        ("down_proj", (Shard(0), Shard(2))),
+    ):
+        zeros = torch.zeros_like(fused[name])
+        experts.register_parameter(name, nn.Parameter(distribute_tensor(zeros, mesh, placements)))
+    moe = nn.Module()
+    moe.experts = experts
+    moe_report = gt.load_into(moe, path, name_map=lambda key: "moe." + key, strict=False)
+    for name, param in experts.named_parameters():
+        check(f"experts.{name}", param, fused[name], failures)
+    local = sum(p.to_local().nbytes for p in experts.parameters())
+    if moe_report.bytes_useful != local:
+        failures.append(f"fused experts: delivered {moe_report.bytes_useful} bytes, local {local}")
+
     result = {
         "rank": rank,
         "failures": failures,

@@ -132,9 +132,12 @@ def test_plan_without_config_takes_expert_count_and_resident(moe, tmp_path):
     for f in moe.glob("*.safetensors*"):
         (bare / f.name).write_bytes(f.read_bytes())
     args = ["plan", bare, "--rank", "0", "--world", "2", "--json"]
+    heads = ("--num-heads", "8", "--num-kv-heads", "4")  # kv heads default to heads: 8 is wrong
     r = _gpuload(*args, "--expert-parallel", "--num-heads", "8")
+    assert r.returncode == 2 and "head counts do not match the tensors" in r.stderr
+    r = _gpuload(*args, "--expert-parallel", *heads)
     assert r.returncode == 2 and "pass --num-experts or provide config.json" in r.stderr
-    r = _gpuload(*args, "--expert-parallel", "--num-experts", "4", "--num-heads", "8")
+    r = _gpuload(*args, "--expert-parallel", "--num-experts", "4", *heads)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["summary"]["skipped"]  # the other rank's experts

@@ -92,3 +92,40 @@ def test_every_flag_is_in_the_readme_table_and_the_module_table():
     }
     assert set(config._FLAGS) == table
     assert all(flag in config.__doc__ for flag in config._FLAGS)
+
+
+# issue 23: argument checks the README promises
+
+
+def _tiny(tmp_path):
+    from gpuload import synth
+
+    return synth.write_model(tmp_path / "m", "tiny", num_files=1)
+
+
+def test_zerocopy_without_pin_refused_on_the_cpu_path_too(tmp_path):
+    import gpuload
+
+    with pytest.raises(ValueError, match="zerocopy.*pin=0"):
+        gpuload.load_sharded(_tiny(tmp_path), 0, 2, device="cpu", gather="zerocopy", pin=False)
+    with pytest.raises(ValueError, match="zerocopy.*pin=0"):
+        gpuload.Loader(device="cpu", gather="zerocopy", pin=False)
+
+
+def test_min_chunk_above_chunk_refused_when_chosen(tmp_path, monkeypatch):
+    import gpuload
+
+    path = _tiny(tmp_path)
+    with pytest.raises(ValueError, match="min_chunk_bytes=8192 exceeds chunk_bytes=4096"):
+        gpuload.load_sharded(path, 0, 2, device="cpu", chunk_bytes=4096, min_chunk_bytes=8192)
+    monkeypatch.setenv("GPULOAD_MIN_CHUNK_BYTES", "8192")
+    config.reload()
+    try:
+        with pytest.raises(ValueError, match="exceeds chunk_bytes=4096"):
+            gpuload.Loader(device="cpu", chunk_bytes=4096)
+    finally:
+        monkeypatch.delenv("GPULOAD_MIN_CHUNK_BYTES")
+        config.reload()
+    # the default floor (4 MiB) under a small cap is clamped, as before
+    got = gpuload.load_sharded(path, 0, 2, device="cpu", chunk_bytes=4096)
+    assert got

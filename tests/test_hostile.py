@@ -346,3 +346,21 @@ def test_mutated_files_through_load_sharded(mutation_dir, data):
     except Exception:  # noqa: BLE001 - safetensors may be stricter in places
         return
     assert theirs == want
+
+
+def test_header_with_too_many_tensors_refused_up_front(tmp_path):
+    """600,000 zero-size tensors fit well under the 100 MB header cap; parsing
+    them cost tens of seconds and gigabytes (issue 23: 1.65 million, 46 s,
+    1.8 GB). Refused before the JSON parse, naming the file and the count."""
+    import time
+
+    n = 600_000  # above gpuload.checkpoint.MAX_TENSORS (524,288)
+    entry = '"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+    body = ("{" + ",".join(entry % i for i in range(n)) + "}").encode()
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    t0 = time.perf_counter()
+    with pytest.raises(gpuload.HeaderError) as e:
+        gpuload.load_sharded(path, 0, 1, device="cpu")
+    assert time.perf_counter() - t0 < 5
+    assert "many.safetensors" in str(e.value) and "600,000 tensors" in str(e.value)

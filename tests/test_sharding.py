@@ -616,3 +616,84 @@ def test_remembered_matches_and_splits_equal_fresh_ones(preset, expert_parallel)
                 assert warm.select(name, shape, rank, world) == fresh.select(
                     name, shape, rank, world
                 ), (name, rank, world)
+
+
+# ---------------------------------------------------------------- issue 23: head counts
+
+
+def _tiny_with(tmp_path, **config):
+    import json
+
+    from gpuload import synth
+
+    path = synth.write_model(tmp_path / "m", "tiny", num_files=1)  # 8 heads, 4 kv, head_dim 8
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(config)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_more_kv_heads_than_heads_refused_from_config(tmp_path):
+    import gpuload
+
+    path = _tiny_with(tmp_path, num_key_value_heads=16)
+    with pytest.raises(ShardingError) as e:
+        gpuload.load_sharded(path, 0, 8, device="cpu")
+    msg = str(e.value)
+    assert "16 kv heads" in msg and "8 heads" in msg and "exceed" in msg
+    assert str(path / "config.json") in msg and "num_key_value_heads" in msg
+
+
+def test_more_kv_heads_than_heads_refused_from_keyword(tmp_path):
+    import gpuload
+
+    path = _tiny_with(tmp_path)
+    with pytest.raises(ShardingError, match=r"16 kv heads \(from the keyword num_kv_heads=16\)"):
+        gpuload.load_sharded(path, 0, 8, device="cpu", num_kv_heads=16)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_kv_head_count_contradicting_shapes_refused(tmp_path, world):
+    """config says 2 kv heads, k_proj holds 4 (head_dim 16 against q's 8):
+    refused, naming both tensors and where the counts came from."""
+    import gpuload
+
+    path = _tiny_with(tmp_path, num_key_value_heads=2)
+    with pytest.raises(ShardingError) as e:
+        gpuload.load_sharded(path, 0, world, device="cpu")
+    msg = str(e.value)
+    assert "head_dim 16" in msg and "head_dim" in msg and "_proj.weight" in msg
+    assert "q_proj" in msg and ("k_proj" in msg or "v_proj" in msg)
+    assert f"{path / 'config.json'} num_key_value_heads" in msg
+
+
+@pytest.mark.parametrize(
+    "source,kwargs,config",
+    [
+        ("config", {}, {"num_key_value_heads": 3, "num_attention_heads": 3}),
+        ("keyword", {"num_kv_heads": 3, "num_heads": 3}, {}),
+    ],
+)
+def test_head_count_errors_say_where_the_count_came_from(tmp_path, source, kwargs, config):
+    import gpuload
+
+    path = _tiny_with(tmp_path, **config)
+    with pytest.raises(ShardingError) as e:
+        gpuload.load_sharded(path, 0, 1, device="cpu", **kwargs)
+    msg = str(e.value)
+    assert "is not a multiple of 3" in msg and "_proj.weight" in msg, msg
+    if source == "config":
+        assert f"came from {path / 'config.json'} num_" in msg, msg
+    else:
+        assert "came from the keyword num_" in msg, msg
+
+
+def test_heads_not_dividing_world_names_tensor_and_source(tmp_path):
+    import gpuload
+
+    path = _tiny_with(tmp_path)
+    with pytest.raises(ShardingError) as e:
+        gpuload.load_sharded(path, 0, 16, device="cpu", allow_uneven=True)
+    msg = str(e.value)
+    assert "q_proj.weight" in msg and "8 heads do not divide by world size 16" in msg
+    assert f"came from {path / 'config.json'} num_attention_heads" in msg, msg

@@ -182,7 +182,8 @@ def test_into_buffers_are_checked_before_any_read(tmp_path):
 
 def test_2d_mesh_fsdp_times_tp(tmp_path):
     """4 ranks on a 2 x 2 (dp, tp) mesh: explicit placements (2-D boxes, nested,
-    uneven, empty, 3-D, bf16) and a meta MLP under parallelize_module + fully_shard."""
+    uneven, empty, 3-D, bf16), a meta MLP under parallelize_module + fully_shard,
+    and transformers 5 fused experts built from per-expert tensors."""
     from tiny_models import ROOT, free_port
 
     g = torch.Generator().manual_seed(0)
@@ -200,6 +201,13 @@ def test_2d_mesh_fsdp_times_tp(tmp_path):
         "mlp.up.bias": (16,),
         "mlp.down.weight": (8, 16),
         "mlp.down.bias": (8,),
+        # per-expert tensors for fused gate_up_proj [4, 10, 6] / down_proj [4, 6, 5]
+        **{
+            f"moe.experts.{e}.{p}.weight": (5, 6)
+            for e in range(4)
+            for p in ("gate_proj", "up_proj")
+        },
+        **{f"moe.experts.{e}.down_proj.weight": (6, 5) for e in range(4)},
     }
     tensors = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     tensors["i"] = tensors["i"].bfloat16()
@@ -223,3 +231,166 @@ def test_2d_mesh_fsdp_times_tp(tmp_path):
         assert r["failures"] == [], r
         # each rank read its shards, not the file (plus a few covering gaps)
         assert r["bytes_read"] < r["file_bytes"], r
+
+
+def test_name_map_two_keys_to_one_name_loads_both(tmp_path):
+    """A tied checkpoint (no lm_head.weight) into an untied meta Qwen3 with
+    lm_head.weight mapped to the embeddings: both parameters get its bytes
+    (issue 23: only one did, the other kept uninitialised memory)."""
+    pytest.importorskip("transformers")
+    from tiny_models import quiet, write_model
+
+    where = write_model("qwen3", tmp_path)  # tied: the file has no lm_head.weight
+    assert "lm_head.weight" not in open_checkpoint(where).tensors
+    with quiet():
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(where)
+        config.tie_word_embeddings = False
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    with torch.no_grad():  # garbage a missed copy would leave behind
+        model.to_empty(device="cpu")
+        model.model.embed_tokens.weight.fill_(7.0)
+        model.lm_head.weight.fill_(7.0)
+    report = gt.load_into(
+        model, where, name_map={"lm_head.weight": "model.embed_tokens.weight"}, strict=True
+    )
+    want = save_load_reference(where, "model.embed_tokens.weight")
+    assert torch.equal(model.model.embed_tokens.weight, want)
+    assert torch.equal(model.lm_head.weight, want)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert report.missing == [] and report.unexpected == []
+
+
+def test_name_map_one_name_to_two_plain_parameters(tmp_path):
+    """Two untied plain parameters mapped to one name both get its bytes."""
+    path = tmp_path / "m.safetensors"
+    save_file({"x.weight": torch.randn(4, 4)}, path)
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.zeros(4, 4))
+            self.b = nn.Parameter(torch.zeros(4, 4))
+
+    mod = Pair()
+    report = gt.load_into(mod, path, name_map=lambda k: "x.weight")
+    want = save_load_reference(path, "x.weight")
+    assert torch.equal(mod.a, want) and torch.equal(mod.b, want) and not report.missing
+
+
+def save_load_reference(where, name):
+    from safetensors import safe_open
+
+    files = [where] if str(where).endswith(".safetensors") else sorted(where.glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            if name in set(h.keys()):
+                return h.get_tensor(name)
+    raise KeyError(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no CUDA")
+def test_device_cuda_without_cuda_refused_before_materializing(tmp_path):
+    """A CPU-only torch: a clear GpuloadError, the meta module untouched
+    (it was torch's AssertionError after materializing had started)."""
+    from gpuload import BackendUnavailable
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3)}, path)
+    with torch.device("meta"):
+        mod = nn.Sequential()
+        mod.a = nn.Linear(4, 3)
+    with pytest.raises(BackendUnavailable, match="no CUDA"):
+        gt.load_into(mod, path, device="cuda")
+    assert mod.a.weight.is_meta and mod.a.bias.is_meta
+
+
+MOE = {
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    ),
+}
+
+
+def _moe_model(family, where):
+    import transformers
+    from tiny_models import COMMON, quiet
+
+    with quiet():
+        cls, extra = MOE[family]
+        config = getattr(transformers, cls)(**{**COMMON, **extra})
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(where)
+    return config
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_fused_moe_experts_from_per_expert_checkpoint(tmp_path, family):
+    """transformers 5 keeps experts fused (mlp.experts.gate_up_proj [E, 2I, H],
+    down_proj [E, H, I]) and saves them per expert: load_into applies its
+    conversion and matches from_pretrained, parameters and logits."""
+    transformers = pytest.importorskip("transformers")
+    from tiny_models import quiet
+
+    config = _moe_model(family, tmp_path)
+    names = open_checkpoint(tmp_path).tensors
+    assert any(".experts.0." in n for n in names)  # per expert on disk
+    with quiet():
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert any(k.endswith("experts.gate_up_proj") for k in model.state_dict())
+    report = gt.load_into(model, tmp_path, strict=True)
+    assert report.missing == [] and report.unexpected == []
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    # Non-persistent buffers (rotary frequencies) are not in any checkpoint:
+    # recomputed from the config as from_pretrained does (examples/fsdp2_generate.py)
+    for module in model.modules():
+        if "inv_freq" in dict(module.named_buffers(recurse=False)):
+            fresh = type(module)(module.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                getattr(module, name).copy_(buf)
+    ids = torch.tensor([[1, 5, 9, 33, 77, 101]])
+    with torch.no_grad():
+        got_logits, want_logits = model.eval()(ids).logits, ref.eval()(ids).logits
+    # identical parameters; float32 kernels may still sum in another order
+    assert torch.allclose(got_logits, want_logits, rtol=0, atol=1e-5)
+    assert torch.equal(got_logits.argmax(-1), want_logits.argmax(-1))
+
+
+def test_fused_moe_experts_local_box_reads_only_its_rows(tmp_path):
+    """A Shard(1)-like local box of gate_up_proj (rows of gate and up) and of
+    down_proj (columns): the pieces read exactly the rows and columns of the
+    per-expert tensors that box covers."""
+    from gpuload.torch.fused import fused_sources, pieces
+
+    projs = ("gate_proj", "up_proj")
+    names = {f"m.layers.0.mlp.experts.{e}.{p}.weight" for e in range(3) for p in projs}
+    sources, kind = fused_sources("m.layers.0.mlp.experts.gate_up_proj", names)
+    assert kind == "gate_up" and len(sources) == 3
+    # global [3, 8, 5]: I = 4; rows 2..6 = gate rows 2..4 and up rows 0..2
+    got = pieces(sources, kind, ((1, 3), (2, 6), (0, 5)), (3, 8, 5))
+    assert [(p.source.split("experts.")[1], p.box, p.dest) for p in got] == [
+        ("1.gate_proj.weight", ((2, 4), (0, 5)), (0, slice(0, 2))),
+        ("1.up_proj.weight", ((0, 2), (0, 5)), (0, slice(2, 4))),
+        ("2.gate_proj.weight", ((2, 4), (0, 5)), (1, slice(0, 2))),
+        ("2.up_proj.weight", ((0, 2), (0, 5)), (1, slice(2, 4))),
+    ]

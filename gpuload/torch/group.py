@@ -42,9 +42,23 @@ def ranks(rank: int | None, world: int | None, group: Any = None) -> tuple[int, 
             f"{what}, but no torch.distributed process group is initialized: "
             "call torch.distributed.init_process_group first, or pass rank= and world="
         )
+    member = getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", object())
+    if group is not None and (group is member or (isinstance(group, int) and group == member)):
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the group "
+            "passed as group=: new_group() returns a placeholder to the ranks it leaves "
+            "out; call load_sharded with group= only on the group's members"
+        )
     g_rank, g_world = dist.get_rank(group), dist.get_world_size(group)
     if g_rank < 0:
-        raise ValueError(f"this process (global rank {dist.get_rank()}) is not in group={group!r}")
+        try:
+            members = f" (global ranks {dist.get_process_group_ranks(group)})"
+        except Exception:  # a group torch cannot list: say no more
+            members = ""
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the group "
+            f"passed as group={members}"
+        )
     for label, given, found in (("rank", rank, g_rank), ("world", world, g_world)):
         if given is not None and given != found:
             raise ValueError(f"{label}={given} but the process group says {label}={found}")
