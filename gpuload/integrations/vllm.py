@@ -26,7 +26,6 @@ from typing import Any
 #: default loader at TP=1 and TP=2 (tests/vllm).
 ARCHITECTURES = (
     "LlamaForCausalLM",
-    "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "MixtralForCausalLM",
