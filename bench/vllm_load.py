@@ -113,6 +113,28 @@ def run(model: Path, tp: int, fmt: str, state: str) -> dict:
     return row
 
 
+def table(rows: list[dict]) -> str:
+    """One line a rank of each run, in markdown."""
+    out = [
+        "| TP | format | state | rank | load s | bytes read | shard bytes | file bytes "
+        "| resident after (cold) | engine s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if "error" in r:
+            err = r["error"].strip().splitlines()[-1][:120]
+            out.append(f"| {r['tp']} | {r['format']} | {r.get('state', '')} | | {err} |||||")
+            continue
+        for k in r["ranks"]:
+            read = "all files (every tensor, then narrow)" if k["read"] is None else k["read"]
+            out.append(
+                f"| {r['tp']} | {r['format']} | {r['state']} | {k['rank']} | {k['s']:.2f} "
+                f"| {read} | {k.get('shard', '')} | {r['file_bytes']} "
+                f"| {r.get('resident_after', '')} | {r['engine_s']} |"
+            )
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", type=Path)
@@ -139,6 +161,8 @@ def main() -> None:
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "vllm_load.json").write_text(json.dumps(rows, indent=1))
+        (a.out / "vllm_load.md").write_text(table(rows))
+    print(table(rows))
 
 
 if __name__ == "__main__":
