@@ -9,9 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import safetensors.torch
-import torch
-
 HERE = Path(__file__).resolve().parent
 # gpuload's settings travel as vLLM's model_loader_extra_config.
 EXTRA = {"threads": 2, "prefetch": False}
@@ -52,7 +49,10 @@ def swap_kv_heads(src: Path, dst: Path, tensor: str) -> None:
         (dst / f.name).write_bytes(f.read_bytes())
     index = json.loads((src / "model.safetensors.index.json").read_text())
     file = dst / index["weight_map"][tensor]
-    tensors = safetensors.torch.load_file(file)  # bfloat16: numpy has none
+    import safetensors.torch  # bfloat16: numpy has none
+    import torch
+
+    tensors = safetensors.torch.load_file(file)
     a, b = tensors[tensor].chunk(2)
     tensors[tensor] = torch.cat([b, a])
     safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
