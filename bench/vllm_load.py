@@ -126,7 +126,7 @@ def table(rows: list[dict]) -> str:
             out.append(f"| {r['tp']} | {r['format']} | {r.get('state', '')} | | {err} |||||")
             continue
         for k in r["ranks"]:
-            read = "all files (every tensor, then narrow)" if k["read"] is None else k["read"]
+            read = "not logged" if k["read"] is None else k["read"]
             out.append(
                 f"| {r['tp']} | {r['format']} | {r['state']} | {k['rank']} | {k['s']:.2f} "
                 f"| {read} | {k.get('shard', '')} | {r['file_bytes']} "
