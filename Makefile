@@ -93,7 +93,7 @@ lint: $(STAMP)
 	$(BIN)/hadolint docker/Dockerfile
 
 test: lint
-	$(BIN)/python -m pytest -q --ignore=tests/cudasim --ignore=tests/realpkg --ignore=tests/vllm
+	$(BIN)/python -m pytest -q --ignore=tests/cudasim --ignore=tests/realpkg --ignore=tests/vllm_tier
 	# Numba reads NUMBA_ENABLE_CUDASIM at import: the simulator tier runs alone.
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -q tests/cudasim
 	$(MAKE) test-realpkg
@@ -101,9 +101,9 @@ test: lint
 
 # vLLM's CPU build loads tiny transformers-written models with
 # load_format="gpuload" and with its default loader, at TP=1 and TP=2, and
-# compares greedy ids (tests/vllm). TEST_VLLM=1: no vllm fails the tier.
+# compares greedy ids (tests/vllm_tier). TEST_VLLM=1: no vllm fails the tier.
 test-vllm: $(STAMP_VLLM)
-	TEST_VLLM=1 $(VENV_VLLM)/bin/python -m pytest -q tests/vllm
+	TEST_VLLM=1 $(VENV_VLLM)/bin/python -m pytest -q tests/vllm_tier
 
 # The real CUDA packages (no GPU needed): what gpuload calls on them exists
 # with the arguments it passes, and the fakes match them. TEST_REALPKG=1:

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 #: The architectures whose greedy ids the vLLM tier checks against vLLM's
-#: default loader at TP=1 and TP=2 (tests/vllm).
+#: default loader at TP=1 and TP=2 (tests/vllm_tier).
 ARCHITECTURES = (
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",

@@ -1,6 +1,6 @@
 """Greedy ids from vLLM's ``LLM``, one engine after another in one process.
 
-    python tests/vllm/generate.py OUT.json --tp 2 auto=DIR gpuload=DIR ...
+    python tests/vllm_tier/generate.py OUT.json --tp 2 auto=DIR gpuload=DIR ...
 
 Each job ``FORMAT=DIR`` starts an ``LLM`` on DIR with ``load_format=FORMAT``,
 generates greedily from a fixed prompt and shuts the engine down. Writes

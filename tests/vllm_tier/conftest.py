@@ -19,6 +19,8 @@ import pytest
 from models import FAMILIES, write_model
 from tier import run, swap_kv_heads
 
+# (This folder is not named vllm: with tests/ on sys.path, a folder of that
+# name would import as a namespace package ``vllm`` wherever vLLM is absent.)
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("TEST_VLLM") == "1":
         raise pytest.UsageError(
