@@ -330,8 +330,13 @@ class PosixReader:
                 except OSError:
                     direct[file] = None
                 else:
-                    self._check(file, os.fstat(fd), fd)
-                    direct[file] = fd
+                    try:  # a changed file (or a Ctrl-C) before the store closes it
+                        self._check(file, os.fstat(fd))
+                        direct[file] = fd
+                    except BaseException:
+                        if direct.get(file) != fd:
+                            os.close(fd)
+                        raise
             return direct[file]
 
     def read_direct(
