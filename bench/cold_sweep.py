@@ -33,9 +33,10 @@ import sys
 import time
 
 import gpuload
-from gpuload import pipeline, synth
+from gpuload import synth
 from gpuload.bench.limits import fio_read, release_freed
-from gpuload.pinning import evict
+from gpuload.host import pipeline
+from gpuload.memory.mapping import evict
 
 NO_PREFAULT = {"_no_prefault": True}  # a bench-only switch, below
 

@@ -47,8 +47,8 @@ from gpuload.bench.contenders import get_slice_shard as _get_slice_shard  # noqa
 from gpuload.bench.limits import fresh_buffer, pread_all, release_freed, ring_bytes  # noqa: E402
 from gpuload.bench.residency import ensure_warm, summary  # noqa: E402
 from gpuload.bench.timing import Entry, alternate  # noqa: E402
+from gpuload.sharding.verify import as_bytes  # noqa: E402
 from gpuload.synth.models import ModelSpec  # noqa: E402
-from gpuload.verify import as_bytes  # noqa: E402
 
 
 def get_slice_shard(files, lp) -> dict[str, np.ndarray]:

@@ -51,7 +51,7 @@ def empty_state(ckpt, mesh, layout: str) -> dict:
     import torch
     from torch.distributed.tensor import DTensor
 
-    from gpuload.torch.boxes import local_box
+    from gpuload.integrations.torch.boxes import local_box
 
     state = {}
     coord = mesh.get_coordinate()
@@ -93,7 +93,7 @@ def worker(path: str, runs: int) -> None:
 
     import gpuload.torch
     from gpuload import open_checkpoint
-    from gpuload.pinning import evict
+    from gpuload.memory.mapping import evict
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

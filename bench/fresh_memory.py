@@ -31,7 +31,7 @@ from gpuload import synth
 from gpuload.bench.limits import pread_all, release_freed
 from gpuload.bench.residency import ensure_warm
 from gpuload.bench.timing import Entry, alternate
-from gpuload.pinning import PAGE, HostBuffer, evict
+from gpuload.memory.mapping import PAGE, HostBuffer, evict
 
 
 def _misaligned(n: int) -> np.ndarray:

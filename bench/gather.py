@@ -11,7 +11,7 @@ bytes against the numpy twin. A last row repeats 4 KiB segments with the
 source one byte off alignment, which forces byte-wide words.
 
 A second table compares the three gather strategies of a covering read
-(``gpuload.transfer``) on the real runtime (``CupyRuntime``: mapped pinned
+(``gpuload.plan.transfer``) on the real runtime (``CupyRuntime``: mapped pinned
 staging, its device view, the Numba kernel): a column shard of rank 1 at
 world 2, 4 and 8, segments of 256 B to 64 KiB, ``--strategy-mib`` MiB owned.
 ``device`` copies the covering range H2D into scratch and gathers on the
@@ -150,7 +150,7 @@ def case(seg: int, world: int, useful: int) -> tuple[np.ndarray, int, int]:
 
 
 def print_model(useful: int) -> None:
-    from gpuload.transfer import GATHERS, GatherModel
+    from gpuload.plan.transfer import GATHERS, GatherModel
 
     m = GatherModel()
     print(f"## gather strategies: cost model ({useful >> 20} MiB owned per case)\n")
@@ -171,9 +171,9 @@ def print_model(useful: int) -> None:
 
 def strategies(cupy, args, measured: dict[str, float]) -> int:
     """The three gather strategies on the real runtime, by world and segment size."""
-    from gpuload.device_cuda import CupyRuntime
+    from gpuload.cuda.backend import CupyRuntime
     from gpuload.kernels.host import gather_host
-    from gpuload.transfer import GATHERS, GatherModel, pack_layout
+    from gpuload.plan.transfer import GATHERS, GatherModel, pack_layout
 
     rt = CupyRuntime(args.device)
     model = GatherModel()
@@ -252,8 +252,8 @@ def write_model(cupy, rt, stream, staging, scratch, useful: int, measured, args)
     """Measure what the strategy table did not, and write ``GatherModel``'s constants."""
     from pathlib import Path
 
-    from gpuload import gather_model
-    from gpuload.transfer import GatherModel
+    from gpuload.plan import gather_model
+    from gpuload.plan.transfer import GatherModel
 
     h2d = []
     for _ in range(args.reps):

@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 
 import gpuload
-from gpuload import pipeline, synth
+from gpuload import synth
 from gpuload.bench.limits import release_freed
 from gpuload.bench.residency import ensure_warm
 from gpuload.bench.timing import Entry, alternate
+from gpuload.host import pipeline
 from gpuload.synth.models import ModelSpec
 
 SHAPES = {

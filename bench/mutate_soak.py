@@ -79,7 +79,7 @@ def _resident(mode: str):
 def _safe_bytes(a: np.ndarray) -> bytes | None:
     """``a``'s bytes, copied with process_vm_readv: None where a page of it
     cannot be read (a view over a truncated file), instead of SIGBUS."""
-    from gpuload.io import _vm_readv_raw
+    from gpuload.read.posix import _vm_readv_raw
 
     a = a.view(np.uint8) if a.dtype.kind not in "V" else a
     if a.size == 0:
@@ -138,8 +138,8 @@ def _record_checks(checks: list[float]) -> None:
     a load), so an ``over_changed`` result can be told apart: a mutation
     that finished before the last check began was missed; one that
     finished after it landed in the microseconds before the return."""
-    import gpuload.io
-    import gpuload.resident
+    import gpuload.host.resident
+    import gpuload.read.posix
 
     def timed(f):
         def wrapper(*a, **k):
@@ -148,15 +148,15 @@ def _record_checks(checks: list[float]) -> None:
 
         return wrapper
 
-    if hasattr(gpuload.resident, "check_unchanged"):  # not before issue 23
-        gpuload.resident.check_unchanged = timed(gpuload.resident.check_unchanged)
-    gpuload.io.PosixReader.close = timed(gpuload.io.PosixReader.close)
+    if hasattr(gpuload.host.resident, "check_unchanged"):  # not before issue 23
+        gpuload.host.resident.check_unchanged = timed(gpuload.host.resident.check_unchanged)
+    gpuload.read.posix.PosixReader.close = timed(gpuload.read.posix.PosixReader.close)
 
 
 def _worker(conn, pristine: str, workdir: str, oracle_file: str) -> None:
     """Runs trials sent over ``conn``; answers each with its outcome."""
     import gpuload
-    from gpuload.verify import cut, reference_tensors
+    from gpuload.sharding.verify import cut, reference_tensors
 
     ref = reference_tensors([oracle_file])
     plans: dict = {}

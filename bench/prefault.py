@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gpuload import pinning
-from gpuload.checkpoint import open_checkpoint
 from gpuload.config import Config
-from gpuload.selection import Selection
+from gpuload.memory import mapping
+from gpuload.read.open import open_checkpoint
+from gpuload.sharding.selection import Selection
 
-pf = importlib.import_module("gpuload.resident")  # the module, not the function
+pf = importlib.import_module("gpuload.host.resident")  # the module, not the function
 MiB, GiB = 1 << 20, 1 << 30
 EXPERT = (2048, 2048)  # BF16: 8 MiB
 
@@ -72,7 +72,7 @@ def write_experts(path: Path, size_gib: float) -> int:
 
 def evict(path: Path) -> float:
     """Drop the file's pages; the fraction still resident."""
-    return pinning.evict([path])
+    return mapping.evict([path])
 
 
 def timed(fn) -> float:

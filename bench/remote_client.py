@@ -52,7 +52,7 @@ def nginx(root: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
 
 
 def run_gpuload(url: str, size: int, rng: int, threads: int, out: np.ndarray) -> float:
-    from gpuload.remote.client import Client, Target
+    from gpuload.read.remote.client import Client, Target
 
     client = Client()
     t = Target(url)

@@ -38,9 +38,9 @@ import numpy as np
 import safetensors
 
 import gpuload
-from gpuload.dtypes import DTYPES
-from gpuload.faults import FaultyReaderFactory
-from gpuload.sharding import Replicate, Split
+from gpuload.format.dtypes import DTYPES
+from gpuload.read.faults import FaultyReaderFactory
+from gpuload.sharding.sharder import Replicate, Split
 from gpuload.synth import write_safetensors
 
 WORLDS = (1, 2, 3, 4, 8)

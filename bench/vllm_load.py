@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpuload.pinning import evict, residency
+from gpuload.memory.mapping import evict, residency
 
 GPULOAD = re.compile(
     r"gpuload: rank (\d+)/\d+ read (\d+) of (\d+) file bytes \([^)]*\) "

@@ -39,11 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 import gpuload  # noqa: E402
-from gpuload import hostpool, synth  # noqa: E402
+from gpuload import synth  # noqa: E402
 from gpuload.bench.contenders import get_slice_shard  # noqa: E402
 from gpuload.bench.limits import release_freed  # noqa: E402
 from gpuload.bench.residency import ensure_warm, summary  # noqa: E402
-from gpuload.verify import as_bytes  # noqa: E402
+from gpuload.memory import pool as hostpool  # noqa: E402
+from gpuload.sharding.verify import as_bytes  # noqa: E402
 
 CHUNK = 16 << 20
 

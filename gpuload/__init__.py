@@ -5,9 +5,8 @@ rank's shard at a time, reading only the bytes that rank owns.
 >>> tensors = gpuload.load_sharded("/models/tiny-llama", rank=1, world=4, device="cpu")
 """
 
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from .config import Config
-from .errors import (
+from gpuload.config import Config
+from gpuload.errors import (
     BackendUnavailable,
     ConfigFileError,
     GpuloadError,
@@ -19,27 +18,29 @@ from .errors import (
     ResourceError,
     ShardingError,
 )
-from .loader import Loader, load_sharded
-from .report import LoadReport
-from .resident import PRESET_EXPERTS, PrefaultReport, map_resident, prefault, residency
-from .selection import Selection
-from .sharding import Sharder
+from gpuload.format.checkpoint import Checkpoint, TensorInfo
+from gpuload.host.resident import PRESET_EXPERTS, PrefaultReport, map_resident, prefault, residency
+from gpuload.loader import Loader, load_sharded
+from gpuload.read.open import open_checkpoint
+from gpuload.report import LoadReport
+from gpuload.sharding.selection import Selection
+from gpuload.sharding.sharder import Sharder
 
 __version__ = "0.1.0"
 
 
 def release_host_pool() -> int:
     """Unmap the huge-page result mappings CPU loads keep for the next load
-    (``gpuload.hostpool``); returns the bytes given back to the OS."""
-    from . import hostpool
+    (``gpuload.memory.pool``); returns the bytes given back to the OS."""
+    from gpuload.memory import pool as hostpool
 
     return hostpool.release()
 
 
 def release_gpu_cache() -> None:
     """Free the pinned staging and streams that GPU loads keep for the next
-    load in this process (``gpuload.gpu_cache``); a no-op without GPU loads."""
-    from . import gpu_cache
+    load in this process (``gpuload.cuda.cache``); a no-op without GPU loads."""
+    from gpuload.cuda import cache as gpu_cache
 
     gpu_cache.release()
 

@@ -36,7 +36,7 @@ GPULOAD_COLD_DIRECT        0 | 1 (1)                  CPU: such a cold load read
 GPULOAD_HUGEPAGES          0 | 1 (1)                  CPU: results of 2 MiB and more in
                                                       transparent huge pages (madvise)
 GPULOAD_GATHER             auto | device | zerocopy   how covering reads reach a GPU
-                           | pack (auto)              (gpuload.transfer); auto: cost model
+                           | pack (auto)              (gpuload.plan.transfer); auto: cost model
 GPULOAD_GATHER_MODEL       path | auto | 0 (auto)     GPU: the cost model's constants, a
                                                       JSON bench/gather.py writes; auto:
                                                       ~/.cache/gpuload/gather-model.json
@@ -61,7 +61,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 MiB = 1 << 20
-_GATHERS = ("auto", "device", "zerocopy", "pack")  # gpuload.transfer.GATHERS and auto
+_GATHERS = ("auto", "device", "zerocopy", "pack")  # gpuload.plan.transfer.GATHERS and auto
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([kmg])(ib)?)?\s*$", re.IGNORECASE)
 _SIZE_SHIFT = {None: 0, "k": 10, "m": 20, "g": 30}
@@ -156,7 +156,7 @@ class Config:
     device_scratch_bytes: int = 512 * MiB
     progress: bool | Literal["auto"] = "auto"
     # GPU loads: how a covering read's segments reach the device. "auto" lets
-    # gpuload.transfer.GatherModel choose per tensor; forcing one is for
+    # gpuload.plan.transfer.GatherModel choose per tensor; forcing one is for
     # tests, benchmarks and machines where the model's constants are off.
     gather: Literal["auto", "device", "zerocopy", "pack"] = "auto"
     # GPU loads: where the gather cost model's constants come from (a JSON
@@ -302,7 +302,7 @@ def override(**settings: Any) -> Iterator[Config]:
         _current = old
 
 
-# Remote checkpoints (gpuload.remote): the standard variables of the AWS
+# Remote checkpoints (gpuload.read.remote): the standard variables of the AWS
 # SDKs and of huggingface_hub, read here like every other variable, so a
 # test can point a load at a local server. ``storage_options=`` overrides
 # them key by key.

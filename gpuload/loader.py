@@ -19,22 +19,23 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from . import config as _config
-from . import gather_model
-from . import options as _options
-from . import resident as _resident
-from .backend import make_backend
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from .device import resolve_device
-from .errors import GpuloadError, PlanError, ShardingError, exhausted
-from .gcpause import paused
-from .outputs import resident_as, resolve_framework
-from .plan import Plan, PlanOptions, plan_reads
-from .report import LoadReport
-from .selection import Selection
-from .sharding import Sharder
-from .torch.group import current_device, ranks
-from .transfer import GatherOptions
+from gpuload import config as _config
+from gpuload import options as _options
+from gpuload.cuda.device import resolve_device
+from gpuload.errors import GpuloadError, PlanError, ShardingError, exhausted
+from gpuload.format.checkpoint import Checkpoint, TensorInfo
+from gpuload.format.gcpause import paused
+from gpuload.group import current_device, ranks
+from gpuload.host import resident as _resident
+from gpuload.host.backend import make_backend
+from gpuload.host.outputs import resident_as, resolve_framework
+from gpuload.plan import gather_model
+from gpuload.plan.planner import Plan, PlanOptions, plan_reads
+from gpuload.plan.transfer import GatherOptions
+from gpuload.read.open import open_checkpoint
+from gpuload.report import LoadReport
+from gpuload.sharding.selection import Selection
+from gpuload.sharding.sharder import Sharder
 
 log = logging.getLogger("gpuload")
 
@@ -89,7 +90,7 @@ class Loader:
         CUDA build is installed) or ``"cupy"`` (GPU only).
     reader_factory
         ``callable(headers, prefetch=bool) -> reader`` building the reader for
-        each load (default :class:`~gpuload.io.PosixReader`); tests wrap the
+        each load (default :class:`~gpuload.read.posix.PosixReader`); tests wrap the
         reader with injected faults through it.
     **settings
         Keyword twins of the ``GPULOAD_*`` flags (``prefetch``, ``prefault``,
@@ -151,7 +152,7 @@ class Loader:
             gather=gather,
         )
 
-    @paused()  # many small acyclic objects: see gpuload.gcpause
+    @paused()  # many small acyclic objects: see gpuload.format.gcpause
     def plan(self, path: PathLike, rank: int, world: int, **options: Any) -> LoadPlan:
         """Parse, shard and plan without reading any tensor data.
 
@@ -293,7 +294,7 @@ class Loader:
             try:
                 backend.run(plan, buffers, reader, report, bar.update if bar is not None else None)
                 if remote and lp.resident:
-                    from .remote.resident import read_resident
+                    from gpuload.host.remote_resident import read_resident
 
                     resident_arrays = read_resident(lp, reader, self.config, report)
             finally:
@@ -319,7 +320,7 @@ class Loader:
             # on the CPU whatever the device.
             # torch has no read-only tensors: it gets a private copy-on-write
             # mapping, so a write copies the touched pages, never reaching
-            # the file (see gpuload.resident).
+            # the file (see gpuload.host.resident).
             gpu = int(self.device.split(":")[1]) if self.device != "cpu" else None
             arrays, report.prefault = _resident.map_resident(
                 ckpt,
@@ -394,7 +395,7 @@ def _per_load(options: dict[str, Any]):
     return keep, resident_of, rules, source, options
 
 
-_REMOTE_REASON = "remote checkpoint: ranged GETs (gpuload.remote) into the backend's buffers"
+_REMOTE_REASON = "remote checkpoint: ranged GETs (gpuload.read.remote) into the backend's buffers"
 
 
 def touched_bytes(ckpt: Checkpoint, plan: Plan, resident: dict[str, Selection]) -> int:
@@ -451,9 +452,9 @@ def load_sharded(
           ``include`` (keep only matching tensors; the others are never
           read), ``cpu_resident`` (tensors kept in host memory: a regex,
           callable or names, or True for the routed-expert preset
-          ``gpuload.resident.PRESET_EXPERTS``, or ``"copy"``: that preset
+          ``gpuload.host.resident.PRESET_EXPERTS``, or ``"copy"``: that preset
           read into pinned anonymous memory instead of mapped; see
-          :func:`gpuload.resident.map_resident` for views and copies);
+          :func:`gpuload.host.resident.map_resident` for views and copies);
         * sharding: ``num_heads``, ``num_kv_heads``, ``num_experts``,
           ``qkv_sections``, ``expert_parallel``, ``allow_uneven``,
           ``weight_block_size``, ``vision_tp``;
@@ -471,7 +472,7 @@ def load_sharded(
         of a ``uint8`` buffer of their own: ``.base`` is that buffer, never
         shared with another tensor or load); cpu_resident ones are views of
         the checkpoint's mapping (or copies, see
-        :func:`gpuload.resident.map_resident`). Tensors owned by other ranks
+        :func:`gpuload.host.resident.map_resident`). Tensors owned by other ranks
         (expert parallel) are absent.
 
     Notes

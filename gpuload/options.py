@@ -17,7 +17,7 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
-from .config import Config
+from gpuload.config import Config
 
 #: What to load: caller sharding rules, the tensors to load, the tensors to
 #: keep in host memory. Per load (``Loader.load``/``plan``, ``load_sharded``).
@@ -37,7 +37,7 @@ SHARDING = (
 )
 
 #: Where the checkpoint is: endpoint and credentials of a remote one
-#: (``s3://``, ``http(s)://``, ``hf://``; see :mod:`gpuload.remote`),
+#: (``s3://``, ``http(s)://``, ``hf://``; see :mod:`gpuload.read.remote`),
 #: overriding the environment's. Per load.
 SOURCE = ("storage_options",)
 

@@ -42,7 +42,7 @@ class LoadReport:
     mapped_ops: int = 0
     direct_ops: int = 0  # cold reads done with O_DIRECT into the results
     # CPU: the load was mostly cold and a thread faulted the results in ahead
-    # of the reads (gpuload.pipeline.ResultPrefaulter; off with prefetch=False)
+    # of the reads (gpuload.host.pipeline.ResultPrefaulter; off with prefetch=False)
     results_prefaulted: bool = False
     cold_reads: bool = False  # most reads missed the page cache: the cold settings ran
     seconds: float = 0.0  # wall time of the whole load
@@ -54,7 +54,7 @@ class LoadReport:
     wait_s: float = 0.0  # threads waiting for a free staging slot
     pack_s: float = 0.0  # reader threads packing segments for gather="pack"
     strategies: dict[str, int] = dataclasses.field(default_factory=dict)  # read tensors by plan
-    # GPU loads: covering tensor -> "device" | "zerocopy" | "pack" (gpuload.transfer)
+    # GPU loads: covering tensor -> "device" | "zerocopy" | "pack" (gpuload.plan.transfer)
     gather: dict[str, str] = dataclasses.field(default_factory=dict)
     unknown: list[str] = dataclasses.field(default_factory=list)  # replicated, no rule
     skipped: list[str] = dataclasses.field(default_factory=list)  # other ranks' experts

@@ -157,7 +157,7 @@ def _error(e: BaseException) -> str:
 
 
 def _sig(word: int) -> str:
-    from .cuda import _DTYPES
+    from .gather_kernel import _DTYPES
 
     ty = _DTYPES[word]().dtype.name
     return f"void({ty}[::1], {ty}[::1], int64[::1], int64, int64)"
@@ -167,7 +167,7 @@ def _run(arch: str | None, device: int | None) -> Toolchain:
     from numba import cuda
     from numba.cuda.cudadrv import driver
 
-    from . import cuda as kcuda
+    from . import gather_kernel as kcuda
 
     tc = Toolchain()
     if device is not None:
@@ -223,7 +223,7 @@ def check(arch: str | None = None, device: int | None = None) -> Toolchain:
     """
     if (arch is None) == (device is None):
         raise ValueError("give exactly one of arch= (e.g. 'sm_90') or device= (an index)")
-    from .cuda import _SIM
+    from .gather_kernel import _SIM
 
     if _SIM:  # the simulator runs the Python body: nothing to compile or link
         return Toolchain(arch="simulator")

@@ -52,7 +52,7 @@ def oracle(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 def carrier(dtype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
     """The oracle's bytes as a numpy array we can slice: an unsigned integer of
     the element width, or uint8 bytes (last dim in bytes) for packed dtypes."""
-    from gpuload.dtypes import DTYPES, numpy_shape
+    from gpuload.format.dtypes import DTYPES, numpy_shape
 
     d = DTYPES[dtype]
     if d.packed:
@@ -91,7 +91,7 @@ def write_matrix(
     random bytes, into ``where/model.safetensors`` (returned), or with
     ``index=True`` into two files plus index.json (``where`` is returned).
     Unaligned files put every tensor at an odd offset."""
-    from gpuload.dtypes import DTYPES
+    from gpuload.format.dtypes import DTYPES
 
     tensors = {
         f"{dname}.{kind}": (dname, shape)

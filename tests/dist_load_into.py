@@ -89,7 +89,7 @@ def main(path: str) -> None:
     if not torch.allclose(mlp(x), plain(x), atol=1e-5):
         failures.append("FSDP x TP forward differs from the plain module")
 
-    # transformers 5 fused experts from per-expert tensors (gpuload.torch.fused):
+    # transformers 5 fused experts from per-expert tensors (gpuload.integrations.torch.fused):
     # experts by dp, gate_up rows (gate | up) and down's input columns by tp.
     n_exp = sum(1 for k in full if k.startswith("moe.experts.") and k.endswith(".gate_proj.weight"))
     fused = {

@@ -1,6 +1,6 @@
 """A fake, asynchronous CUDA runtime, so the device pipeline runs on the CPU.
 
-It implements ``gpuload.pipeline_device.Runtime`` with the semantics that
+It implements ``gpuload.cuda.pipeline.Runtime`` with the semantics that
 matter for ordering, and none of CUDA:
 
 * device memory is numpy bytes behind an opaque handle (``FakeDeviceBuffer``)
@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from gpuload.device_memory import MIN_BLOCK, MIN_LARGE_ALLOC, ROUND_LARGE, raw_bytes
+from gpuload.cuda.memory import MIN_BLOCK, MIN_LARGE_ALLOC, ROUND_LARGE, raw_bytes
+from gpuload.host.outputs import to_cupy, to_numpy, to_torch
 from gpuload.kernels.host import _check, gather_host
-from gpuload.outputs import to_cupy, to_numpy, to_torch
 
 PAGE = 4096
 

@@ -20,8 +20,8 @@ from gpuload.bench import contenders, goals, limits, oracle, presets
 from gpuload.bench.cold import cold_possible
 from gpuload.bench.report import Group, Row
 from gpuload.bench.timing import Timing, measure
-from gpuload.cli import build_parser, main
-from gpuload.pinning import evict
+from gpuload.cli.main import build_parser, main
+from gpuload.memory.mapping import evict
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"

@@ -10,7 +10,7 @@ import pytest
 from gpuload.bench import residency, scaling
 from gpuload.bench.report import Group, Row
 from gpuload.bench.timing import Entry, Timing, alternate
-from gpuload.pinning import evict
+from gpuload.memory.mapping import evict
 
 
 def test_contenders_run_in_turn_with_a_rotating_order():
@@ -111,7 +111,7 @@ def test_scaling_rows_against_world_one_over_world():
 def test_gpuload_variants_run_only_when_named_and_in_turn(tmp_path, capsys):
     import json
 
-    from gpuload.cli import main
+    from gpuload.cli.main import main
 
     out = tmp_path / "out"
     rc = main(

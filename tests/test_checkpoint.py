@@ -11,9 +11,10 @@ from conftest import oracle, write_raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpuload.checkpoint import MAX_HEADER_BYTES, open_checkpoint, parse_header, parse_header_bytes
-from gpuload.dtypes import DTYPES
 from gpuload.errors import GpuloadError, HeaderError, IndexFileError
+from gpuload.format.checkpoint import MAX_HEADER_BYTES, parse_header, parse_header_bytes
+from gpuload.format.dtypes import DTYPES
+from gpuload.read.open import open_checkpoint
 
 
 def entry(dtype, shape, begin, end):

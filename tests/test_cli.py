@@ -11,7 +11,7 @@ import pytest
 from conftest import write_tensors
 
 from gpuload import synth
-from gpuload.cli import main
+from gpuload.cli.main import main
 
 
 @pytest.fixture(scope="module")

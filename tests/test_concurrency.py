@@ -11,7 +11,7 @@ import pytest
 from test_faults import RULES, SMALL, as_bytes, expected, fds, gpuload_threads, make_model, maps_of
 
 import gpuload
-from gpuload.faults import FaultyReaderFactory
+from gpuload.read.faults import FaultyReaderFactory
 
 
 @pytest.fixture
@@ -184,7 +184,7 @@ def test_ctrl_c_between_open_and_store_leaks_no_fd(model, monkeypatch, where):
 
     def interrupted(*a, **k):
         out = real(*a, **k)
-        if armed[0] and sys._getframe(1).f_globals.get("__name__") == "gpuload.io":
+        if armed[0] and sys._getframe(1).f_globals.get("__name__") == "gpuload.read.posix":
             armed[0] = False
             raise KeyboardInterrupt
         return out

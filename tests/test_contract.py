@@ -21,9 +21,10 @@ import safetensors
 from test_prefault import FakeRuntime as FakeHostRegistration
 
 import gpuload
-from gpuload import options, pinning, synth
+from gpuload import options, synth
+from gpuload.memory import mapping, pinning
 
-PAGE = pinning.PAGE
+PAGE = mapping.PAGE
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +204,8 @@ def test_fused_resident_experts_are_listed_as_copies(stacked):
     )
     fused, down = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
     assert report.resident_copies == [fused] == report.prefault.copies
-    assert isinstance(_owner(got[fused]), pinning.HostBuffer)  # a copy of its own
-    assert isinstance(_owner(got[down]), pinning.Mapping)  # a view of the file
+    assert isinstance(_owner(got[fused]), mapping.HostBuffer)  # a copy of its own
+    assert isinstance(_owner(got[down]), mapping.Mapping)  # a view of the file
     assert got[fused].flags.writeable and not got[down].flags.writeable
     # The prefault sweeps what comes back as views only: down_proj's bytes.
     assert report.prefault.bytes < os.path.getsize(stacked)
@@ -290,7 +291,7 @@ def test_fused_resident_copy_is_not_pinned_when_pinning_is_off(stacked):
     )
     pf = report.prefault
     assert not pf.pinned and pf.pinned_bytes == 0 and pf.copy_bytes > 0
-    assert pinning.HostBuffer is type(_owner(got[_FUSED])) and not _owner(got[_FUSED]).pinned
+    assert mapping.HostBuffer is type(_owner(got[_FUSED])) and not _owner(got[_FUSED]).pinned
 
 
 def test_fused_resident_copy_is_cuda_registered_with_the_views(stacked, monkeypatch):
@@ -413,7 +414,7 @@ def test_fifo_named_explicitly_is_not_a_regular_file(tmp_path):
     ],
 )
 def test_bad_keyword_named_before_any_read(mixtral, monkeypatch, call, match):
-    import gpuload.checkpoint as ck
+    import gpuload.format.checkpoint as ck
 
     def no_read(*a, **k):  # the keyword is checked before any header is read
         raise AssertionError("a header was read before the keywords were checked")
@@ -424,7 +425,7 @@ def test_bad_keyword_named_before_any_read(mixtral, monkeypatch, call, match):
 
 
 def test_bad_sharding_value_fails_before_any_read(mixtral, monkeypatch):
-    import gpuload.checkpoint as ck
+    import gpuload.format.checkpoint as ck
 
     def no_read(*a, **k):
         raise AssertionError("a header was read before the values were checked")

@@ -23,21 +23,21 @@ from fake_cuda import FakeKvikio, FakeRuntime
 
 import gpuload
 import gpuload.loader
-from gpuload import backend as backend_mod
-from gpuload import device as device_mod
-from gpuload import outputs
-from gpuload.device import resolve_device
-from gpuload.device_cuda import CudaBackend
-from gpuload.device_memory import footprint, raw_bytes
-from gpuload.dtypes import DTYPES
+from gpuload.cuda import device as device_mod
+from gpuload.cuda.backend import CudaBackend
+from gpuload.cuda.device import resolve_device
+from gpuload.cuda.memory import footprint, raw_bytes
+from gpuload.cuda.pipeline import DevicePipeline
 from gpuload.errors import BackendUnavailable, PlanError, ReadError
-from gpuload.io import PosixReader
-from gpuload.io_kvikio import KvikioReader
+from gpuload.format.dtypes import DTYPES
+from gpuload.host import backend as backend_mod
+from gpuload.host import outputs
+from gpuload.host.pipeline import piece_tables
 from gpuload.kernels.host import gather_host
-from gpuload.pipeline import piece_tables
-from gpuload.pipeline_device import DevicePipeline
+from gpuload.plan.split import split_op
+from gpuload.read.kvikio import KvikioReader
+from gpuload.read.posix import PosixReader
 from gpuload.report import LoadReport
-from gpuload.split import split_op
 
 SMALL = dict(chunk_bytes=4096, min_chunk_bytes=512, threads=3)
 
@@ -523,7 +523,7 @@ def test_import_and_fake_load_never_touch_cupy_or_numba_cuda(tmp_path, rng):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import gpuload
         from fake_cuda import FakeRuntime
-        from gpuload.device_cuda import CudaBackend
+        from gpuload.cuda.backend import CudaBackend
         ld = gpuload.Loader(device="cpu")
         lp = ld.plan({str(path)!r}, 0, 1)
         b = CudaBackend("cuda:0", ld.config, runtime=FakeRuntime())
@@ -540,7 +540,7 @@ def test_import_and_fake_load_never_touch_cupy_or_numba_cuda(tmp_path, rng):
 
 
 def test_kvikio_mode_is_described_on_every_api_generation():
-    from gpuload.io_kvikio import describe_kvikio
+    from gpuload.read.kvikio import describe_kvikio
 
     def kv(**defaults):
         return FakeKvikio(defaults=defaults)
@@ -617,7 +617,8 @@ def test_one_shot_gpu_loads_share_warm_up_streams_and_pinned_staging(tmp_path, r
     # load_sharded on a GPU paid kernel warm-up, K streams and K pinned
     # staging allocations on every call. The process keeps them per device
     # now; release_gpu_cache frees the staging and streams.
-    from gpuload import device_cuda, gpu_cache
+    from gpuload.cuda import backend as device_cuda
+    from gpuload.cuda import cache as gpu_cache
 
     path = write_matrix(tmp_path, rng, aligned=False)
     made: list[FakeRuntime] = []

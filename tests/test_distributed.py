@@ -1,4 +1,4 @@
-"""Rank and world from torch.distributed (gpuload.torch.group)."""
+"""Rank and world from torch.distributed (gpuload.group)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def test_ranks_from_the_process_group(model):
 
 def test_device_none_is_torch_current_device(monkeypatch):
     torch = pytest.importorskip("torch")
-    from gpuload import device
-    from gpuload.torch.group import current_device
+    from gpuload.cuda import device
+    from gpuload.group import current_device
 
     assert current_device() is None  # a CPU build: CUDA never initialized
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -19,9 +19,10 @@ import sys
 import numpy as np
 import pytest
 
-from gpuload import doctor, loader
-from gpuload.cli import main
-from gpuload.doctor_verdict import CU, Line, bad, info, ok, settle
+from gpuload import loader
+from gpuload.cli import doctor
+from gpuload.cli.doctor_verdict import CU, Line, bad, info, ok, settle
+from gpuload.cli.main import main
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("cupy") is not None, reason="the CPU tier runs without cupy"

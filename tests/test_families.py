@@ -12,7 +12,7 @@ import pytest
 
 import gpuload
 from gpuload import synth
-from gpuload.verify import cut, mismatches, reference_tensors
+from gpuload.sharding.verify import cut, mismatches, reference_tensors
 
 PRESETS = ["tiny", "tiny-mixtral", "tiny-qwen-moe", "tiny-phi3"]
 

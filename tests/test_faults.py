@@ -1,4 +1,4 @@
-"""Fault injection (gpuload.faults) under real loads: short reads, EINTR and
+"""Fault injection (gpuload.read.faults) under real loads: short reads, EINTR and
 delays give byte-exact results; EIO raises ReadError and leaves nothing
 behind; a file changed before or during a load raises ReadError.
 """
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 import gpuload
-from gpuload.checkpoint import parse_header
-from gpuload.faults import FaultStats, FaultyReader, FaultyReaderFactory
-from gpuload.io import PosixReader
+from gpuload.format.checkpoint import parse_header
+from gpuload.read.faults import FaultStats, FaultyReader, FaultyReaderFactory
+from gpuload.read.posix import PosixReader
+from gpuload.sharding.verify import reference_tensors
 from gpuload.synth import write_safetensors
-from gpuload.verify import reference_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def make_model(root: Path, *, seed: int = 0, files: int = 2) -> Path:
         tensors = {}
         for n in group:
             dtype, shape, _ = TENSORS[n]
-            bits = gpuload.checkpoint.DTYPES[dtype].bits * int(np.prod(shape))
+            bits = gpuload.format.checkpoint.DTYPES[dtype].bits * int(np.prod(shape))
             raw = rng.integers(1, 256, bits // 8, dtype=np.uint8)
             tensors[n] = (dtype, shape, raw)
             weight_map[n] = fname

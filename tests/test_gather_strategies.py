@@ -1,4 +1,4 @@
-"""The three ways a covering read reaches a GPU (gpuload.transfer), byte for byte.
+"""The three ways a covering read reaches a GPU (gpuload.plan.transfer), byte for byte.
 
 Each strategy is forced through the public entry point,
 ``gpuload.Loader(device="cuda:0", gather=...)``, on the fake asynchronous
@@ -18,13 +18,13 @@ from test_device_pipeline import SMALL, RefillsWithoutWaiting, mismatched
 
 import gpuload
 from gpuload import config
-from gpuload.io import PosixReader
+from gpuload.cuda.pipeline import DevicePipeline
 from gpuload.kernels.host import gather_host
-from gpuload.pipeline_device import DevicePipeline
-from gpuload.plan import PlanOptions, plan_reads
+from gpuload.plan.planner import PlanOptions, plan_reads
+from gpuload.plan.transfer import GATHERS, GatherModel, GatherOptions, pack_layout
+from gpuload.read.posix import PosixReader
 from gpuload.report import LoadReport
-from gpuload.sharding import Split
-from gpuload.transfer import GATHERS, GatherModel, GatherOptions, pack_layout
+from gpuload.sharding.sharder import Split
 
 # fused sections on dim 1: each rank holds its part of both sections, side by
 # side -- the case where a read window can hold one section's rows and not the other's
@@ -299,8 +299,8 @@ def test_gather_model_constants_come_from_the_file_bench_gather_writes(tmp_path,
     from fake_cuda import FakeRuntime
 
     import gpuload
-    from gpuload import gather_model
     from gpuload.errors import GpuloadError
+    from gpuload.plan import gather_model
 
     monkeypatch.setenv("HOME", str(tmp_path))
     measured = GatherModel(launch_s=14e-6, h2d_bytes_per_s=51e9)
@@ -331,8 +331,8 @@ def test_regular_rows_go_as_one_2d_copy_each(tmp_path):
     # cudaMemcpyAsync per row; each is one cudaMemcpy2DAsync now, same bytes.
     from types import SimpleNamespace
 
-    from gpuload.checkpoint import FileHeader
-    from gpuload.plan import Piece, ReadOp
+    from gpuload.format.checkpoint import FileHeader
+    from gpuload.plan.planner import Piece, ReadOp
 
     data = np.random.default_rng(5).integers(0, 256, 1 << 16, dtype=np.uint8)
     path = tmp_path / "f.bin"

@@ -1,4 +1,4 @@
-"""gpuload.gcpause: the collector is off while a checkpoint is parsed and
+"""gpuload.format.gcpause: the collector is off while a checkpoint is parsed and
 planned, and left as the caller had it afterwards, errors included."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from conftest import write_matrix
 
 import gpuload
-from gpuload import gcpause
+from gpuload.format import gcpause
 
 
 def test_off_inside_and_restored_after_nesting_and_errors():

@@ -1,4 +1,4 @@
-"""Huge-page result mappings kept for the next CPU load (gpuload.hostpool)."""
+"""Huge-page result mappings kept for the next CPU load (gpuload.memory.pool)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from safetensors.numpy import save_file
 
 import gpuload
-from gpuload import hostpool
-from gpuload.pinning import HUGE_PAGE
+from gpuload.memory import pool as hostpool
+from gpuload.memory.mapping import HUGE_PAGE
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import pytest
 from conftest import write_raw
 
 import gpuload
-from gpuload.checkpoint import parse_header
 from gpuload.errors import ReadError
-from gpuload.io import PosixReader
+from gpuload.format.checkpoint import parse_header
+from gpuload.read.posix import PosixReader
 
 
 def _file(tmp_path, n=1 << 16):
@@ -35,7 +35,7 @@ def test_preadv_scatters_and_survives_short_reads(tmp_path, monkeypatch):
         first = bufs[0][: min(1000, len(bufs[0]))]
         return real(fd, [first], off)
 
-    monkeypatch.setattr("gpuload.io.os.preadv", short)
+    monkeypatch.setattr("gpuload.read.posix.os.preadv", short)
     a, b = bytearray(3000), bytearray(5)
     with PosixReader([h]) as r:
         r.readinto(str(f), h.data_start + 7, [memoryview(a), memoryview(b)])
@@ -60,7 +60,7 @@ def test_failed_load_raises_leaves_no_threads_and_returns_nothing(tmp_path, monk
             raise OSError(5, "Input/output error")
         return real(fd, bufs, off)
 
-    monkeypatch.setattr("gpuload.io.os.preadv", flaky)
+    monkeypatch.setattr("gpuload.read.posix.os.preadv", flaky)
     with pytest.raises(ReadError, match="Input/output error") as e:
         gpuload.load_sharded(
             f, 0, 1, device="cpu", chunk_bytes=16384, min_chunk_bytes=4096, threads=4
@@ -80,8 +80,8 @@ def test_a_cold_load_reads_with_a_deeper_queue_and_a_warm_one_does_not(tmp_path)
     from safetensors.numpy import save_file
 
     import gpuload
-    from gpuload.io import PosixReader
-    from gpuload.pinning import evict
+    from gpuload.memory.mapping import evict
+    from gpuload.read.posix import PosixReader
 
     rng = np.random.default_rng(0)
     tensors = {f"t{i}": rng.random((1 << 20) // 4 * 6, np.float32) for i in range(4)}  # 24 MiB
@@ -129,7 +129,7 @@ def test_cold_loads_read_whole_tensors_with_o_direct_byte_exact(tmp_path, rng, a
     from conftest import RULES, expected_shards, write_matrix
 
     import gpuload
-    from gpuload.pinning import evict
+    from gpuload.memory.mapping import evict
 
     big = {
         "big.row": ("BF16", (2048, 1030)),

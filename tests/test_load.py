@@ -13,8 +13,8 @@ import pytest
 from conftest import RULES, SHAPES, expected_shards, write_matrix
 
 import gpuload
-from gpuload.dtypes import DTYPES
 from gpuload.errors import ReadError, ShardingError
+from gpuload.format.dtypes import DTYPES
 
 WORLDS = [1, 2, 3, 4, 8]
 

@@ -18,7 +18,7 @@ from conftest import write_tensors
 
 import gpuload
 from gpuload.errors import ShardingError
-from gpuload.sharding import Sharder
+from gpuload.sharding.sharder import Sharder
 
 HEADS, KV, HD, HIDDEN = 4, 2, 16, 64  # text
 V_HEADS, V_HD, V_HIDDEN = 12, 4, 48  # vision: 12 heads, not the text model's 4

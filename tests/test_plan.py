@@ -1,5 +1,5 @@
 """Planner invariants: pieces cover the selection exactly, reads respect caps;
-splitting a read to fit a buffer (``gpuload.split``) keeps its bytes.
+splitting a read to fit a buffer (``gpuload.plan.split``) keeps its bytes.
 
 Plans are executed in memory against a random "file" and compared with numpy
 slicing of the tensor, so the planner is checked for bytes, not for shape.
@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpuload.checkpoint import TensorInfo
-from gpuload.dtypes import DTYPES
 from gpuload.errors import PlanError
+from gpuload.format.checkpoint import TensorInfo
+from gpuload.format.dtypes import DTYPES
 from gpuload.kernels.host import gather_host
-from gpuload.plan import PAGE, CostModel, KiB, Piece, PlanOptions, ReadOp, plan_reads
-from gpuload.selection import Selection
-from gpuload.split import aligned_span, fit_ops, split_op
+from gpuload.plan.planner import PAGE, CostModel, KiB, Piece, PlanOptions, ReadOp, plan_reads
+from gpuload.plan.split import aligned_span, fit_ops, split_op
+from gpuload.sharding.selection import Selection
 
 BYTE_DTYPES = ["U8", "BF16", "F32", "F64", "C64"]
 
@@ -203,7 +203,7 @@ def test_bad_pieces_and_ops_cannot_exist():
         PlanOptions(chunk_bytes=KiB, min_chunk_bytes=2 * KiB)
 
 
-# -- splitting reads to fit a buffer (gpuload.split) ----------------------------------
+# -- splitting reads to fit a buffer (gpuload.plan.split) ----------------------------------
 
 
 @st.composite

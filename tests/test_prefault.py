@@ -22,16 +22,17 @@ import numpy as np
 import pytest
 import safetensors
 
-from gpuload import config, pinning
-from gpuload.checkpoint import open_checkpoint
+from gpuload import config
 from gpuload.config import Config
 from gpuload.errors import ReadError
-from gpuload.selection import Selection
+from gpuload.memory import mapping, pinning
+from gpuload.read.open import open_checkpoint
+from gpuload.sharding.selection import Selection
 
 # The module, not the function that gpuload/__init__ may re-export under its name.
-pf = importlib.import_module("gpuload.resident")
+pf = importlib.import_module("gpuload.host.resident")
 MiB = 1 << 20
-PAGE = pinning.PAGE
+PAGE = mapping.PAGE
 REPO = Path(__file__).resolve().parents[1]
 NP = {  # the oracle's own dtype table
     "F32": np.float32,
@@ -84,8 +85,8 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
 
 def evict(path: Path) -> float:
     """Drop the file's pages; the fraction still resident (one path, not a
-    list: pinning.evict takes either)."""
-    return pinning.evict(path)
+    list: mapping.evict takes either)."""
+    return mapping.evict(path)
 
 
 def owner(a: np.ndarray):
@@ -224,7 +225,7 @@ def test_prefault_makes_every_page_resident(ddir, caplog):
     evict(path)
     resident, total = pf.residency(path)
     assert resident <= total // 100, "eviction did not work"
-    caplog.set_level(logging.INFO, logger="gpuload.resident")
+    caplog.set_level(logging.INFO, logger="gpuload.host.resident")
     rep = pf.prefault(path, pin=False, setting=True)
     assert pf.residency(path) == (total, total)
     assert rep.skipped_reason is None
@@ -232,7 +233,7 @@ def test_prefault_makes_every_page_resident(ddir, caplog):
     assert rep.pages_resident_before <= total // 100
     assert rep.bytes == path.stat().st_size and rep.seconds > 0 and rep.gib_per_s > 0
     assert not rep.pinned and "pin" in rep.pin_reason
-    lines = [r.getMessage() for r in caplog.records if r.name == "gpuload.resident"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "gpuload.host.resident"]
     assert len(lines) == 1 and "GiB/s" in lines[0] and "not pinned" in lines[0]
 
 
@@ -368,11 +369,11 @@ def test_views_and_copies(mixed):
     assert col.strides == (48 * 4, 4) and not col.flags.c_contiguous  # a strided view
     for name in ("w", "bf", "u"):
         a = arrays[name]
-        assert isinstance(owner(a), pinning.Mapping) and not a.flags.owndata
+        assert isinstance(owner(a), mapping.Mapping) and not a.flags.owndata
         with pytest.raises(ValueError, match="read-only"):
             a[(0,) * a.ndim] = 0
     # a copy, in memory of its own (pinned with the views: see test_contract)
-    assert isinstance(owner(arrays["gate_up"]), pinning.HostBuffer)
+    assert isinstance(owner(arrays["gate_up"]), mapping.HostBuffer)
     assert arrays["gate_up"].flags.writeable
     # one mapping per file
     assert owner(arrays["w"]) is owner(arrays["bf"]) is not owner(arrays["u"])

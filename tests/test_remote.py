@@ -268,7 +268,10 @@ def test_prefetch_sends_the_next_range_ahead(matrix, prefetch):
 
 
 def test_import_gpuload_loads_no_remote_module():
-    code = "import gpuload, sys; print([m for m in sys.modules if m.startswith('gpuload.remote')])"
+    code = (
+        "import gpuload, sys; "
+        "print([m for m in sys.modules if m.startswith('gpuload.read.remote')])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -129,7 +129,7 @@ def test_sigv4_matches_botocore():
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials as BotoCreds
 
-    from gpuload.remote.s3 import Bucket, Credentials, sign
+    from gpuload.read.remote.s3 import Bucket, Credentials, sign
 
     creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG", "tok/en+=", "eu-west-3")
     t = Bucket("my-bucket", "http://127.0.0.1:9000", creds).target(

@@ -9,7 +9,7 @@ import pytest
 
 import gpuload
 from gpuload import synth
-from gpuload.verify import cut, reference_tensors
+from gpuload.sharding.verify import cut, reference_tensors
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,13 @@ from conftest import differing as same
 
 import gpuload
 from gpuload import config
-from gpuload import io as gio
-from gpuload.checkpoint import parse_header
 from gpuload.errors import ReadError
-from gpuload.faults import FaultyReaderFactory
-from gpuload.io import PosixReader
-from gpuload.pipeline import piece_tables, scatter_iov
-from gpuload.plan import Piece, ReadOp
+from gpuload.format.checkpoint import parse_header
+from gpuload.host.pipeline import piece_tables, scatter_iov
+from gpuload.plan.planner import Piece, ReadOp
+from gpuload.read import posix as gio
+from gpuload.read.faults import FaultyReaderFactory
+from gpuload.read.posix import PosixReader
 
 SMALL = dict(chunk_bytes=4096, min_chunk_bytes=512, threads=3)
 

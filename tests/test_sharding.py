@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from gpuload import synth
 from gpuload.errors import ShardingError
-from gpuload.selection import Selection
-from gpuload.sharding import (
+from gpuload.sharding.selection import Selection
+from gpuload.sharding.sharder import (
     MODEL_TYPES,
     RULE_TABLES,
     Expert,

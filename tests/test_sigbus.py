@@ -26,7 +26,7 @@ from gpuload import synth
 HERE = Path(__file__).parent
 
 # Child preamble: `changed(mode)` mutates the checkpoint the moment
-# gpuload.resident maps it (after the header was parsed and the read path
+# gpuload.host.resident maps it (after the header was parsed and the read path
 # ran), the window in which issue 23's trials died of SIGBUS.
 PRELUDE = textwrap.dedent(
     """
@@ -53,7 +53,7 @@ PRELUDE = textwrap.dedent(
 
     def init(self, *a, **k):
         _init(self, *a, **k)
-        if not hit and sys._getframe(1).f_globals["__name__"] == "gpuload.resident":
+        if not hit and sys._getframe(1).f_globals["__name__"] == "gpuload.host.resident":
             hit.append(self.path)
             _mutate(self.path, self.size)
 
@@ -97,7 +97,7 @@ def test_truncated_under_resident_load_raises_not_sigbus(tmp_path, framework, wo
     rc, out = run_child(
         f"""
         if "{populate}" == "fallback":
-            import gpuload.populate; gpuload.populate.MADV_POPULATE_READ = 0x7FFF
+            import gpuload.host.populate; gpuload.host.populate.MADV_POPULATE_READ = 0x7FFF
         outcome(lambda: gpuload.load_sharded(
             path, 0, {world}, device="cpu", cpu_resident=True, prefault=True, pin=False,
             framework="{framework}"))
@@ -135,7 +135,7 @@ def test_truncated_under_prefault_raises_not_sigbus(tmp_path):
         model,
         "truncate",
     )
-    # prefault maps from gpuload.resident too: the hook truncates it there
+    # prefault maps from gpuload.host.resident too: the hook truncates it there
     assert rc == 0, f"child died (rc {rc}):\n{out}"
     assert "ERROR ReadError" in out, out
 
@@ -144,7 +144,7 @@ def test_copy_mode_survives_truncation_after_return(tmp_path):
     model = _model(tmp_path / "m")
     rc, out = run_child(
         """
-        from gpuload.verify import cut, reference_tensors
+        from gpuload.sharding.verify import cut, reference_tensors
         ld = gpuload.Loader(device="cpu", pin=False)
         lp = ld.plan(path, 1, 2, cpu_resident="copy")
         got, rep = ld.load(path, 1, 2, cpu_resident="copy", return_report=True)

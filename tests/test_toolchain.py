@@ -14,8 +14,8 @@ import pytest
 from fake_cuda import FakeRuntime
 
 from gpuload import config
-from gpuload.backend import make_backend
 from gpuload.errors import BackendUnavailable
+from gpuload.host.backend import make_backend
 from gpuload.kernels import toolchain
 
 FOUND = toolchain.Toolchain(
@@ -31,7 +31,7 @@ def real_runtime_is_fake(monkeypatch):
     the warm-up skipped), then the fake runtime serves the backend."""
     from numba.cuda.cudadrv import nvvm
 
-    import gpuload.device_cuda as dc
+    import gpuload.cuda.backend as dc
 
     cupy = types.ModuleType("cupy")
     cupy.cuda = types.SimpleNamespace(

@@ -25,8 +25,8 @@ from torch.distributed.tensor.placement_types import _StridedShard  # noqa: E402
 
 import gpuload.torch as gt  # noqa: E402
 from gpuload import ShardingError  # noqa: E402
-from gpuload.checkpoint import open_checkpoint  # noqa: E402
-from gpuload.torch.boxes import box_read, local_box  # noqa: E402
+from gpuload.integrations.torch.boxes import box_read, local_box  # noqa: E402
+from gpuload.read.open import open_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="torch built without gloo")
 
@@ -137,7 +137,7 @@ def test_names_strict_and_dtype(tmp_path):
 def test_cpu_parameters_are_filled_in_place(tmp_path, monkeypatch):
     """On the CPU the reads land in the module's own tensors: the parameters
     keep their storage, and no result buffer is allocated for them."""
-    import gpuload.backend as gb
+    import gpuload.host.backend as gb
 
     full = {"a.weight": torch.randn(300, 400), "a.bias": torch.randn(300)}
     full["b.weight"] = torch.randn(2, 300).half()  # stored half, module float: a cast copy
@@ -380,7 +380,7 @@ def test_fused_moe_experts_local_box_reads_only_its_rows(tmp_path):
     """A Shard(1)-like local box of gate_up_proj (rows of gate and up) and of
     down_proj (columns): the pieces read exactly the rows and columns of the
     per-expert tensors that box covers."""
-    from gpuload.torch.fused import fused_sources, pieces
+    from gpuload.integrations.torch.fused import fused_sources, pieces
 
     projs = ("gate_proj", "up_proj")
     names = {f"m.layers.0.mlp.experts.{e}.{p}.weight" for e in range(3) for p in projs}

@@ -24,11 +24,11 @@ from conftest import differing as same
 
 import gpuload
 from gpuload import config
-from gpuload import io as gio
-from gpuload.backend import host_result
 from gpuload.errors import GpuloadError, ReadError
-from gpuload.io import PosixReader
-from gpuload.pinning import HUGE_PAGE, PAGE, HostBuffer, evict
+from gpuload.host.backend import host_result
+from gpuload.memory.mapping import HUGE_PAGE, PAGE, HostBuffer, evict
+from gpuload.read import posix as gio
+from gpuload.read.posix import PosixReader
 
 # Long rows (32 KiB: beyond the mapped path's minimum span) and
 # results of 2 MiB and more, besides the whole dtype x shape matrix.
@@ -122,9 +122,9 @@ def test_copy_mapped_after_truncation_raises_instead_of_sigbus(model):
     code = textwrap.dedent(
         f"""
         import os, numpy as np
-        from gpuload.checkpoint import parse_header
+        from gpuload.format.checkpoint import parse_header
         from gpuload.errors import ReadError
-        from gpuload.io import PosixReader
+        from gpuload.read.posix import PosixReader
         path = {str(model)!r}
         h = parse_header(path)
         size = os.path.getsize(path)
@@ -160,7 +160,7 @@ def test_a_load_whose_file_is_truncated_mid_copy_fails_cleanly(model):
 
 
 def test_copy_mapped_rejects_ranges_outside_the_file(model):
-    from gpuload.checkpoint import parse_header
+    from gpuload.format.checkpoint import parse_header
 
     out = np.zeros(16, np.uint8)
     with PosixReader([parse_header(model)]) as r:
@@ -253,7 +253,7 @@ def test_flags_and_keywords():
 
 
 def test_results_stop_taking_mappings_at_the_cap(monkeypatch):
-    import gpuload.backend as gb
+    import gpuload.host.backend as gb
 
     assert 0 < gb.max_result_mappings() <= 16384
     before = HostBuffer.live
@@ -285,8 +285,8 @@ def test_a_cold_load_prefaults_its_results_and_stays_exact(model):
 
 
 def test_the_prefaulter_keeps_content_and_stops_before_the_load_returns():
-    from gpuload.pipeline import ResultPrefaulter
-    from gpuload.plan import Piece, Plan, ReadOp
+    from gpuload.host.pipeline import ResultPrefaulter
+    from gpuload.plan.planner import Piece, Plan, ReadOp
 
     data = np.random.default_rng(0).integers(0, 256, 3 * HUGE_PAGE, dtype=np.uint8)
     out = host_result(data.size, "t", 0, pooled=False)  # fresh memory: zeros

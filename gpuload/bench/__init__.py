@@ -11,11 +11,12 @@ installed wheel, the Docker image's, runs it. Modules, one per concern:
 * :mod:`.oracle`: the byte check every contender passes before it is timed;
 * :mod:`.timing`: median of N runs after a warm-up, the machine record;
 * :mod:`.report`, :mod:`.goals`, :mod:`.output`: table, JSON, plot, goals;
-* :mod:`.runner`: the command line and the order of work.
+* :mod:`.args`: the command line; :mod:`.runner`: the order of work.
 
 Nothing here is imported by ``import gpuload``.
 """
 
-from .runner import add_arguments, main, run
+from gpuload.bench.args import add_arguments
+from gpuload.bench.runner import main, run
 
 __all__ = ["add_arguments", "main", "run"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..pinning import evict
+from gpuload.memory.mapping import evict
 
 # Evicted means at most this fraction of a file's pages stayed resident (the
 # header page, re-read by whoever opened the file last, and a few stragglers).

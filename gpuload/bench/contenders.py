@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, GpuloadError
-from ..selection import Selection
+from gpuload.errors import BackendUnavailable, GpuloadError
+from gpuload.sharding.selection import Selection
 
 SCENARIOS = ("full", "shard", "moe")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .report import Group
+from gpuload.bench.report import Group
 
 FULL = "full load, world=1"
 W8 = "world=8, rank 0"

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import host_result
-from ..pinning import evict
-from .residency import ensure_warm
-from .timing import Timing, measure
+from gpuload.bench.residency import ensure_warm
+from gpuload.bench.timing import Timing, measure
+from gpuload.host.backend import host_result
+from gpuload.memory.mapping import evict
 
 CHUNK = 64 << 20
 PROBE_BYTES = 1 << 30  # H2D / D2D buffer: large enough to amortise launch cost
@@ -77,7 +77,7 @@ def pread_all(files: Sequence[str], buf: np.ndarray, threads: int, chunk: int = 
 def fresh_buffer(nbytes: int) -> np.ndarray:
     """New memory as fast to fill as any: page-aligned, in huge pages where
     the kernel has them (what gpuload's large results get, see
-    :func:`gpuload.backend.host_result`). A plain ``np.empty`` of this size
+    :func:`gpuload.host.backend.host_result`). A plain ``np.empty`` of this size
     starts 16 bytes into a page, which makes the kernel's copy from a
     page-aligned file offset about 2x slower (bench/fresh_memory.py): no
     floor at all."""
@@ -87,12 +87,12 @@ def fresh_buffer(nbytes: int) -> np.ndarray:
 def release_freed(*, pool: bool = True) -> None:
     """Hand freed memory back to the OS (collect garbage, then glibc's
     ``malloc_trim``, and with ``pool`` gpuload's kept result mappings,
-    :mod:`gpuload.hostpool`), so the next run writes fresh pages, as a
+    :mod:`gpuload.memory.pool`), so the next run writes fresh pages, as a
     process's first load does, instead of pages the last run freed."""
     gc.collect()
     _libc_trim().malloc_trim(0)
     if pool:
-        from .. import hostpool
+        from gpuload.memory import pool as hostpool
 
         hostpool.release()
 

@@ -1,8 +1,8 @@
 """Every contender's output is checked once, before it is timed.
 
 The expected bytes come from the files through a dozen lines of header
-reading of our own (not :mod:`gpuload.checkpoint`), cut to the rank's shard
-with plain numpy slicing (:func:`gpuload.verify.cut`). Big models are checked
+reading of our own (not :mod:`gpuload.format.checkpoint`), cut to the rank's shard
+with plain numpy slicing (:func:`gpuload.sharding.verify.cut`). Big models are checked
 on a sample: every tensor outside the decoder layers and every tensor of the
 first and last layers, which covers each kind of split (row, column, GQA
 replicated, fused, experts) without reading the whole model again.
@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ..selection import Selection
-from ..verify import as_bytes, cut
+from gpuload.sharding.selection import Selection
+from gpuload.sharding.verify import as_bytes, cut
 
 # Bytes per element of the dtypes the synthetic models use (and then some).
 _WIDTH = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2}

@@ -7,14 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import goals as _goals
-from . import report as _report
-from . import scaling as _scaling
-from .presets import device_plan
-from .timing import GiB, machine
+from gpuload.bench import goals as _goals
+from gpuload.bench import report as _report
+from gpuload.bench import scaling as _scaling
+from gpuload.bench.args import command
+from gpuload.bench.presets import device_plan
+from gpuload.bench.timing import GiB, machine
 
 if TYPE_CHECKING:
-    from .runner import Bench
+    from gpuload.bench.runner import Bench
 
 
 def _summary(m: dict[str, Any]) -> str:
@@ -60,7 +61,6 @@ def budget_lines(b: Bench) -> list[str]:
 
 
 def write_outputs(b: Bench) -> int:
-    from .runner import command
 
     out = Path(b.args.out)
     out.mkdir(parents=True, exist_ok=True)

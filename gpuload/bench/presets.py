@@ -33,8 +33,8 @@ import dataclasses
 import math
 import re
 
-from ..resident import PRESET_EXPERTS
-from ..synth import scale_spec
+from gpuload.host.resident import PRESET_EXPERTS
+from gpuload.synth import scale_spec
 
 GiB = 1 << 30
 DEVICE_BUDGET = 11 * GiB
@@ -101,7 +101,7 @@ PRESETS: dict[str, BenchPreset] = {
 
 def footprint(model: Model, dtype: str) -> tuple[int, int]:
     """``(total, routed-expert)`` tensor bytes of a preset model."""
-    from ..synth import get_spec
+    from gpuload.synth import get_spec
 
     spec = get_spec(model.preset) if model.gib is None else scale_spec(
         model.preset, model.target_bytes, dtype=dtype  # type: ignore[arg-type]

@@ -9,8 +9,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .residency import summary as _residency
-from .timing import GiB, Timing
+from gpuload.bench.residency import summary as _residency
+from gpuload.bench.timing import GiB, Timing
 
 
 @dataclasses.dataclass

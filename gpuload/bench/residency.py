@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from ..pinning import residency
+from gpuload.memory.mapping import residency
 
 WARM = 0.999  # fraction of pages that counts as warm
 _CHUNK = 16 << 20

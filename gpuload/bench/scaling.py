@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .report import Group
+from gpuload.bench.report import Group
 
 MiB = float(1 << 20)
 

@@ -68,8 +68,8 @@ def settings(extra: Any) -> dict[str, Any]:
     selection options come from vLLM's model, so a caller's would cut shards
     vLLM's parameters do not expect. Checked here, in the engine process,
     before any worker starts loading."""
-    from .. import config as _config
-    from .. import options as _options
+    from gpuload import config as _config
+    from gpuload import options as _options
 
     extra = dict(extra or {})
     _options.check(extra, _options.SETTINGS, "model_loader_extra_config (load_format='gpuload')")
@@ -81,7 +81,7 @@ def model_dir(model_config: Any) -> str:
     """The local checkpoint directory (gpuload reads local files only)."""
     path = model_config.model
     if not os.path.isdir(path):
-        from ..errors import GpuloadError
+        from gpuload.errors import GpuloadError
 
         raise GpuloadError(
             f"load_format='gpuload' reads a local directory of safetensors files; "
@@ -94,7 +94,7 @@ def check_supported(model: Any, model_config: Any, writers: Any) -> None:
     """Raise, before any weight is written, for what the plug-in cannot load."""
     from vllm.distributed import get_pp_group
 
-    from ..errors import GpuloadError
+    from gpuload.errors import GpuloadError
 
     problems = []
     archs = [a for a in (model_config.architectures or []) if a not in ARCHITECTURES]
@@ -130,9 +130,9 @@ def load_weights(model: Any, model_config: Any, options: dict[str, Any]) -> None
     )
     from vllm.logger import init_logger
 
-    from ..errors import GpuloadError
-    from ..loader import Loader
-    from .vllm_params import Writers
+    from gpuload.errors import GpuloadError
+    from gpuload.integrations.vllm_params import Writers
+    from gpuload.loader import Loader
 
     log = init_logger("vllm.gpuload")
     path = model_dir(model_config)

@@ -33,7 +33,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
-from ..errors import GpuloadError
+from gpuload.errors import GpuloadError
 
 Writer = Callable[..., Any]
 

@@ -1,7 +1,7 @@
 """Synthetic safetensors checkpoints for tests, ``gpuload demo`` and benchmarks.
 
 :func:`write_safetensors` (:mod:`.writer`) is a small writer of its own,
-independent of :mod:`gpuload.checkpoint`, so that tests can check the parser
+independent of :mod:`gpuload.format.checkpoint`, so that tests can check the parser
 against it and against ``safetensors``. :func:`write_model` (:mod:`.layout`)
 writes a Hugging Face style model directory (``config.json``,
 ``model-0000N-of-0000M.safetensors``, ``model.safetensors.index.json``) with
@@ -17,12 +17,12 @@ tensor's bytes depend only on ``seed`` and the tensor's name, not on the file
 it lands in, so aligned and unaligned copies of a model hold the same tensors.
 """
 
-from .cache import cached_model, clear_cache, default_cache_dir
-from .layout import FORMAT_VERSION, HF_MAX_SHARD_BYTES, write_model
-from .models import PRESETS, Family, ModelSpec, get_spec
-from .rng import CHUNK_BYTES, random_bytes, random_chunks
-from .sizing import scale_spec
-from .writer import TensorData, write_safetensors
+from gpuload.synth.cache import cached_model, clear_cache, default_cache_dir
+from gpuload.synth.layout import FORMAT_VERSION, HF_MAX_SHARD_BYTES, write_model
+from gpuload.synth.models import PRESETS, Family, ModelSpec, get_spec
+from gpuload.synth.rng import CHUNK_BYTES, random_bytes, random_chunks
+from gpuload.synth.sizing import scale_spec
+from gpuload.synth.writer import TensorData, write_safetensors
 
 __all__ = [
     "CHUNK_BYTES",

@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .layout import FORMAT_VERSION, write_model
-from .models import ModelSpec, check_dtype, get_spec
-from .sizing import scale_spec
+from gpuload.synth.layout import FORMAT_VERSION, write_model
+from gpuload.synth.models import ModelSpec, check_dtype, get_spec
+from gpuload.synth.sizing import scale_spec
 
 _STAMP = "gpuload-synth.json"
 

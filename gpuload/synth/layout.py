@@ -15,10 +15,10 @@ import shutil
 from bisect import bisect_left
 from pathlib import Path
 
-from .models import ModelSpec, check_dtype, get_spec
-from .rng import random_chunks
-from .sizing import scale_spec
-from .writer import _Entry, _tensor_nbytes, _write_file
+from gpuload.synth.models import ModelSpec, check_dtype, get_spec
+from gpuload.synth.rng import random_chunks
+from gpuload.synth.sizing import scale_spec
+from gpuload.synth.writer import _Entry, _tensor_nbytes, _write_file
 
 # Bump when the bytes or layout write_model produces change (cached_model's key).
 FORMAT_VERSION = 1

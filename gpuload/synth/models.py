@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from ..dtypes import DTYPES
+from gpuload.format.dtypes import DTYPES
 
 
 def check_dtype(dtype: str) -> None:

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..dtypes import DTYPES
-from .models import ModelSpec, check_dtype, get_spec
+from gpuload.format.dtypes import DTYPES
+from gpuload.synth.models import ModelSpec, check_dtype, get_spec
 
 
 def _round(x: float, m: int) -> int:

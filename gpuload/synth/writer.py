@@ -1,6 +1,6 @@
 """An independent safetensors writer, for tests and synthetic checkpoints.
 
-It shares no code with :mod:`gpuload.checkpoint`, so tests can check that
+It shares no code with :mod:`gpuload.format.checkpoint`, so tests can check that
 parser against it and against ``safetensors``.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import DTYPES
+from gpuload.format.dtypes import DTYPES
 
 TensorData = bytes | bytearray | memoryview | np.ndarray
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .group import current_device, ranks
+from gpuload.group import current_device, ranks
 
 __all__ = ["current_device", "load_into", "local_box", "ranks"]
 
@@ -21,11 +21,11 @@ __all__ = ["current_device", "load_into", "local_box", "ranks"]
 def __getattr__(name: str) -> Any:
     # Lazy: gpuload.loader imports .group, and load_into needs gpuload.loader.
     if name == "load_into":
-        from .dtensor import load_into
+        from gpuload.integrations.torch.dtensor import load_into
 
         return load_into
     if name == "local_box":
-        from .boxes import local_box
+        from gpuload.integrations.torch.boxes import local_box
 
         return local_box
     raise AttributeError(f"module 'gpuload.torch' has no attribute {name!r}")

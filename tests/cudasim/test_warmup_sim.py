@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from gpuload.device_cuda import CupyRuntime
+from gpuload.cuda.backend import CupyRuntime
 from gpuload.errors import BackendUnavailable
 from gpuload.kernels import cuda as kernels_cuda
+from gpuload.kernels import gather_kernel
 from gpuload.kernels.cuda import Launch, gather
 
 pytestmark = pytest.mark.cudasim
@@ -35,8 +36,8 @@ def sim_runtime() -> CupyRuntime:
 
 
 def test_every_variant_compiles_in_the_callers_thread(monkeypatch):
-    monkeypatch.setattr(kernels_cuda, "_cache", {})  # as in a fresh process
-    monkeypatch.setattr(kernels_cuda, "_compiles", {})
+    monkeypatch.setattr(gather_kernel, "_cache", {})  # as in a fresh process
+    monkeypatch.setattr(gather_kernel, "_compiles", {})
     jit, threads = cuda.jit, []
 
     def recording_jit(*args, **kwargs):

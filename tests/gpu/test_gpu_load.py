@@ -20,10 +20,10 @@ from conftest import RULES as MATRIX_RULES
 from conftest import expected_shards, write_matrix
 
 import gpuload
-from gpuload.dtypes import DTYPES
 from gpuload.errors import PlanError
-from gpuload.io import PosixReader
-from gpuload.outputs import cupy_dtype
+from gpuload.format.dtypes import DTYPES
+from gpuload.host.outputs import cupy_dtype
+from gpuload.read.posix import PosixReader
 
 pytestmark = pytest.mark.gpu
 

@@ -25,7 +25,7 @@ def test_loader_checks_the_kernels_on_its_device(cupy):  # noqa: F811
 
 
 def test_doctor_finds_no_problem_on_a_working_gpu(cupy):  # noqa: F811
-    from gpuload import doctor
+    from gpuload.cli import doctor
 
     rep = doctor.run()
     assert rep.gpu_checked and rep.problems == 0, rep.text()

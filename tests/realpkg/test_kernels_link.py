@@ -86,7 +86,7 @@ def test_the_16_byte_gather_moves_one_vector_per_element_with_four_loads_in_flig
     # and stores, and the unrolled body issues its loads before its stores.
     from numba import cuda
 
-    from gpuload.kernels import cuda as kcuda
+    from gpuload.kernels import gather_kernel as kcuda
     from gpuload.kernels.toolchain import _sig
 
     kw = dict(device=False, cc=(9, 0), output="ptx", abi="numba")

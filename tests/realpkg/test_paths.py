@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 import gpuload
-from gpuload import pinning
 from gpuload.config import Config
-from gpuload.device_cuda import CudaBackend, CupyRuntime, _choose_reader
+from gpuload.cuda.backend import CudaBackend, CupyRuntime, _choose_reader
 from gpuload.errors import PlanError
+from gpuload.memory import mapping, pinning
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,9 +46,9 @@ def test_kvikio_reader_with_real_kvikio_in_a_fresh_process(tmp_path):
         print("defaults imported by `import kvikio`:", hasattr(kvikio, "defaults"))
         import gpuload
         from gpuload.config import Config
-        from gpuload.device_cuda import CupyRuntime, _choose_reader
+        from gpuload.cuda.backend import CupyRuntime, _choose_reader
         from gpuload.errors import ReadError
-        from gpuload.io_kvikio import KvikioReader
+        from gpuload.read.kvikio import KvikioReader
 
         rt = object.__new__(CupyRuntime)  # kvikio() needs no device
         kv, name, why = _choose_reader(Config(backend="kvikio"), rt, None)
@@ -101,7 +101,7 @@ def test_a_cuda_runtime_that_cannot_start_is_backend_unavailable():
 def test_auto_backend_describes_real_kvikio():
     # No GDS on this machine: the real kvikio 26 says compatibility mode, so
     # auto reads with posix and says why; backend='kvikio' still takes it.
-    from gpuload.io_kvikio import gds_active
+    from gpuload.read.kvikio import gds_active
 
     rt = object.__new__(CupyRuntime)
     kv, name, why = _choose_reader(Config(backend="auto"), rt, None)
@@ -173,8 +173,8 @@ def test_pinning_without_a_device_says_why(tmp_path):
     # The real cupy imports here, but CUDA has no driver: pin() must fall
     # back to mlock (or nothing) and say that CUDA is unusable.
     path = write_checkpoint(tmp_path / "m.safetensors")
-    m = pinning.Mapping(str(path))
-    method, why = pinning.pin([(m, [(0, pinning.PAGE)])])
+    m = mapping.Mapping(str(path))
+    method, why = pinning.pin([(m, [(0, mapping.PAGE)])])
     assert method in ("mlock", None)
     assert "no usable CUDA device (cudaError" in why, why
     m._release.unpin()
@@ -195,8 +195,8 @@ def test_a_refused_registration_names_the_cuda_error(tmp_path, monkeypatch):
     monkeypatch.setattr(pinning, "_cuda_runtime", lambda device=None: (Refusing, ""))
     monkeypatch.setattr(pinning, "mlock_allowance", lambda: None)
     path = write_checkpoint(tmp_path / "m.safetensors")
-    m = pinning.Mapping(str(path))
-    method, why = pinning.pin([(m, [(0, pinning.PAGE)])])
+    m = mapping.Mapping(str(path))
+    method, why = pinning.pin([(m, [(0, mapping.PAGE)])])
     assert method == "mlock", why
     assert why.startswith("mlock, the fallback: cudaHostRegister refused"), why
     assert "cudaErrorNotSupported: operation not supported" in why and str(path) in why

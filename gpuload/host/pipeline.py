@@ -1,0 +1,358 @@
+"""The host pipeline: execute a read plan into owned numpy buffers.
+
+Reader threads take read ops in file order. A direct op scatters its file
+range straight into the destination buffers with one ``preadv`` (gaps land
+in a discard buffer). A staged (covering) op whose pages are all in the page
+cache is not read at all with ``mapped`` on (``GPULOAD_MAPPED_GATHER``, the
+default): its owned rows are copied out of the cached pages into their
+results (:meth:`gpuload.read.posix.PosixReader.copy_mapped`) when its rows are at
+least ``MAPPED_MIN_SPAN`` apart, so such a column shard at world 8 copies an
+eighth of the bytes it covers. Otherwise a staged op
+reads into one of a bounded set of staging slots and is gathered from there
+by ``gather_host`` (the numpy twin of the CUDA kernel), then the slot is
+returned. With ``scatter`` on
+(``GPULOAD_SCATTER=1``) a staged op is read like a direct one instead: one
+``preadv`` per 1024 rows puts every owned row straight into its result and
+every gap into a small reused discard buffer (``scatter_iov``), so the
+owned bytes are copied once and no gather pass follows. Staging never
+escapes: results are the caller's own buffers, allocated once per tensor.
+
+On the first error every queued op is cancelled, running ones finish, and
+the error is raised: a failed load returns nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from gpuload.errors import PlanError
+from gpuload.kernels.host import NCOLS, gather_host
+from gpuload.memory.libc import libc
+from gpuload.memory.mapping import PAGE, HostBuffer, page_place, placed_empty
+from gpuload.plan.planner import Plan, ReadOp
+from gpuload.plan.split import split_op
+from gpuload.read.workers import Busy, run_jobs
+from gpuload.report import LoadReport
+
+_ZERO = np.zeros(0, np.uint8)
+DISCARD = 256 << 10  # scatter's gap buffer: gaps longer than this reuse it in parts
+# A cached covering op is copied row by row out of the page cache only when
+# its rows are at least this far apart in the file (on average over the op's
+# rows: the op's length over its row count): process_vm_readv costs
+# about a microsecond or more per row on top of the copy, while re-reading a
+# short row whole is cheap. On the 2-core VM (bench/mapped_gather.py
+# --min-span 0: bench/results/2026-11-29-cpu/warm/mapped-gather-min-span-0.md) the
+# mapped copy won only for 28 KiB rows at world 8 (down_proj of a 4096-wide
+# model: 17.0 against 21.8 ms; a tie at world 2), and lost for 4 and 11 KiB
+# rows (down_proj 2048x5632 at world 8: 23.7 against 15.8 ms).
+MAPPED_MIN_SPAN = 16 << 10
+
+
+def piece_tables(op: ReadOp) -> dict[str, np.ndarray]:
+    """The op's pieces as per-destination piece tables, offsets relative to the op."""
+    by_tensor: dict[str, list[list[int]]] = {}
+    for p in op.pieces:
+        by_tensor.setdefault(p.tensor, []).append(
+            [p.src - op.offset, p.dst, p.rows, p.row_bytes, p.src_stride, p.dst_stride]
+        )
+    return {t: np.array(rows, np.int64).reshape(-1, NCOLS) for t, rows in by_tensor.items()}
+
+
+def row_segments(
+    op: ReadOp, outputs: dict[str, np.ndarray], *, merge: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The op's owned rows as ``(file offset, destination address, length)``
+    int64 arrays in file order. Every destination is checked against its
+    buffer first: a raw address is never written out of bounds. ``merge``
+    joins rows that are contiguous in the file and in memory both."""
+    srcs, dsts, lens = [], [], []
+    for p in op.pieces:
+        out = outputs[p.tensor]
+        if p.dst_end > out.nbytes or not out.flags.c_contiguous or out.dtype != np.uint8:
+            raise PlanError(f"piece of {p.tensor!r} does not fit its {out.nbytes}-byte result")
+        r = np.arange(p.rows, dtype=np.int64)
+        srcs.append(p.src + r * p.src_stride)
+        dsts.append(out.ctypes.data + p.dst + r * p.dst_stride)
+        lens.append(np.full(p.rows, p.row_bytes, np.int64))
+    order = np.argsort(np.concatenate(srcs), kind="stable")
+    src, dst, n = (np.concatenate(a)[order] for a in (srcs, dsts, lens))
+    if merge and len(src) > 1:
+        starts = np.ones(len(src), bool)
+        starts[1:] = (src[1:] != src[:-1] + n[:-1]) | (dst[1:] != dst[:-1] + n[:-1])
+        at = np.flatnonzero(starts)
+        src, dst, n = src[at], dst[at], np.add.reduceat(n, at)
+    return src, dst, n
+
+
+def scatter_iov(op: ReadOp, outputs: dict[str, np.ndarray], discard: np.ndarray) -> np.ndarray:
+    """The op's file range as ``struct iovec`` entries, in file order: each row
+    of each piece at its destination address, each gap in ``discard``.
+
+    Returns an ``(n, 2)`` uint64 array of (address, length) for
+    :meth:`gpuload.read.posix.PosixReader.readinto_iov`. Every destination is checked
+    against its buffer first: a raw address is never written out of bounds.
+    """
+    src, dst, n = row_segments(op, outputs)
+    gaps = np.empty(len(src) + 1, np.int64)
+    gaps[0] = src[0] - op.offset
+    gaps[1:-1] = src[1:] - (src[:-1] + n[:-1])
+    gaps[-1] = op.offset + op.length - (src[-1] + n[-1])
+    if (gaps < 0).any():
+        raise PlanError(f"pieces of a read of {op.file} overlap")
+    # A gap longer than the discard buffer is written into it in parts.
+    parts = np.maximum(1, -(-gaps // discard.size))
+    upto = np.cumsum(parts)
+    gap_of = np.repeat(np.arange(len(gaps)), parts)
+    nth = np.arange(len(gap_of)) - np.repeat(upto - parts, parts)
+    iov = np.empty((int(upto[-1]) + len(src), 2), np.uint64)
+    at_gap = np.arange(len(gap_of)) + gap_of  # chunks before, plus the rows before the gap
+    iov[at_gap, 0] = discard.ctypes.data
+    iov[at_gap, 1] = np.minimum(discard.size, gaps[gap_of] - nth * discard.size)
+    at_row = upto[:-1] + np.arange(len(src))
+    iov[at_row, 0] = dst
+    iov[at_row, 1] = n
+    return iov[iov[:, 1] > 0]
+
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14: fault pages in writable, errors returned, content kept
+POPULATE_STEP = 8 << 20  # one madvise call; the stop flag is checked between them
+POPULATE_MIN = 64 << 10  # smaller results are not worth a call
+
+
+def _mirrors(op: ReadOp, mirrored: set[str]) -> bool:
+    """Whether a direct op's every piece is a run of a tensor whose result mirrors the file."""
+    return not op.staged and all(p.tensor in mirrored for p in op.pieces)
+
+
+def _direct_target(p, out: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(length, address, room before, room after)`` for an O_DIRECT read of
+    piece ``p`` (one contiguous run) into ``out``, or None when ``out`` is not
+    one of gpuload's own result mappings (``HostBuffer``).
+
+    The read is widened to whole blocks: the bytes it adds before and after
+    land in the same mapping, where the result mirrors the file (a whole
+    tensor or one contiguous run of it: the caller checks) or in the
+    mapping's slack, so they are the file's own bytes or nobody's."""
+    hb = out.base
+    if not isinstance(hb, HostBuffer) or out.ctypes.data != hb.data:
+        return None
+    dst = hb.data + p.dst
+    return p.row_bytes, dst, dst - hb.addr, hb.addr + hb.size - (dst + p.row_bytes)
+
+
+def mostly_cold(plan: Plan, reader, samples: int = 16) -> bool:
+    """Whether most of a sample of the plan's reads miss the page cache."""
+    cached = getattr(reader, "cached", None)
+    if cached is None or not plan.ops:
+        return False
+    picked = plan.ops[:: max(1, len(plan.ops) // samples)][:samples]
+    return 2 * sum(not cached(op.file, op.offset, op.length) for op in picked) > len(picked)
+
+
+class ResultPrefaulter:
+    """Faults the results' pages in, in the order the reads fill them, on a
+    thread of its own while a cold load's reads wait on storage.
+
+    A fresh result costs a page fault and a zeroing per page when the read's
+    copy first touches it; on a cold load that cost sits between the storage
+    and the copy. ``MADV_POPULATE_WRITE`` takes it ahead of time and never
+    changes a page's content, so it may run beside the reads that fill the
+    same pages. Measured on the 2-core VM, 2 GiB cold (bench/cold_sweep.py):
+    see docs/performance.md. Warm loads are CPU-bound and lose by it
+    (about 8% there), so it runs only when :func:`mostly_cold` says so.
+    """
+
+    def __init__(self, plan: Plan, outputs: dict[str, np.ndarray]) -> None:
+        self._stop = threading.Event()
+        order = dict.fromkeys(p.tensor for op in plan.ops for p in op.pieces)
+        self._bufs = [outputs[t] for t in order if outputs[t].nbytes >= POPULATE_MIN]
+        self._thread = threading.Thread(target=self._run, name="gpuload-prefault", daemon=True)
+
+    def _run(self) -> None:
+        for b in self._bufs:
+            start, end = b.ctypes.data, b.ctypes.data + b.nbytes
+            for at in range(start - start % PAGE, end, POPULATE_STEP):
+                if self._stop.is_set():
+                    return
+                if libc().madvise(at, min(POPULATE_STEP, end - at), MADV_POPULATE_WRITE):
+                    return  # an older kernel (EINVAL) or no memory: the reads fault as usual
+
+    def __enter__(self) -> ResultPrefaulter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Stopped and joined before the load returns: no madvise on a result
+        # after its buffers are the caller's (or freed, when the load failed).
+        self._stop.set()
+        self._thread.join()
+
+
+class HostPipeline:
+    """Runs plans on the CPU; staging slots are created once and reused."""
+
+    def __init__(
+        self,
+        threads: int,
+        staging_bytes: int,
+        *,
+        scatter: bool = False,
+        mapped: bool = False,
+        cold: tuple[int, int] | None = None,
+        direct: bool = False,
+    ) -> None:
+        self.threads = threads
+        # (threads, largest direct read) for a load whose reads mostly miss
+        # the page cache; None: the same as warm.
+        self.cold = cold
+        # Cold loads read whole-tensor runs into gpuload's own result
+        # mappings with O_DIRECT (no page-cache copy); see _direct_target.
+        self.direct = direct
+        self.staging_bytes = staging_bytes
+        self.scatter = scatter
+        self.mapped = mapped
+        self._slots: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        self._slot_size = 0
+        self._slot_count = 0
+        self._discard = _ZERO
+        self._gaps = np.empty(DISCARD, np.uint8) if scatter else _ZERO
+        self._busy = Busy()
+
+    def _ensure_staging(self, plan: Plan, scatter: bool) -> None:
+        need = 0 if scatter else plan.max_staged_bytes  # scattered reads need no staging
+        if need > self._slot_size:  # grow, never shrink (staging is reused)
+            count = max(1, min(self.threads, self.staging_bytes // need))
+            self._slots = queue.SimpleQueue()
+            for _ in range(count):
+                self._slots.put(placed_empty(need + PAGE))  # + the in-slot offset
+            self._slot_size, self._slot_count = need, count
+        if plan.max_gap_bytes > self._discard.size:
+            self._discard = np.empty(plan.max_gap_bytes, np.uint8)
+
+    def run(
+        self,
+        plan: Plan,
+        outputs: dict[str, np.ndarray],
+        reader,
+        report: LoadReport,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        """Fill ``outputs`` (name -> uint8 buffer) by executing ``plan``."""
+        with self._busy():
+            # A reader without raw scatter (a test's wrapper) stages and gathers.
+            scatter = self.scatter and hasattr(reader, "readinto_iov")
+            self._ensure_staging(plan, scatter)
+            self._run(plan, outputs, reader, report, on_bytes, scatter)
+
+    def _run(self, plan, outputs, reader, report, on_bytes, scatter: bool) -> None:
+        ops = plan.ops
+        discard = memoryview(self._discard)
+        # A cold load (mincore says most reads miss the cache): a deeper
+        # queue, more and smaller direct reads in flight at once.
+        missing = mostly_cold(plan, reader)
+        cold = self.cold is not None and missing
+        threads = self.cold[0] if cold else self.threads
+        if cold:
+            limit = self.cold[1]
+            ops = tuple(
+                part for op in ops for part in (split_op(op, limit) if not op.staged else (op,))
+            )
+        report.cold_reads = cold
+        direct = cold and self.direct and hasattr(reader, "read_direct")
+        mirrored = {t.name for t in plan.tensors if t.strategy in ("whole", "contiguous")}
+
+        mapped = self.mapped and hasattr(reader, "copy_mapped")
+
+        def work(i: int) -> tuple[int, float, float, float, int]:
+            op = ops[i]
+            ahead = i + threads  # hint the range a thread will take next
+            # ... unless it goes O_DIRECT: a WILLNEED hint would read it
+            # into the page cache too, and the disk would serve it twice.
+            if ahead < len(ops) and not (direct and _mirrors(ops[ahead], mirrored)):
+                reader.advise(ops[ahead].file, ops[ahead].offset, ops[ahead].length)
+            if direct and _mirrors(op, mirrored):
+                targets = [_direct_target(p, outputs[p.tensor]) for p in op.pieces]
+                t0 = time.perf_counter()
+                # Piece by piece (each is one tensor's run); where one cannot,
+                # the whole op is read buffered below (the same bytes again).
+                if None not in targets and all(
+                    reader.read_direct(op.file, p.src, *tg)
+                    for p, tg in zip(op.pieces, targets, strict=True)
+                ):
+                    return op.length, time.perf_counter() - t0, 0.0, 0.0, -1  # -1: O_DIRECT
+            if not op.staged:
+                bufs, pos = [], op.offset
+                for p in op.pieces:
+                    if p.src > pos:
+                        bufs.append(discard[: p.src - pos])
+                    bufs.append(memoryview(outputs[p.tensor])[p.dst : p.dst + p.row_bytes])
+                    pos = p.src_end
+                t0 = time.perf_counter()
+                reader.readinto(op.file, op.offset, bufs)
+                return op.length, time.perf_counter() - t0, 0.0, 0.0, 0
+            if (
+                mapped
+                and reader.vm_ok  # process_vm_readv not refused so far
+                and op.length >= MAPPED_MIN_SPAN * sum(p.rows for p in op.pieces)
+                and reader.cached(op.file, op.offset, op.length)
+            ):
+                # Cached pages: copy the owned rows out of them, nothing else.
+                src, dst, n = row_segments(op, outputs, merge=True)
+                t0 = time.perf_counter()
+                if reader.copy_mapped(op.file, src, dst, n):
+                    return op.length, time.perf_counter() - t0, 0.0, 0.0, int(n.sum())
+            if scatter:  # the gather is the read: rows land in their results
+                iov = scatter_iov(op, outputs, self._gaps)
+                t0 = time.perf_counter()
+                reader.readinto_iov(op.file, op.offset, iov)
+                return op.length, time.perf_counter() - t0, 0.0, 0.0, 0
+            t0 = time.perf_counter()
+            slot = self._slots.get()
+            t1 = time.perf_counter()
+            try:
+                # Read to the op's page offset (64-byte aligned), not to the
+                # slot's start: see page_place.
+                at = page_place(op.offset)
+                block = slot[at : at + op.length]
+                reader.readinto(op.file, op.offset, [memoryview(block)])
+                t2 = time.perf_counter()
+                for tensor, table in piece_tables(op).items():
+                    gather_host(block, outputs[tensor], table)
+                t3 = time.perf_counter()
+            finally:
+                self._slots.put(slot)
+            return op.length, t2 - t1, t3 - t2, t1 - t0, 0
+
+        unread = 0  # bytes of mapped ops' ranges that were not read
+
+        def add(result: tuple[int, float, float, float, int]) -> None:
+            nonlocal unread
+            nbytes, read_s, gather_s, wait_s, copied = result
+            if copied < 0:
+                report.direct_ops += 1
+            elif copied:
+                report.mapped_ops += 1
+                unread += nbytes - copied
+            report.read_s += read_s
+            report.gather_s += gather_s
+            report.wait_s += wait_s
+            if on_bytes is not None:
+                on_bytes(nbytes)
+
+        # Cold (and prefetch on): fault the results in ahead of the reads.
+        ahead = getattr(reader, "prefetch", False) and missing
+        report.results_prefaulted = bool(ahead)
+        # On the first error (or Ctrl-C) no op starts after it and the running
+        # ones finish: no thread writes into a buffer after we return.
+        with ResultPrefaulter(plan, outputs) if ahead else contextlib.nullcontext():
+            run_jobs(len(ops), threads, work, add, name="gpuload-read")
+        report.ops += len(ops)
+        report.staged_ops += sum(op.staged for op in ops)
+        report.bytes_read += plan.bytes_read - unread
+        report.bytes_useful += plan.bytes_useful

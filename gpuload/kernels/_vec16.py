@@ -1,0 +1,1 @@
+../../kernels/_vec16.py

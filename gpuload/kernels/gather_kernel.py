@@ -1,0 +1,1 @@
+../../kernels/gather_kernel.py

@@ -1,0 +1,122 @@
+"""The remote reader: the posix reader's interface over ranged GETs.
+
+The pipeline calls :meth:`RemoteReader.readinto` from its reader threads
+exactly as it calls :meth:`gpuload.read.posix.PosixReader.readinto`: the plan's
+(coalesced, split) read ops become one ranged GET each, whose body is read
+straight into the op's destination buffers (results, staging or the gap
+discard). Bytes the header probe already fetched (the first MiB of each
+file) are copied from it, not fetched again. Each reader has its own connection pool, closed by
+:meth:`close`, so a load leaves no connection behind.
+
+Read-ahead (``GPULOAD_PREFETCH``): the pipeline announces, as a thread
+starts op ``i``, the op ``i + threads`` a thread takes later
+(:meth:`advise`). With prefetch on, the reader sends that range's GET at
+once on a connection of its own; the thread that takes the op reads the
+answer (which waited in the socket buffers, so no memory of gpuload's
+holds it and nothing is copied twice). So up to twice ``threads`` GETs are
+in flight. With it off, each GET is sent when its op starts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from gpuload.errors import ReadError
+from gpuload.format.checkpoint import FileHeader
+from gpuload.read.remote.client import Client
+
+
+class _Ahead:
+    """One read-ahead GET: claimed, then sent (``sent`` None: not sent)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.sent: tuple | None = None
+
+    def wait(self) -> tuple | None:
+        self.done.wait()
+        return self.sent
+
+
+class RemoteReader:
+    """Ranged GETs for the files of one remote checkpoint; thread-safe."""
+
+    name = "remote"
+
+    def __init__(self, source, headers: Sequence[FileHeader], *, prefetch: bool = True) -> None:
+        self.source = source
+        self.client = Client(source.client.settings)
+        self.client._moved = dict(source.client._moved)  # the Hub's resolved redirects
+        self._files = {h.path: (source.files[h.path], h.size, h.version) for h in headers}
+        self.prefetch = prefetch
+        # Read-ahead GETs, claimed before they are sent: a thread that takes
+        # the op while its GET is being sent waits for it (never sends a
+        # second one), and an op already read is never sent ahead.
+        self._pending: dict[tuple[str, int, int], _Ahead] = {}
+        self._read: set[tuple[str, int, int]] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def bytes_received(self) -> int:
+        """Body bytes received by this reader's requests (retries included)."""
+        return self.client.bytes
+
+    def readinto(self, file: str, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill ``buffers`` in order from the object's bytes at ``offset``."""
+        if self._closed:
+            raise ReadError(f"{file}: the reader is closed")
+        target, size, etag = self._files[file]
+        key = (file, offset, sum(len(b) for b in buffers))
+        with self._lock:
+            claim = self._pending.pop(key, None)
+            if claim is None:
+                self._read.add(key)
+        ahead = claim.wait() if claim is not None else None
+        seed = self.source.seeds.get(file, b"")
+        if offset < len(seed):  # the probe fetched these bytes already
+            rest = []
+            for b in buffers:
+                n = max(0, min(len(b), len(seed) - offset))
+                if n:
+                    b[:n] = seed[offset : offset + n]
+                if n < len(b):
+                    rest.append(b[n:])
+                offset += n
+            buffers = rest
+            if not buffers:
+                return
+        self.client.read_range(target, offset, buffers, etag=etag, size=size, pending=ahead)
+
+    def advise(self, file: str, offset: int, length: int) -> None:
+        """Read-ahead: with prefetch on, send the GET of a range that a
+        thread reads soon (not one the header probe already holds)."""
+        if not self.prefetch or self._closed or length <= 0:
+            return
+        if offset < len(self.source.seeds.get(file, b"")):
+            return
+        key = (file, offset, length)
+        with self._lock:
+            if key in self._read or key in self._pending:
+                return
+            claim = self._pending[key] = _Ahead()
+        target, _, etag = self._files[file]
+        claim.sent = self.client.start_range(target, offset, length, etag)
+        claim.done.set()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for claim in pending:  # a failed load's unread read-aheads
+            sent = claim.wait()
+            if sent is not None:
+                self.client.discard(sent)
+        self.client.close()
+
+    def __enter__(self) -> RemoteReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
