@@ -20,7 +20,8 @@ from gpuload.errors import (
 )
 from gpuload.format.checkpoint import Checkpoint, TensorInfo
 from gpuload.host.resident import PRESET_EXPERTS, PrefaultReport, map_resident, prefault, residency
-from gpuload.loader import Loader, load_sharded
+from gpuload.load import load_sharded
+from gpuload.loader import Loader
 from gpuload.read.open import open_checkpoint
 from gpuload.report import LoadReport
 from gpuload.sharding.selection import Selection

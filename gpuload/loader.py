@@ -1,19 +1,16 @@
-"""``Loader`` and ``load_sharded``: checkpoint -> sharding -> plan -> pipeline.
+"""``Loader``: one load runs checkpoint -> sharding -> plan -> read -> backend.
 
 A ``Loader`` holds what is worth reusing across loads (reader threads'
-staging, later the CUDA streams and device scratch); ``load_sharded`` is a
-thin wrapper that makes one, loads, and closes it.
+staging, the CUDA streams and device scratch); :func:`gpuload.load_sharded`
+(:mod:`gpuload.load`) makes one, loads, and closes it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import operator
 import os
-import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,59 +19,22 @@ from tqdm import tqdm
 from gpuload import config as _config
 from gpuload import options as _options
 from gpuload.cuda.device import resolve_device
-from gpuload.errors import GpuloadError, PlanError, ShardingError, exhausted
-from gpuload.format.checkpoint import Checkpoint, TensorInfo
+from gpuload.errors import GpuloadError, exhausted
+from gpuload.format.checkpoint import Checkpoint
 from gpuload.format.gcpause import paused
-from gpuload.group import current_device, ranks
+from gpuload.group import ranks
 from gpuload.host import resident as _resident
 from gpuload.host.backend import make_backend
 from gpuload.host.outputs import resident_as, resolve_framework
+from gpuload.load_plan import LoadPlan, PathLike, _per_load, check_rank, plan_load
 from gpuload.plan import gather_model
-from gpuload.plan.planner import Plan, PlanOptions, plan_reads
+from gpuload.plan.planner import Plan, PlanOptions
 from gpuload.plan.transfer import GatherOptions
 from gpuload.read.open import open_checkpoint
 from gpuload.report import LoadReport
 from gpuload.sharding.selection import Selection
-from gpuload.sharding.sharder import Sharder
 
 log = logging.getLogger("gpuload")
-
-PathLike = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
-Filter = str | re.Pattern[str] | Callable[[str], bool] | Iterable[str] | None
-
-
-def name_filter(spec: Filter, what: str = "include") -> Callable[[str], bool] | None:
-    """A tensor-name predicate (regex, callable or names), or None for "all"."""
-    return None if spec is None else _resident.name_filter(spec, what)
-
-
-def check_rank(rank: Any, world: Any) -> tuple[int, int]:
-    """``(rank, world)`` as Python ints: any integral type (numpy, torch
-    scalars) is accepted through ``operator.index``; bools and floats are not."""
-    out = []
-    for name, v in (("rank", rank), ("world", world)):
-        try:
-            if isinstance(v, bool | np.bool_):
-                raise TypeError
-            out.append(operator.index(v))
-        except TypeError:
-            raise TypeError(f"{name} must be an int, got {v!r}") from None
-    rank, world = out
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
-    return rank, world
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadPlan:
-    """Everything decided before the first byte is read."""
-
-    checkpoint: Checkpoint
-    plan: Plan
-    resident: dict[str, Selection]  # cpu_resident tensors: mapped, not read
-    unknown: tuple[str, ...]  # replicated because no rule matched
-    skipped: tuple[str, ...]  # not owned by this rank (expert parallel)
-    excluded: int  # dropped by include=
 
 
 class Loader:
@@ -163,42 +123,7 @@ class Loader:
         self._check_open()
         _options.check(options, _options.PER_LOAD, "Loader.plan")
         rank, world = check_rank(rank, world)
-        keep, resident_of, rules, source, options = _per_load(options)
-        ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, source)
-        shapes = {name: info.shape for name, info in ckpt.tensors.items()}
-        try:
-            sharder = Sharder(
-                ckpt.config, rules, shapes=shapes, config_path=ckpt.config_path, **options
-            )
-        except ShardingError as e:  # a bad value in config.json
-            raise ShardingError(f"{ckpt.config_path}: {e}", keywords=e.keywords) from None
-        items: list[tuple[TensorInfo, Selection]] = []
-        resident: dict[str, Selection] = {}
-        unknown, skipped, excluded = [], [], 0
-        for name, info in ckpt.tensors.items():
-            if keep is not None and not keep(name):
-                excluded += 1
-                continue
-            try:
-                sel = sharder.select(name, info.shape, rank, world)
-            except ShardingError as e:  # the sharder knows names, not files
-                raise ShardingError(f"{info.file}: {e}", keywords=e.keywords) from None
-            if sel is None:
-                skipped.append(name)
-                continue
-            if sel.rule is None:
-                unknown.append(name)
-            if resident_of is not None and resident_of(name):
-                resident[name] = sel
-            else:
-                items.append((info, sel))
-        plan = plan_reads(items, self.plan_options())
-        if plan.max_staged_bytes > self.config.staging_bytes:
-            raise PlanError(
-                f"a staged read of {plan.max_staged_bytes} bytes does not fit "
-                f"staging_bytes={self.config.staging_bytes}"
-            )
-        return LoadPlan(ckpt, plan, resident, tuple(unknown), tuple(skipped), excluded)
+        return plan_load(path, rank, world, options, self.plan_options(), self.config.staging_bytes)
 
     # -- loading -----------------------------------------------------------
 
@@ -377,24 +302,6 @@ def _is_path(path: Any) -> bool:
     return isinstance(path, str | os.PathLike)
 
 
-def _per_load(options: dict[str, Any]):
-    """Per-load keywords -> (include filter, cpu_resident filter, rules,
-    sharding options), every value checked: a bad regex or count raises
-    ValueError/TypeError here, before any file is opened."""
-    options = dict(options)
-    keep = name_filter(options.pop("include", None))
-    resident_spec = options.pop("cpu_resident", None)
-    if resident_spec is True or resident_spec == "copy":
-        resident_spec = _resident.PRESET_EXPERTS
-    resident_of = name_filter(resident_spec or None, "cpu_resident")
-    rules = options.pop("rules", None)
-    source = options.pop("storage_options", None)
-    if source is not None and not isinstance(source, dict):
-        raise TypeError(f"storage_options must be a dict, got {type(source).__name__}")
-    Sharder(None, rules, **options)  # validates rules and every sharding option
-    return keep, resident_of, rules, source, options
-
-
 _REMOTE_REASON = "remote checkpoint: ranged GETs (gpuload.read.remote) into the backend's buffers"
 
 
@@ -402,89 +309,3 @@ def touched_bytes(ckpt: Checkpoint, plan: Plan, resident: dict[str, Selection]) 
     """Tensor bytes of the files this load read from or mapped."""
     files = {op.file for op in plan.ops} | {ckpt.tensors[n].file for n in resident}
     return sum(i.nbytes for i in ckpt.tensors.values() if i.file in files)
-
-
-def load_sharded(
-    path: PathLike,
-    rank: int | None = None,
-    world: int | None = None,
-    *,
-    group: Any = None,
-    device: str | None = None,
-    framework: str | None = None,
-    return_report: bool = False,
-    **options: Any,
-):
-    """Load one tensor-parallel rank's shard of a safetensors checkpoint.
-
-    Parameters
-    ----------
-    path
-        A ``.safetensors`` file, a list of them, or a model directory (with
-        ``model.safetensors.index.json``; ``config.json`` supplies head and
-        expert counts).
-    rank, world
-        This rank and the tensor-parallel world size, ``0 <= rank < world``.
-        Omitted inside an initialized ``torch.distributed`` job: this
-        process's rank and size in ``group``.
-    group
-        A ``torch.distributed`` process group (the tensor-parallel group)
-        to take ``rank`` and ``world`` from; None: the default group, when
-        ``rank`` and ``world`` are omitted. Explicit ``rank`` and ``world``
-        never import torch.
-    device
-        ``"cpu"``, ``"cuda"`` (the current device) or ``"cuda:N"``; None picks
-        the current CUDA device (torch's, when the job has initialized CUDA;
-        else cupy's) when one is usable, else ``"cpu"``. The rank is never
-        used as a device index.
-    framework
-        ``"numpy"`` (default on the CPU), ``"torch"`` (default on a GPU when
-        installed) or ``"cupy"`` (GPU only; bf16/fp8 as raw integer views).
-    return_report
-        Also return the :class:`~gpuload.report.LoadReport` (stage breakdown).
-    **options
-        Every other keyword, checked against :mod:`gpuload.options` before
-        any file is opened (a misspelled one raises TypeError naming it and
-        the close match):
-
-        * selection: ``rules`` (caller sharding rules, ``{regex: spec}`` or
-          ``callable(name, shape)``, consulted before the built-in tables),
-          ``include`` (keep only matching tensors; the others are never
-          read), ``cpu_resident`` (tensors kept in host memory: a regex,
-          callable or names, or True for the routed-expert preset
-          ``gpuload.host.resident.PRESET_EXPERTS``, or ``"copy"``: that preset
-          read into pinned anonymous memory instead of mapped; see
-          :func:`gpuload.host.resident.map_resident` for views and copies);
-        * sharding: ``num_heads``, ``num_kv_heads``, ``num_experts``,
-          ``qkv_sections``, ``expert_parallel``, ``allow_uneven``,
-          ``weight_block_size``, ``vision_tp``;
-        * settings, the keyword twins of the ``GPULOAD_*`` flags:
-          ``threads``, ``chunk_bytes``, ``prefetch``, ...
-
-        With a :class:`Loader`, settings go to ``Loader(...)`` and the
-        selection and sharding options to ``Loader.load``/``Loader.plan``.
-
-    Returns
-    -------
-    dict
-        Tensor name -> array (numpy or torch) holding this rank's shard.
-        Read tensors are private buffers of exactly their size (a dtype view
-        of a ``uint8`` buffer of their own: ``.base`` is that buffer, never
-        shared with another tensor or load); cpu_resident ones are views of
-        the checkpoint's mapping (or copies, see
-        :func:`gpuload.host.resident.map_resident`). Tensors owned by other ranks
-        (expert parallel) are absent.
-
-    Notes
-    -----
-    Only the bytes this rank owns are read, plus the other ranks' columns
-    inside covering reads and small gaps merged into one read (at most a
-    quarter of the bytes around them), all reported as wasted bytes. bf16
-    and fp8 numpy arrays use ``ml_dtypes``; packed sub-byte dtypes (F4, F6)
-    come back as ``uint8`` bytes.
-    """
-    settings, per_load = _options.split(options, "load_sharded")
-    rank, world = check_rank(*ranks(rank, world, group))  # before the Loader probes the device
-    _per_load(per_load)
-    with Loader(device=device or current_device(), framework=framework, **settings) as loader:
-        return loader.load(path, rank, world, return_report=return_report, **per_load)

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpuload import loader
+from gpuload import load as loader
 from gpuload.cli import doctor
 from gpuload.cli.doctor_verdict import CU, Line, bad, info, ok, settle
 from gpuload.cli.main import main

@@ -173,7 +173,7 @@ def self_check(world: int = 2) -> Line:
     import numpy as np
     import safetensors.numpy
 
-    from gpuload.loader import load_sharded
+    from gpuload.load import load_sharded
 
     rng = np.random.default_rng(20)
     made = {  # name -> (array, split dim): Llama's MLP rules and a norm
