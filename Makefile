@@ -91,6 +91,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check gpuload kernels tests bench examples
 	$(BIN)/ruff format --check gpuload kernels tests bench examples
 	$(BIN)/hadolint docker/Dockerfile
+	$(BIN)/lint-imports
 
 # The remote tier serves checkpoints with nginx (Debian's package): a real
 # Range/ETag/If-Match server on 127.0.0.1. CI runs as root and installs it

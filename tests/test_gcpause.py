@@ -58,12 +58,12 @@ def test_concurrent_pauses_end_with_the_last(tmp_path, rng):
 def test_parsing_and_planning_run_paused(tmp_path, rng, monkeypatch):
     path = write_matrix(tmp_path, rng)
     seen = []
-    real = gpuload.loader.plan_reads
+    real = gpuload.load_plan.plan_reads
 
     def spy(*a, **k):
         seen.append(gc.isenabled())
         return real(*a, **k)
 
-    monkeypatch.setattr(gpuload.loader, "plan_reads", spy)
+    monkeypatch.setattr(gpuload.load_plan, "plan_reads", spy)
     gpuload.load_sharded(path, 0, 2, device="cpu")
     assert seen == [False] and gc.isenabled()

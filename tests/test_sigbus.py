@@ -33,10 +33,10 @@ PRELUDE = textwrap.dedent(
     import os, sys
     import numpy as np
     import gpuload
-    from gpuload import pinning
+    from gpuload.memory import mapping
 
     path, mode = sys.argv[1], sys.argv[2]
-    _init = pinning.Mapping.__init__
+    _init = mapping.Mapping.__init__
     hit = []
 
     def _mutate(file, size):
@@ -57,7 +57,7 @@ PRELUDE = textwrap.dedent(
             hit.append(self.path)
             _mutate(self.path, self.size)
 
-    pinning.Mapping.__init__ = init
+    mapping.Mapping.__init__ = init
 
     def outcome(call):
         try:
