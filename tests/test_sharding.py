@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from gpuload import synth
 from gpuload.errors import ShardingError
+from gpuload.sharding.cuts import expert_block
 from gpuload.sharding.selection import Selection
 from gpuload.sharding.sharder import (
     MODEL_TYPES,
@@ -29,7 +30,6 @@ from gpuload.sharding.sharder import (
     Sharder,
     Split,
     Vocab,
-    expert_block,
 )
 
 

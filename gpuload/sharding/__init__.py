@@ -13,6 +13,7 @@ The specs are documented as ``gpuload.sharding.Split`` and so on: they are
 re-exported here.
 """
 
+from gpuload.sharding.cuts import expert_block
 from gpuload.sharding.rules import (
     MODEL_TYPES,
     RULE_TABLES,
@@ -27,7 +28,7 @@ from gpuload.sharding.rules import (
     Split,
     Vocab,
 )
-from gpuload.sharding.sharder import Sharder, expert_block
+from gpuload.sharding.sharder import Sharder
 
 __all__ = [
     "MODEL_TYPES",
