@@ -23,14 +23,16 @@ from gpuload import config as _config
 from gpuload import options as _options
 from gpuload.cuda.device import resolve_device
 from gpuload.errors import GpuloadError, PlanError, ShardingError, exhausted
-from gpuload.format.checkpoint import Checkpoint, TensorInfo
+from gpuload.format.checkpoint import Checkpoint
 from gpuload.format.gcpause import paused
+from gpuload.format.header import TensorInfo
 from gpuload.group import current_device, ranks
 from gpuload.host import resident as _resident
 from gpuload.host.backend import make_backend
 from gpuload.host.outputs import resident_as, resolve_framework
 from gpuload.plan import gather_model
-from gpuload.plan.planner import Plan, PlanOptions, plan_reads
+from gpuload.plan.ops import Plan, PlanOptions
+from gpuload.plan.planner import plan_reads
 from gpuload.plan.transfer import GatherOptions
 from gpuload.read.open import open_checkpoint
 from gpuload.report import LoadReport
