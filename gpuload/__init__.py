@@ -18,7 +18,8 @@ from gpuload.errors import (
     ResourceError,
     ShardingError,
 )
-from gpuload.format.checkpoint import Checkpoint, TensorInfo
+from gpuload.format.checkpoint import Checkpoint
+from gpuload.format.header import TensorInfo
 from gpuload.host.resident import PRESET_EXPERTS, PrefaultReport, map_resident, prefault, residency
 from gpuload.load import load_sharded
 from gpuload.loader import Loader

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from gpuload.errors import PlanError, ShardingError
-from gpuload.format.checkpoint import Checkpoint, TensorInfo
+from gpuload.format.checkpoint import Checkpoint
+from gpuload.format.header import TensorInfo
 from gpuload.host import resident as _resident
-from gpuload.plan.planner import Plan, PlanOptions, plan_reads
+from gpuload.plan.ops import Plan, PlanOptions
+from gpuload.plan.planner import plan_reads
 from gpuload.read.open import open_checkpoint
 from gpuload.sharding.selection import Selection
 from gpuload.sharding.sharder import Sharder

@@ -28,7 +28,7 @@ from gpuload.host.backend import make_backend
 from gpuload.host.outputs import resident_as, resolve_framework
 from gpuload.load_plan import LoadPlan, PathLike, _per_load, check_rank, plan_load
 from gpuload.plan import gather_model
-from gpuload.plan.planner import Plan, PlanOptions
+from gpuload.plan.ops import Plan, PlanOptions
 from gpuload.plan.transfer import GatherOptions
 from gpuload.read.open import open_checkpoint
 from gpuload.report import LoadReport

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpuload.errors import GpuloadError, HeaderError, IndexFileError
-from gpuload.format.checkpoint import MAX_HEADER_BYTES, parse_header, parse_header_bytes
 from gpuload.format.dtypes import DTYPES
+from gpuload.format.header import MAX_HEADER_BYTES, parse_header, parse_header_bytes
 from gpuload.read.open import open_checkpoint
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import gpuload
-from gpuload.format.checkpoint import parse_header
+from gpuload.format.header import parse_header
 from gpuload.read.faults import FaultStats, FaultyReader, FaultyReaderFactory
 from gpuload.read.posix import PosixReader
 from gpuload.sharding.verify import reference_tensors
@@ -52,7 +52,7 @@ def make_model(root: Path, *, seed: int = 0, files: int = 2) -> Path:
         tensors = {}
         for n in group:
             dtype, shape, _ = TENSORS[n]
-            bits = gpuload.format.checkpoint.DTYPES[dtype].bits * int(np.prod(shape))
+            bits = gpuload.format.header.DTYPES[dtype].bits * int(np.prod(shape))
             raw = rng.integers(1, 256, bits // 8, dtype=np.uint8)
             tensors[n] = (dtype, shape, raw)
             weight_map[n] = fname

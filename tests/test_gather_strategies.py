@@ -20,7 +20,8 @@ import gpuload
 from gpuload import config
 from gpuload.cuda.pipeline import DevicePipeline
 from gpuload.kernels.host import gather_host
-from gpuload.plan.planner import PlanOptions, plan_reads
+from gpuload.plan.ops import PlanOptions
+from gpuload.plan.planner import plan_reads
 from gpuload.plan.transfer import GATHERS, GatherModel, GatherOptions, pack_layout
 from gpuload.read.posix import PosixReader
 from gpuload.report import LoadReport
@@ -331,8 +332,8 @@ def test_regular_rows_go_as_one_2d_copy_each(tmp_path):
     # cudaMemcpyAsync per row; each is one cudaMemcpy2DAsync now, same bytes.
     from types import SimpleNamespace
 
-    from gpuload.format.checkpoint import FileHeader
-    from gpuload.plan.planner import Piece, ReadOp
+    from gpuload.format.header import FileHeader
+    from gpuload.plan.ops import Piece, ReadOp
 
     data = np.random.default_rng(5).integers(0, 256, 1 << 16, dtype=np.uint8)
     path = tmp_path / "f.bin"

@@ -198,7 +198,7 @@ def test_fifo_or_directory_named_safetensors_never_hangs(tmp_path):
     for path in ([fifo], [d / "c.safetensors"]):
         _, err = bounded(lambda p=path: gpuload.load_sharded(p, 0, 1, device="cpu"), timeout=10)
         assert isinstance(err, (FileNotFoundError, GpuloadError)), err  # not a hang
-    _, err = bounded(lambda: gpuload.format.checkpoint.parse_header(fifo), timeout=10)
+    _, err = bounded(lambda: gpuload.format.header.parse_header(fifo), timeout=10)
     assert isinstance(err, gpuload.HeaderError) and "not a regular file" in str(err)
     # Named by index.json: a FIFO is not a file the index may reference.
     (d / "model.safetensors.index.json").write_text(
@@ -239,7 +239,7 @@ BASE_DATA = bytes((i * 37 + 11) % 256 or 1 for i in range(103))
 
 KINDS = ["flip", "insert", "delete", "prefix", "data", "truncate", "pad", "dtype", "rename"]
 KINDS += ["number"] * 4  # structure-aware mutations reach the deeper checks
-DTYPE_NAMES = sorted(gpuload.format.checkpoint.DTYPES)
+DTYPE_NAMES = sorted(gpuload.format.header.DTYPES)
 
 
 def mutate(data: st.DataObject) -> bytes:
@@ -354,7 +354,7 @@ def test_header_with_too_many_tensors_refused_up_front(tmp_path):
     1.8 GB). Refused before the JSON parse, naming the file and the count."""
     import time
 
-    n = 600_000  # above gpuload.format.checkpoint.MAX_TENSORS (524,288)
+    n = 600_000  # above gpuload.format.header.MAX_TENSORS (524,288)
     entry = '"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
     body = ("{" + ",".join(entry % i for i in range(n)) + "}").encode()
     path = tmp_path / "many.safetensors"

@@ -10,7 +10,7 @@ from conftest import write_raw
 
 import gpuload
 from gpuload.errors import ReadError
-from gpuload.format.checkpoint import parse_header
+from gpuload.format.header import parse_header
 from gpuload.read.posix import PosixReader
 
 

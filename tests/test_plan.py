@@ -15,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuload.errors import PlanError
-from gpuload.format.checkpoint import TensorInfo
 from gpuload.format.dtypes import DTYPES
+from gpuload.format.header import TensorInfo
 from gpuload.kernels.host import gather_host
-from gpuload.plan.planner import PAGE, CostModel, KiB, Piece, PlanOptions, ReadOp, plan_reads
+from gpuload.plan.ops import PAGE, CostModel, KiB, Piece, PlanOptions, ReadOp
+from gpuload.plan.planner import plan_reads
 from gpuload.plan.split import aligned_span, fit_ops, split_op
 from gpuload.sharding.selection import Selection
 

@@ -18,9 +18,9 @@ from conftest import differing as same
 import gpuload
 from gpuload import config
 from gpuload.errors import ReadError
-from gpuload.format.checkpoint import parse_header
+from gpuload.format.header import parse_header
 from gpuload.host.pipeline import piece_tables, scatter_iov
-from gpuload.plan.planner import Piece, ReadOp
+from gpuload.plan.ops import Piece, ReadOp
 from gpuload.read import posix as gio
 from gpuload.read.faults import FaultyReaderFactory
 from gpuload.read.posix import PosixReader

@@ -1,7 +1,7 @@
 """gpuload.synth: the independent writer, HF-shaped model dirs, sizing, the cache.
 
 Oracles: ``safetensors.deserialize`` (the reference reader) and the strict
-parser in gpuload.format.checkpoint, which must agree with each other on every file
+parser in gpuload.format.header, which must agree with each other on every file
 the writer produces.
 """
 
@@ -22,8 +22,8 @@ import safetensors
 from safetensors import safe_open
 
 from gpuload import synth
-from gpuload.format.checkpoint import parse_header
 from gpuload.format.dtypes import DTYPES
+from gpuload.format.header import parse_header
 from gpuload.read.open import open_checkpoint
 
 SHAPES = [(), (0,), (2, 0, 3), (4,), (3, 4), (2, 3, 8)]

@@ -122,7 +122,7 @@ def test_copy_mapped_after_truncation_raises_instead_of_sigbus(model):
     code = textwrap.dedent(
         f"""
         import os, numpy as np
-        from gpuload.format.checkpoint import parse_header
+        from gpuload.format.header import parse_header
         from gpuload.errors import ReadError
         from gpuload.read.posix import PosixReader
         path = {str(model)!r}
@@ -160,7 +160,7 @@ def test_a_load_whose_file_is_truncated_mid_copy_fails_cleanly(model):
 
 
 def test_copy_mapped_rejects_ranges_outside_the_file(model):
-    from gpuload.format.checkpoint import parse_header
+    from gpuload.format.header import parse_header
 
     out = np.zeros(16, np.uint8)
     with PosixReader([parse_header(model)]) as r:
@@ -286,7 +286,7 @@ def test_a_cold_load_prefaults_its_results_and_stays_exact(model):
 
 def test_the_prefaulter_keeps_content_and_stops_before_the_load_returns():
     from gpuload.host.pipeline import ResultPrefaulter
-    from gpuload.plan.planner import Piece, Plan, ReadOp
+    from gpuload.plan.ops import Piece, Plan, ReadOp
 
     data = np.random.default_rng(0).integers(0, 256, 3 * HUGE_PAGE, dtype=np.uint8)
     out = host_result(data.size, "t", 0, pooled=False)  # fresh memory: zeros

@@ -1,7 +1,7 @@
 """Every contender's output is checked once, before it is timed.
 
 The expected bytes come from the files through a dozen lines of header
-reading of our own (not :mod:`gpuload.format.checkpoint`), cut to the rank's shard
+reading of our own (not :mod:`gpuload.format.header`), cut to the rank's shard
 with plain numpy slicing (:func:`gpuload.sharding.verify.cut`). Big models are checked
 on a sample: every tensor outside the decoder layers and every tensor of the
 first and last layers, which covers each kind of split (row, column, GQA

@@ -34,7 +34,7 @@ from gpuload.cuda.memory import footprint
 from gpuload.cuda.pipeline import DevicePipeline
 from gpuload.errors import BackendUnavailable, PlanError
 from gpuload.host.outputs import to_cupy, to_torch_dlpack
-from gpuload.plan.planner import Plan, TensorPlan
+from gpuload.plan.ops import Plan, TensorPlan
 from gpuload.read.kvikio import KvikioReader, describe_kvikio, gds_active, kvikio_defaults
 from gpuload.read.posix import PosixReader
 

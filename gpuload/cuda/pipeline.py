@@ -60,7 +60,7 @@ import numpy as np
 from gpuload.errors import PlanError
 from gpuload.host.pipeline import piece_tables
 from gpuload.kernels.host import ROW_BYTES, ROWS, SRC_OFF, gather_host
-from gpuload.plan.planner import PAGE, Plan, ReadOp, TensorPlan
+from gpuload.plan.ops import PAGE, Plan, ReadOp, TensorPlan
 from gpuload.plan.split import aligned_span, fit_ops
 from gpuload.plan.transfer import copy_blocks, pack_layout
 from gpuload.read.workers import Busy, run_jobs

@@ -26,7 +26,7 @@ import numpy as np
 
 from gpuload.errors import BackendUnavailable
 from gpuload.format.dtypes import DTYPES
-from gpuload.plan.planner import TensorPlan
+from gpuload.plan.ops import TensorPlan
 
 FRAMEWORKS = ("numpy", "torch", "cupy")
 

@@ -35,7 +35,7 @@ from gpuload.errors import PlanError
 from gpuload.kernels.host import NCOLS, gather_host
 from gpuload.memory.libc import libc
 from gpuload.memory.mapping import PAGE, HostBuffer, page_place, placed_empty
-from gpuload.plan.planner import Plan, ReadOp
+from gpuload.plan.ops import Plan, ReadOp
 from gpuload.plan.split import split_op
 from gpuload.read.workers import Busy, run_jobs
 from gpuload.report import LoadReport

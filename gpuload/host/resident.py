@@ -51,8 +51,9 @@ import numpy as np
 
 from gpuload import config
 from gpuload.errors import exhausted
-from gpuload.format.checkpoint import Checkpoint, TensorInfo
+from gpuload.format.checkpoint import Checkpoint
 from gpuload.format.dtypes import numpy_shape
+from gpuload.format.header import TensorInfo
 from gpuload.host.populate import check_unchanged, populate
 from gpuload.memory import mapping, pinning
 from gpuload.memory.mapping import mem_available, residency

@@ -76,7 +76,7 @@ class Mapping:
     ``np.asarray(mapping)`` gives a ``uint8`` array of the file's bytes;
     arrays cut from it keep the mapping (and its pins) alive. ``identity``
     (``st_dev, st_ino, st_size, st_mtime_ns``, as in
-    :class:`~gpuload.format.checkpoint.FileHeader`) guards against a file replaced
+    :class:`~gpuload.format.header.FileHeader`) guards against a file replaced
     since its header was parsed.
 
     ``private=True`` maps ``MAP_PRIVATE`` with write permission, for

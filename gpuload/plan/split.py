@@ -5,7 +5,7 @@ pipeline reads each one into a slot of fixed size (pinned staging, device
 scratch), so it re-cuts any read longer than a slot into shorter ones that
 deliver exactly the same bytes to the same places.
 
-Pure, like the planner: integers and :class:`~gpuload.plan.planner.ReadOp` s in,
+Pure, like the planner: integers and :class:`~gpuload.plan.ops.ReadOp` s in,
 ``ReadOp`` s out; no I/O, no CUDA. It is a module of its own rather than a
 section of ``plan.py`` so that the planner stays one readable stage.
 """
@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 
 from gpuload.errors import PlanError
-from gpuload.plan.planner import PAGE, Piece, ReadOp
+from gpuload.plan.ops import PAGE, Piece, ReadOp
 
 __all__ = ["aligned_span", "fit_ops", "split_op"]
 

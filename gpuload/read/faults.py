@@ -35,7 +35,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gpuload.format.checkpoint import FileHeader
+from gpuload.format.header import FileHeader
 from gpuload.read import posix as _io
 
 __all__ = ["FaultStats", "FaultyReader", "FaultyReaderFactory"]

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from gpuload.errors import ReadError
-from gpuload.format.checkpoint import FileHeader
-from gpuload.plan.planner import PAGE
+from gpuload.format.header import FileHeader
+from gpuload.plan.ops import PAGE
 from gpuload.read.posix import PosixReader
 
 _threads_lock = threading.Lock()

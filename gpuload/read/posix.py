@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from gpuload.errors import ReadError
-from gpuload.format.checkpoint import FileHeader
+from gpuload.format.header import FileHeader
 from gpuload.memory.mapping import PAGE, Mapping
 
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)

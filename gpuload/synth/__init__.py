@@ -1,7 +1,7 @@
 """Synthetic safetensors checkpoints for tests, ``gpuload demo`` and benchmarks.
 
 :func:`write_safetensors` (:mod:`.writer`) is a small writer of its own,
-independent of :mod:`gpuload.format.checkpoint`, so that tests can check the parser
+independent of :mod:`gpuload.format.header`, so that tests can check the parser
 against it and against ``safetensors``. :func:`write_model` (:mod:`.layout`)
 writes a Hugging Face style model directory (``config.json``,
 ``model-0000N-of-0000M.safetensors``, ``model.safetensors.index.json``) with

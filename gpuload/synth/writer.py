@@ -1,6 +1,6 @@
 """An independent safetensors writer, for tests and synthetic checkpoints.
 
-It shares no code with :mod:`gpuload.format.checkpoint`, so tests can check that
+It shares no code with :mod:`gpuload.format.header`, so tests can check that
 parser against it and against ``safetensors``.
 """
 

@@ -14,7 +14,7 @@ A box becomes something gpuload's planner reads (:func:`box_read`): with one
 cut dimension it is a :class:`~gpuload.sharding.selection.Selection`; with two, the
 first of which has nothing but size-1 dims before it (a 2-D weight cut by
 rows and columns on a 2-D mesh), it is a contiguous slab of the tensor (a
-narrower :class:`~gpuload.format.checkpoint.TensorInfo`) and a selection of that.
+narrower :class:`~gpuload.format.header.TensorInfo`) and a selection of that.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gpuload.errors import ShardingError
-from gpuload.format.checkpoint import TensorInfo
+from gpuload.format.header import TensorInfo
 from gpuload.sharding.selection import Selection
 
 Box = tuple[tuple[int, int], ...]

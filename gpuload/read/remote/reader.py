@@ -23,7 +23,7 @@ import threading
 from collections.abc import Sequence
 
 from gpuload.errors import ReadError
-from gpuload.format.checkpoint import FileHeader
+from gpuload.format.header import FileHeader
 from gpuload.read.remote.client import Client
 
 

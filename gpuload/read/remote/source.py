@@ -9,7 +9,7 @@ resolve URLs (``HF_ENDPOINT``, ``HF_TOKEN``).
 
 Headers: one ranged GET of :data:`PROBE_BYTES` per file, all files at once,
 and a second GET only for a header longer than the probe; the strict header
-rules of :mod:`gpuload.format.checkpoint` apply unchanged. Each object's size and
+rules of :mod:`gpuload.format.header` apply unchanged. Each object's size and
 ETag are recorded there, and every later range is checked against them.
 """
 
@@ -22,16 +22,8 @@ from typing import Any
 
 from gpuload import config as _config
 from gpuload.errors import ConfigFileError, HeaderError, IndexFileError, ReadError
-from gpuload.format.checkpoint import (
-    INDEX_NAME,
-    MAX_HEADER_BYTES,
-    FileHeader,
-    _no_duplicates,
-    _plain_file_name,
-    _reject_constant,
-    assemble,
-    parse_header_bytes,
-)
+from gpuload.format.checkpoint import INDEX_NAME, _no_duplicates, _plain_file_name, assemble
+from gpuload.format.header import MAX_HEADER_BYTES, FileHeader, _reject_constant, parse_header_bytes
 from gpuload.read.remote.client import Client, Settings, Target
 from gpuload.read.remote.s3 import Bucket, Credentials
 from gpuload.read.workers import run_jobs
