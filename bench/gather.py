@@ -171,7 +171,7 @@ def print_model(useful: int) -> None:
 
 def strategies(cupy, args, measured: dict[str, float]) -> int:
     """The three gather strategies on the real runtime, by world and segment size."""
-    from gpuload.cuda.backend import CupyRuntime
+    from gpuload.cuda.runtime import CupyRuntime
     from gpuload.kernels.host import gather_host
     from gpuload.plan.transfer import GATHERS, GatherModel, pack_layout
 

@@ -1,6 +1,6 @@
 """A fake, asynchronous CUDA runtime, so the device pipeline runs on the CPU.
 
-It implements ``gpuload.cuda.pipeline.Runtime`` with the semantics that
+It implements ``gpuload.cuda.slots.Runtime`` with the semantics that
 matter for ordering, and none of CUDA:
 
 * device memory is numpy bytes behind an opaque handle (``FakeDeviceBuffer``)

@@ -32,6 +32,7 @@ def real_runtime_is_fake(monkeypatch):
     from numba.cuda.cudadrv import nvvm
 
     import gpuload.cuda.backend as dc
+    from gpuload.cuda.runtime import CupyRuntime
 
     cupy = types.ModuleType("cupy")
     cupy.cuda = types.SimpleNamespace(
@@ -39,8 +40,8 @@ def real_runtime_is_fake(monkeypatch):
     )
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setattr(nvvm, "is_available", lambda: True)
-    monkeypatch.setattr(dc.CupyRuntime, "_warm", lambda self: None)
-    real, made = dc.CupyRuntime, []
+    monkeypatch.setattr(CupyRuntime, "_warm", lambda self: None)
+    real, made = CupyRuntime, []
 
     def runtime(index):
         real(index)  # raises BackendUnavailable for a toolchain problem

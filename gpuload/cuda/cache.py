@@ -6,7 +6,7 @@ load, one launch per width), the slots' streams and events, and
 ``cudaHostAlloc`` / ``cudaFreeHost`` of every slot's pinned staging. What is
 safe to share is kept here, per device, for the life of the process:
 
-* one warmed :class:`~gpuload.cuda.backend.CupyRuntime` per device index;
+* one warmed :class:`~gpuload.cuda.runtime.CupyRuntime` per device index;
 * idle :class:`~gpuload.cuda.pipeline.DevicePipeline` s (streams, events,
   pinned staging), one per (device, threads, budgets, pin): a closed
   ``Loader`` parks its pipeline here once its streams are drained, and the

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from gpuload.cuda.backend import CupyRuntime
+from gpuload.cuda.runtime import CupyRuntime
 from gpuload.errors import BackendUnavailable
 from gpuload.kernels import cuda as kernels_cuda
 from gpuload.kernels import gather_kernel

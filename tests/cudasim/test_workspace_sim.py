@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from gpuload.cuda.backend import CupyRuntime
+from gpuload.cuda.runtime import CupyRuntime
 from gpuload.kernels import cuda as kernels_cuda
 from gpuload.kernels.cuda import Launch, gather, release_stream, workspace_bytes
 from gpuload.kernels.host import gather_host

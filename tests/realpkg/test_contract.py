@@ -186,7 +186,7 @@ def test_the_constant_the_audit_found_missing_is_still_missing():
     # Should cupy grow it again, the two must agree.
     import cupy.cuda.runtime as rt
 
-    from gpuload.cuda.backend import CUDA_ERROR_MEMORY_ALLOCATION
+    from gpuload.cuda.runtime import CUDA_ERROR_MEMORY_ALLOCATION
 
     assert getattr(rt, "errorMemoryAllocation", 2) == CUDA_ERROR_MEMORY_ALLOCATION == 2
     assert "cudaErrorMemoryAllocation" in str(rt.CUDARuntimeError(CUDA_ERROR_MEMORY_ALLOCATION))

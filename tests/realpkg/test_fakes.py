@@ -18,7 +18,7 @@ from fake_cuda import FakeDeviceBuffer, FakeKvikio, FakeRuntime, _CuFile, _Futur
 from test_contract import signature
 from test_prefault import FakeRuntime as FakeHostRegistration
 
-from gpuload.cuda.backend import CupyRuntime
+from gpuload.cuda.runtime import CupyRuntime
 
 
 def public(cls) -> set[str]:

@@ -20,7 +20,8 @@ import pytest
 
 import gpuload
 from gpuload.config import Config
-from gpuload.cuda.backend import CudaBackend, CupyRuntime, _choose_reader
+from gpuload.cuda.backend import CudaBackend, _choose_reader
+from gpuload.cuda.runtime import CupyRuntime
 from gpuload.errors import PlanError
 from gpuload.memory import mapping, pinning
 
@@ -46,7 +47,8 @@ def test_kvikio_reader_with_real_kvikio_in_a_fresh_process(tmp_path):
         print("defaults imported by `import kvikio`:", hasattr(kvikio, "defaults"))
         import gpuload
         from gpuload.config import Config
-        from gpuload.cuda.backend import CupyRuntime, _choose_reader
+        from gpuload.cuda.backend import _choose_reader
+        from gpuload.cuda.runtime import CupyRuntime
         from gpuload.errors import ReadError
         from gpuload.read.kvikio import KvikioReader
 
