@@ -19,7 +19,8 @@ from gpuload.errors import (
     ShardingError,
 )
 from gpuload.format.checkpoint import Checkpoint, TensorInfo
-from gpuload.host.resident import PRESET_EXPERTS, PrefaultReport, map_resident, prefault, residency
+from gpuload.host.prefault import PrefaultReport, prefault, residency
+from gpuload.host.resident import PRESET_EXPERTS, map_resident
 from gpuload.loader import Loader, load_sharded
 from gpuload.read.open import open_checkpoint
 from gpuload.report import LoadReport

@@ -26,6 +26,7 @@ from gpuload.errors import GpuloadError, PlanError, ShardingError, exhausted
 from gpuload.format.checkpoint import Checkpoint, TensorInfo
 from gpuload.format.gcpause import paused
 from gpuload.group import current_device, ranks
+from gpuload.host import prefault as _prefault
 from gpuload.host import resident as _resident
 from gpuload.host.backend import make_backend
 from gpuload.host.outputs import resident_as, resolve_framework
@@ -45,7 +46,7 @@ Filter = str | re.Pattern[str] | Callable[[str], bool] | Iterable[str] | None
 
 def name_filter(spec: Filter, what: str = "include") -> Callable[[str], bool] | None:
     """A tensor-name predicate (regex, callable or names), or None for "all"."""
-    return None if spec is None else _resident.name_filter(spec, what)
+    return None if spec is None else _prefault.name_filter(spec, what)
 
 
 def check_rank(rank: Any, world: Any) -> tuple[int, int]:
