@@ -79,7 +79,7 @@ def _resident(mode: str):
 def _safe_bytes(a: np.ndarray) -> bytes | None:
     """``a``'s bytes, copied with process_vm_readv: None where a page of it
     cannot be read (a view over a truncated file), instead of SIGBUS."""
-    from gpuload.read.posix import _vm_readv_raw
+    from gpuload.read.vectored import _vm_readv_raw
 
     a = a.view(np.uint8) if a.dtype.kind not in "V" else a
     if a.size == 0:

@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from gpuload.config import Config
+from gpuload.host.resident import map_resident
 from gpuload.memory import mapping
 from gpuload.read.open import open_checkpoint
 from gpuload.sharding.selection import Selection
 
-pf = importlib.import_module("gpuload.host.resident")  # the module, not the function
+pf = importlib.import_module("gpuload.host.prefault")  # the module, not the function
 MiB, GiB = 1 << 20, 1 << 30
 EXPERT = (2048, 2048)  # BF16: 8 MiB
 
@@ -137,7 +138,7 @@ def latency(path: Path, repeat: int) -> dict[str, list[float]]:
 
         def fresh(prefault: bool, name: str = name) -> np.ndarray:
             cfg = Config(prefault=prefault, pin=False)
-            arrays, _ = pf.map_resident(ck, sels if prefault else {name: sels[name]}, cfg)
+            arrays, _ = map_resident(ck, sels if prefault else {name: sels[name]}, cfg)
             return arrays[name]
 
         evict(path)

@@ -40,7 +40,7 @@ import safetensors
 import gpuload
 from gpuload.format.dtypes import DTYPES
 from gpuload.read.faults import FaultyReaderFactory
-from gpuload.sharding.sharder import Replicate, Split
+from gpuload.sharding import Replicate, Split
 from gpuload.synth import write_safetensors
 
 WORLDS = (1, 2, 3, 4, 8)

@@ -20,9 +20,11 @@ from gpuload.errors import (
 )
 from gpuload.format.checkpoint import Checkpoint
 from gpuload.format.header import TensorInfo
-from gpuload.host.resident import PRESET_EXPERTS, PrefaultReport, map_resident, prefault, residency
+from gpuload.host.prefault import PrefaultReport, prefault
+from gpuload.host.resident import PRESET_EXPERTS, map_resident
 from gpuload.load import load_sharded
 from gpuload.loader import Loader
+from gpuload.memory.mapping import residency
 from gpuload.read.open import open_checkpoint
 from gpuload.report import LoadReport
 from gpuload.sharding.selection import Selection

@@ -19,6 +19,7 @@ import numpy as np
 from gpuload.errors import PlanError, ShardingError
 from gpuload.format.checkpoint import Checkpoint
 from gpuload.format.header import TensorInfo
+from gpuload.host import prefault as _prefault
 from gpuload.host import resident as _resident
 from gpuload.plan.ops import Plan, PlanOptions
 from gpuload.plan.planner import plan_reads
@@ -32,7 +33,7 @@ Filter = str | re.Pattern[str] | Callable[[str], bool] | Iterable[str] | None
 
 def name_filter(spec: Filter, what: str = "include") -> Callable[[str], bool] | None:
     """A tensor-name predicate (regex, callable or names), or None for "all"."""
-    return None if spec is None else _resident.name_filter(spec, what)
+    return None if spec is None else _prefault.name_filter(spec, what)
 
 
 def check_rank(rank: Any, world: Any) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from gpuload.plan.planner import plan_reads
 from gpuload.plan.transfer import GATHERS, GatherModel, GatherOptions, pack_layout
 from gpuload.read.posix import PosixReader
 from gpuload.report import LoadReport
-from gpuload.sharding.sharder import Split
+from gpuload.sharding import Split
 
 # fused sections on dim 1: each rank holds its part of both sections, side by
 # side -- the case where a read window can hold one section's rows and not the other's

@@ -25,12 +25,13 @@ import safetensors
 from gpuload import config
 from gpuload.config import Config
 from gpuload.errors import ReadError
+from gpuload.host.resident import PRESET_EXPERTS, map_resident
 from gpuload.memory import mapping, pinning
 from gpuload.read.open import open_checkpoint
 from gpuload.sharding.selection import Selection
 
 # The module, not the function that gpuload/__init__ may re-export under its name.
-pf = importlib.import_module("gpuload.host.resident")
+pf = importlib.import_module("gpuload.host.prefault")
 MiB = 1 << 20
 PAGE = mapping.PAGE
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +205,7 @@ def test_mem_available_is_meminfo():
     ],
 )
 def test_preset_experts(name, hit):
-    assert pf.name_filter(pf.PRESET_EXPERTS)(name) is hit
+    assert pf.name_filter(PRESET_EXPERTS)(name) is hit
 
 
 def test_name_filter_kinds():
@@ -225,7 +226,7 @@ def test_prefault_makes_every_page_resident(ddir, caplog):
     evict(path)
     resident, total = pf.residency(path)
     assert resident <= total // 100, "eviction did not work"
-    caplog.set_level(logging.INFO, logger="gpuload.host.resident")
+    caplog.set_level(logging.INFO, logger="gpuload.host.prefault")
     rep = pf.prefault(path, pin=False, setting=True)
     assert pf.residency(path) == (total, total)
     assert rep.skipped_reason is None
@@ -233,7 +234,7 @@ def test_prefault_makes_every_page_resident(ddir, caplog):
     assert rep.pages_resident_before <= total // 100
     assert rep.bytes == path.stat().st_size and rep.seconds > 0 and rep.gib_per_s > 0
     assert not rep.pinned and "pin" in rep.pin_reason
-    lines = [r.getMessage() for r in caplog.records if r.name == "gpuload.host.resident"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "gpuload.host.prefault"]
     assert len(lines) == 1 and "GiB/s" in lines[0] and "not pinned" in lines[0]
 
 
@@ -242,7 +243,7 @@ def test_only_selected_pages_become_resident(ddir):
     ck = open_checkpoint(path)
     a, b, c = (ck.tensors[x] for x in "abc")
     evict(path)
-    arrays, rep = pf.map_resident(ck, {"b": Selection.whole(b.shape)}, Config(prefault=True))
+    arrays, rep = map_resident(ck, {"b": Selection.whole(b.shape)}, Config(prefault=True))
     b_pages = pf.residency(path, b.start, b.nbytes)
     assert b_pages[0] == b_pages[1] == rep.pages_total
     # page rounding: at most the one page each neighbour shares with b
@@ -257,7 +258,7 @@ def test_row_shard_prefaults_only_its_rows(ddir):
     rows = b.shape[0]
     sel = Selection(0, ((rows // 2, rows // 4),), (rows // 4, 256), "row")
     evict(path)
-    pf.map_resident(ck, {"b": sel}, Config(prefault=True, pin=False))
+    map_resident(ck, {"b": sel}, Config(prefault=True, pin=False))
     row = b.nbytes // rows
     lo, hi = b.start + rows // 2 * row, b.start + 3 * rows // 4 * row
     got, total = pf.residency(path, lo, hi - lo)
@@ -350,7 +351,7 @@ def test_arrays_match_the_oracle(mixed):
         ),
         "u": (Selection(1, ((3, 3),), (9, 3), "column"), lambda x: x[:, 3:6]),
     }
-    arrays, _ = pf.map_resident(ck, {k: s for k, (s, _) in sels.items()}, Config(pin=False))
+    arrays, _ = map_resident(ck, {k: s for k, (s, _) in sels.items()}, Config(pin=False))
     for name, (_, cut) in sels.items():
         assert same(arrays[name], cut(oracle(o[name]))), name
 
@@ -364,7 +365,7 @@ def test_views_and_copies(mixed):
         "gate_up": Selection(0, ((12, 12), (60, 12)), (24, 40), "fused"),
         "u": Selection.whole((9, 9)),
     }
-    arrays, _ = pf.map_resident(ck, sels, Config(pin=False))
+    arrays, _ = map_resident(ck, sels, Config(pin=False))
     col = arrays["w"]
     assert col.strides == (48 * 4, 4) and not col.flags.c_contiguous  # a strided view
     for name in ("w", "bf", "u"):
@@ -382,7 +383,7 @@ def test_views_and_copies(mixed):
 def test_arrays_outlive_checkpoint_and_report(mixed):
     paths, o = mixed
     ck = open_checkpoint(paths)
-    arrays, rep = pf.map_resident(ck, {"w": Selection.whole((64, 48))}, Config())
+    arrays, rep = map_resident(ck, {"w": Selection.whole((64, 48))}, Config())
     m = owner(arrays["w"])
     fin, ref = m._finalizer, weakref.ref(m)
     del m, ck, rep
@@ -402,18 +403,18 @@ def test_changed_file_is_refused(mixed):
     ck = open_checkpoint(paths)
     os.utime(paths[0], ns=(1, 1))
     with pytest.raises(ReadError, match="changed"):
-        pf.map_resident(ck, {"w": Selection.whole((64, 48))})
+        map_resident(ck, {"w": Selection.whole((64, 48))})
 
 
 def test_unknown_tensor_and_bad_cuts(mixed):
     paths, _ = mixed
     ck = open_checkpoint(paths)
     with pytest.raises(ValueError, match="'nope'"):
-        pf.map_resident(ck, {"nope": Selection.whole(())})
+        map_resident(ck, {"nope": Selection.whole(())})
     with pytest.raises(ValueError, match="splits a byte"):
-        pf.map_resident(ck, {"f4": Selection(1, ((1, 3),), (8, 3), "column")})
+        map_resident(ck, {"f4": Selection(1, ((1, 3),), (8, 3), "column")})
     with pytest.raises(ValueError, match="exceed"):
-        pf.map_resident(ck, {"w": Selection(0, ((60, 8),), (8, 48), "row")})
+        map_resident(ck, {"w": Selection(0, ((60, 8),), (8, 48), "row")})
 
 
 # --------------------------------------------------------------------------
@@ -484,7 +485,7 @@ def test_cuda_registration_contract(ddir, monkeypatch):
     monkeypatch.setattr(pinning, "_cuda_runtime", lambda device=None: (fake, ""))
     monkeypatch.setattr(pinning, "PIN_PIECE_BYTES", MiB)
     ck = open_checkpoint(path)
-    arrays, rep = pf.map_resident(ck, {"b": Selection.whole(ck.tensors["b"].shape)})
+    arrays, rep = map_resident(ck, {"b": Selection.whole(ck.tensors["b"].shape)})
     assert rep.pinned and rep.pin_method == "cuda"
     pieces = sorted(fake.registered.items())
     assert all(size <= MiB and flags & 8 for _, (size, flags) in pieces)  # ReadOnly
@@ -535,7 +536,7 @@ def test_pins_are_made_in_the_loads_device_context(ddir, monkeypatch):
     monkeypatch.setattr(pinning, "_on_device", lambda d: Device(d) if d is not None else Device(-1))
     ck = open_checkpoint(path)
     sel = {"b": Selection.whole(ck.tensors["b"].shape)}
-    arrays, rep = pf.map_resident(ck, sel, Config(), device=3)
+    arrays, rep = map_resident(ck, sel, Config(), device=3)
     assert rep.pin_method == "cuda"
     n = len(fake.registered)
     assert seen == [("check", 3), ("enter", 3, 0), ("exit", 3, n)]  # every piece inside
@@ -549,7 +550,7 @@ def test_unpin_goes_on_past_a_piece_that_refuses(ddir, monkeypatch):
     monkeypatch.setattr(pinning, "_cuda_runtime", lambda device=None: (fake, ""))
     monkeypatch.setattr(pinning, "PIN_PIECE_BYTES", 64 << 10)
     ck = open_checkpoint(path)
-    arrays, rep = pf.map_resident(ck, {"b": Selection.whole(ck.tensors["b"].shape)}, Config())
+    arrays, rep = map_resident(ck, {"b": Selection.whole(ck.tensors["b"].shape)}, Config())
     assert len(fake.registered) > 2
     first = min(fake.registered)
     real = fake.hostUnregister
@@ -579,7 +580,7 @@ def test_cuda_pin_on_a_device(ddir):
         pytest.skip("no CUDA device")
     path, o = three(ddir)
     ck = open_checkpoint(path)
-    arrays, rep = pf.map_resident(ck, {"b": Selection.whole(ck.tensors["b"].shape)}, Config())
+    arrays, rep = map_resident(ck, {"b": Selection.whole(ck.tensors["b"].shape)}, Config())
     # cudaHostRegister(ReadOnly) of a shared file mapping may be refused (in
     # some VMs): the documented fallback is mlock, with the CUDA error named.
     print(f"pin_method={rep.pin_method}: {rep.pin_reason}")  # in the log either way

@@ -18,9 +18,9 @@ from conftest import write_tensors
 
 import gpuload
 from gpuload.errors import ShardingError
+from gpuload.sharding import Sharder, Split
 from gpuload.sharding.scales import follow, weight_of
 from gpuload.sharding.selection import Selection
-from gpuload.sharding.sharder import Sharder, Split
 
 H, INTER, E = 512, 1024, 4  # hidden, intermediate, experts
 HEADS, KV_HEADS = 4, 2  # head_dim 128

@@ -18,9 +18,7 @@ from hypothesis import strategies as st
 
 from gpuload import synth
 from gpuload.errors import ShardingError
-from gpuload.sharding.cuts import expert_block
-from gpuload.sharding.selection import Selection
-from gpuload.sharding.sharder import (
+from gpuload.sharding import (
     MODEL_TYPES,
     RULE_TABLES,
     Expert,
@@ -31,6 +29,8 @@ from gpuload.sharding.sharder import (
     Split,
     Vocab,
 )
+from gpuload.sharding.cuts import expert_block
+from gpuload.sharding.selection import Selection
 
 
 def _index(dim: int, start: int, stop: int) -> tuple[slice, ...]:

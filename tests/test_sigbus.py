@@ -26,8 +26,8 @@ from gpuload import synth
 HERE = Path(__file__).parent
 
 # Child preamble: `changed(mode)` mutates the checkpoint the moment
-# gpuload.host.resident maps it (after the header was parsed and the read path
-# ran), the window in which issue 23's trials died of SIGBUS.
+# gpuload.host.resident or gpuload.host.prefault maps it (after the header was
+# parsed and the read path ran), the window in which issue 23's trials died of SIGBUS.
 PRELUDE = textwrap.dedent(
     """
     import os, sys
@@ -53,7 +53,10 @@ PRELUDE = textwrap.dedent(
 
     def init(self, *a, **k):
         _init(self, *a, **k)
-        if not hit and sys._getframe(1).f_globals["__name__"] == "gpuload.host.resident":
+        if not hit and sys._getframe(1).f_globals["__name__"] in (
+            "gpuload.host.resident",
+            "gpuload.host.prefault",
+        ):
             hit.append(self.path)
             _mutate(self.path, self.size)
 
@@ -135,7 +138,7 @@ def test_truncated_under_prefault_raises_not_sigbus(tmp_path):
         model,
         "truncate",
     )
-    # prefault maps from gpuload.host.resident too: the hook truncates it there
+    # prefault maps from gpuload.host.prefault: the hook truncates it there
     assert rc == 0, f"child died (rc {rc}):\n{out}"
     assert "ERROR ReadError" in out, out
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from gpuload import __version__, config
 from gpuload.cli.doctor_verdict import CU, Line, Report, bad, check, info, ok, self_check, settle
-from gpuload.host.resident import mem_available
+from gpuload.memory.mapping import mem_available
 from gpuload.read.kvikio import kvikio_defaults
 
 

@@ -19,8 +19,15 @@ from gpuload.config import Config
 from gpuload.errors import BackendUnavailable, GpuloadError, PlanError
 from gpuload.host.outputs import convert
 from gpuload.host.pipeline import HostPipeline
-from gpuload.host.resident import mem_available
-from gpuload.memory.mapping import HUGE_PAGE, PAGE, HostBuffer, page_place, placed_empty, residency
+from gpuload.memory.mapping import (
+    HUGE_PAGE,
+    PAGE,
+    HostBuffer,
+    mem_available,
+    page_place,
+    placed_empty,
+    residency,
+)
 from gpuload.plan.ops import Plan, TensorPlan
 from gpuload.read.posix import PosixReader
 from gpuload.report import LoadReport

@@ -20,7 +20,7 @@ import numpy as np
 from gpuload.errors import ReadError
 from gpuload.format.checkpoint import Checkpoint
 from gpuload.memory import mapping
-from gpuload.read import posix as _io
+from gpuload.read import vectored as _io
 
 __all__ = ["MADV_POPULATE_READ", "check_unchanged", "populate"]
 

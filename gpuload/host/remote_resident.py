@@ -8,7 +8,7 @@ import numpy as np
 from gpuload.host.backend import HostBackend
 from gpuload.host.outputs import convert as host_convert
 from gpuload.host.pipeline import HostPipeline
-from gpuload.host.resident import PrefaultReport
+from gpuload.host.prefault import PrefaultReport
 from gpuload.plan.ops import PlanOptions
 from gpuload.plan.planner import plan_reads
 from gpuload.report import LoadReport

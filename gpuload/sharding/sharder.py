@@ -27,16 +27,10 @@ from gpuload.sharding.rules import (
     MODEL_TYPES,
     QUANT_FAMILIES,
     RULE_TABLES,
-    ConfigSections,
     Expert,
-    FirstRank,
-    FusedQKV,
-    Heads,
-    Intermediate,
     Replicate,
     Spec,
     Split,
-    Vocab,
 )
 from gpuload.sharding.rules_vision import VISION as _VISION
 from gpuload.sharding.rules_vision import VISION_DATA, VISION_FAMILIES, VISION_WEIGHTS
@@ -320,18 +314,4 @@ class Sharder(SpecSplits):
         return hit
 
 
-__all__ = [
-    "MODEL_TYPES",
-    "RULE_TABLES",
-    "ConfigSections",
-    "Expert",
-    "FirstRank",
-    "FusedQKV",
-    "Heads",
-    "Intermediate",
-    "Replicate",
-    "Sharder",
-    "Spec",
-    "Split",
-    "Vocab",
-]
+__all__ = ["Sharder"]
