@@ -1,3 +1,5 @@
+"""``python -m gpuload``: the same command line as ``gpuload``."""
+
 import sys
 
 from gpuload.cli.main import main

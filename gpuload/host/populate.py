@@ -1,6 +1,6 @@
 """Faulting in mapped file pages without SIGBUS, and the identity check
-that follows: what :mod:`gpuload.host.resident` (``cpu_resident``, ``prefault``)
-runs over the checkpoint's mappings.
+that follows: what :mod:`gpuload.host.resident` (``cpu_resident``) and
+:mod:`gpuload.host.prefault` (``prefault``) run over the checkpoint's mappings.
 
 A load instruction on a mapped page the kernel cannot read (the file was
 truncated under the mapping, or the storage answers EIO) raises SIGBUS, which
