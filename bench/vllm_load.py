@@ -42,6 +42,7 @@ GPULOAD = re.compile(
 )
 DEFAULT = re.compile(r"Loading weights took ([\d.]+) seconds")
 TIMED = re.compile(r"BENCH load_weights rank (\d+) ([\d.]+) s")
+CHILD = "BENCH_VLLM_LOAD_CHILD"
 PACKAGES = {"fastsafetensors": "fastsafetensors", "runai_streamer": "runai_model_streamer"}
 
 
@@ -65,8 +66,9 @@ def write_model(where: Path) -> None:
 
 
 def instrument() -> None:
-    """Time each rank's ``load_weights`` call, whatever the loader (the TP
-    workers are forked from this process, so they inherit the wrapper)."""
+    """Time each rank's ``load_weights`` call, whatever the loader. vLLM's
+    CPU platform starts TP workers by spawn, which imports this script as
+    ``__mp_main__``: its module level calls this again there (``CHILD``)."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     load_model = BaseModelLoader.load_model
@@ -96,7 +98,6 @@ def one(model: str, tp: int, fmt: str) -> None:
     """The child: start an engine, generate one token, exit."""
     from vllm import LLM, SamplingParams
 
-    instrument()
     llm = LLM(
         model=model, skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16",
         max_model_len=128, tensor_parallel_size=tp, load_format=fmt,
@@ -123,6 +124,7 @@ def run(model: Path, tp: int, fmt: str, state: str) -> dict:
                     pass
     env = {
         **os.environ,
+        CHILD: "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_WORKER_MULTIPROC_METHOD": "fork",
@@ -242,6 +244,10 @@ def main() -> None:
     print(summary(rows))
     print(table(rows))
 
+
+# The child and its spawned TP workers (imported as __mp_main__) time loads.
+if os.environ.get(CHILD) == "1":
+    instrument()
 
 if __name__ == "__main__":
     main()
