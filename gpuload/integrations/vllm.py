@@ -123,7 +123,13 @@ def check_supported(model: Any, model_config: Any, writers: Any) -> None:
 
 
 def load_weights(model: Any, model_config: Any, options: dict[str, Any]) -> None:
-    """Read this worker's shard and write it into ``model``'s parameters."""
+    """Read this worker's shard and write it into ``model``'s parameters.
+
+    On the CPU each shard whose destination is one contiguous run of a
+    parameter's memory, of the checkpoint's dtype, is read straight into it
+    (``Loader._load(into=...)``, as :func:`gpuload.torch.load_into` does):
+    no buffer of gpuload's own and no copy. The rest is read into buffers
+    and copied by the writers."""
     from vllm.distributed import (
         get_tensor_model_parallel_rank,
         get_tensor_model_parallel_world_size,
@@ -133,6 +139,7 @@ def load_weights(model: Any, model_config: Any, options: dict[str, Any]) -> None
     from gpuload.errors import GpuloadError
     from gpuload.integrations.vllm_params import Writers
     from gpuload.loader import Loader
+    from gpuload.read.open import open_checkpoint
 
     log = init_logger("vllm.gpuload")
     path = model_dir(model_config)
@@ -143,15 +150,19 @@ def load_weights(model: Any, model_config: Any, options: dict[str, Any]) -> None
     device = next(model.parameters()).device
     device = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
     t0 = time.perf_counter()
-    with Loader(device=device, framework="torch", **options) as loader:
-        tensors, report = loader.load(path, rank, world, return_report=True)
-    t1 = time.perf_counter()
+    with Loader(device=device, framework="torch", **options) as loader, writers:
+        ckpt = open_checkpoint(path)
+        plan = loader.plan(ckpt, rank, world).plan
+        # Every shard's place, and every shape checked, before any read.
+        places = writers.destinations(_stand_ins(plan))
+        into = direct(plan, places) if device == "cpu" else {}
+        tensors, report = loader._load(ckpt, rank, world, return_report=True, into=into)
+        t1 = time.perf_counter()
 
-    def drain():  # hand each shard over once, so its memory goes as it lands
-        for name in list(tensors):
-            yield name, tensors.pop(name)
+        def drain():  # hand each shard over once, so its memory goes as it lands
+            for name in list(tensors):
+                yield name, tensors.pop(name)
 
-    with writers:
         model.load_weights(drain())
     missing = writers.missing()
     if missing:
@@ -163,7 +174,8 @@ def load_weights(model: Any, model_config: Any, options: dict[str, Any]) -> None
     seconds = time.perf_counter() - t0
     log.info(
         "gpuload: rank %d/%d read %d of %d file bytes (%.1f%%) for a shard of %d bytes "
-        "in %.3f s, %.2f GiB/s (read %.3f s, into parameters %.3f s)",
+        "in %.3f s, %.2f GiB/s (read %.3f s, into parameters %.3f s; %d bytes read in "
+        "place, %d copied)",
         rank,
         world,
         report.bytes_read,
@@ -174,4 +186,51 @@ def load_weights(model: Any, model_config: Any, options: dict[str, Any]) -> None
         report.bytes_read / 2**30 / seconds if seconds > 0 else 0.0,
         t1 - t0,
         seconds - (t1 - t0),
+        sum(a.nbytes for a in into.values()),
+        writers.copied,
     )
+
+
+def _stand_ins(plan: Any) -> dict[str, Any]:
+    """Meta tensors of each shard's shape and dtype (no memory)."""
+    import torch
+
+    out = {}
+    for t in plan.tensors:
+        dtype = getattr(torch, t.info.dtype.torch or "", None)
+        if dtype is not None:  # a dtype torch lacks: read into a buffer, copied
+            out[t.name] = torch.empty(t.out_shape, dtype=dtype, device="meta")
+    return out
+
+
+def direct(plan: Any, places: dict[str, list[Any]]) -> dict[str, Any]:
+    """name -> the uint8 view of the parameter memory its shard is read into.
+
+    Only a shard with exactly one destination that is a contiguous CPU
+    tensor of the checkpoint's dtype and the shard's byte size, overlapping
+    no other such destination; everything else is copied by the writers
+    (a cast, a scalar, a shard vLLM transforms first)."""
+    import torch
+
+    chosen = []
+    for t in plan.tensors:
+        dsts = places.get(t.name, [])
+        if len(dsts) != 1:
+            continue
+        dst = dsts[0]
+        if (
+            dst.device.type == "cpu"
+            and dst.is_contiguous()
+            and dst.dtype == getattr(torch, t.info.dtype.torch or "", None)
+            and dst.numel() > 0
+            and dst.numel() * dst.element_size() == t.out_nbytes
+        ):
+            chosen.append((dst.data_ptr(), t.out_nbytes, t.name, dst))
+    chosen.sort()
+    into, end = {}, -1
+    for i, (start, nbytes, name, dst) in enumerate(chosen):
+        nxt = chosen[i + 1][0] if i + 1 < len(chosen) else None
+        if start >= end and (nxt is None or nxt >= start + nbytes):
+            into[name] = dst.detach().reshape(-1).view(torch.uint8).numpy()
+        end = max(end, start + nbytes)
+    return into

@@ -12,7 +12,15 @@ model's own ``load_weights`` still maps checkpoint names to parameters
 Every writer checks the shard's shape against its destination: a shard cut
 differently from what vLLM expects raises, naming the parameter, instead of
 loading silently wrong weights. Parameters of any layer type not handled
-here are listed by :func:`plan_writers` before any weight is written.
+here are listed in :attr:`Writers.unsupported` before any weight is written.
+
+:meth:`Writers.destinations` runs the model's ``load_weights`` once on
+shape-only (meta) stand-ins of the shards, with writers that record where
+each would go instead of writing: every shape is checked before any read,
+and the loader can then read a shard straight into its destination (the
+parameter, or a contiguous section of it) instead of into a buffer of its
+own. A writer handed a shard that already lies in its destination has
+nothing left to copy.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ class ShardMismatch(GpuloadError):
     """A shard's shape is not the part of the parameter vLLM would fill."""
 
 
-def _copy(name: str, dst: torch.Tensor, src: torch.Tensor, what: str = "") -> None:
+def _check(name: str, dst: torch.Tensor, src: torch.Tensor, what: str = "") -> torch.Tensor:
     if src.dim() == 0 and dst.dim() == 1 and dst.numel() == 1:
         src = src.reshape(1)
     if tuple(dst.shape) != tuple(src.shape):
@@ -50,7 +58,27 @@ def _copy(name: str, dst: torch.Tensor, src: torch.Tensor, what: str = "") -> No
             f"{name}{what}: gpuload's shard has shape {tuple(src.shape)}, vLLM's parameter "
             f"part {tuple(dst.shape)}; use --load-format auto for this model"
         )
-    dst.copy_(src)
+    return src
+
+
+def _in_place(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether ``src`` is ``dst`` already: the same memory, read there."""
+    return (
+        src.device == dst.device
+        and src.dtype == dst.dtype
+        and src.data_ptr() == dst.data_ptr()
+        and src.stride() == dst.stride()
+    )
+
+
+def _whole_view(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``view`` holds all of ``base``'s elements, in the same order."""
+    return (
+        view.numel() == base.numel()
+        and view.storage_offset() == base.storage_offset()
+        and view.is_contiguous()
+        and base.is_contiguous()
+    )
 
 
 class Writers:
@@ -61,6 +89,9 @@ class Writers:
         self.written: set[int] = set()
         self.writers: dict[str, tuple[torch.nn.Parameter, Writer]] = {}
         self.unsupported: list[str] = []
+        # While :meth:`destinations` runs: (shard, destination) pairs, no writes.
+        self._found: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.copied = 0  # bytes the writers copied (not read in place)
         seen: set[int] = set()
         for mname, module in model.named_modules():
             for pname, param in module.named_parameters(recurse=False):
@@ -95,7 +126,7 @@ class Writers:
         if loader is not default_weight_loader:
             return None  # a layer with its own loading rule we do not know
         return self._mark(
-            full, lambda param, loaded_weight, *a, **k: _copy(full, param.data, loaded_weight)
+            full, lambda param, loaded_weight, *a, **k: self._put(full, param.data, loaded_weight)
         )
 
     def _linear(self, full: str, module: Any, param: Any) -> Writer | None:
@@ -114,13 +145,14 @@ class Writers:
         # Column, row, replicated (and subclasses such as MoE's GateLinear
         # that keep their loaders): the shard is the whole parameter.
         return self._mark(
-            full, lambda param, loaded_weight, *a, **k: _copy(full, param.data, loaded_weight)
+            full, lambda param, loaded_weight, *a, **k: self._put(full, param.data, loaded_weight)
         )
 
     def _mark(self, full: str, write: Writer) -> Writer:
         def writer(param, loaded_weight, *args, **kwargs):  # vLLM passes both by keyword too
             result = write(param, loaded_weight, *args, **kwargs)
-            self.written.add(id(param))
+            if self._found is None:
+                self.written.add(id(param))
             return result
 
         writer.__qualname__ = f"gpuload writer of {full}"
@@ -128,8 +160,17 @@ class Writers:
 
     # -- the writers --------------------------------------------------------
 
-    @staticmethod
-    def _qkv(full: str, module: Any, dim: int | None) -> Writer:
+    def _put(self, name: str, dst: torch.Tensor, src: torch.Tensor, what: str = "") -> None:
+        """Check ``src`` against ``dst``, then record the pair (while
+        :meth:`destinations` runs) or copy, unless it was read in place."""
+        src = _check(name, dst, src, what)
+        if self._found is not None:
+            self._found.append((src, dst))
+        elif not _in_place(dst, src):
+            dst.copy_(src)
+            self.copied += dst.numel() * dst.element_size()
+
+    def _qkv(self, full: str, module: Any, dim: int | None) -> Writer:
         q = module.num_heads * module.head_size
         kv = module.num_kv_heads * module.head_size
         v = module.num_kv_heads * module.v_head_size
@@ -138,25 +179,24 @@ class Writers:
         def write(param, loaded_weight, shard_id=None, loaded_shard_id=None):
             shard_id = loaded_shard_id if shard_id is None else shard_id
             if shard_id is None or dim is None:  # fused on disk: q | k | v already cut
-                return _copy(full, param.data, loaded_weight)
+                return self._put(full, param.data, loaded_weight)
             start, size = sections[shard_id]
-            _copy(full, param.data.narrow(dim, start, size), loaded_weight, f" [{shard_id}]")
+            self._put(full, param.data.narrow(dim, start, size), loaded_weight, f" [{shard_id}]")
 
         return write
 
-    @staticmethod
-    def _merged(full: str, module: Any, dim: int | None) -> Writer:
+    def _merged(self, full: str, module: Any, dim: int | None) -> Writer:
         tp = module.tp_size
         sizes = [s // tp for s in module.output_sizes]
 
         def write(param, loaded_weight, shard_id=None, loaded_shard_id=None):
             shard_id = loaded_shard_id if shard_id is None else shard_id
             if shard_id is None or dim is None:  # fused on disk (gate | up), already cut
-                return _copy(full, param.data, loaded_weight)
+                return self._put(full, param.data, loaded_weight)
             if not isinstance(shard_id, int):
                 raise ShardMismatch(f"{full}: sections {shard_id} at once are not supported")
             start = sum(sizes[:shard_id])
-            _copy(
+            self._put(
                 full,
                 param.data.narrow(dim, start, sizes[shard_id]),
                 loaded_weight,
@@ -165,21 +205,20 @@ class Writers:
 
         return write
 
-    @staticmethod
-    def _vocab(full: str, module: Any) -> Writer:
+    def _vocab(self, full: str, module: Any) -> Writer:
         idx = module.shard_indices
         rows = idx.org_vocab_end_index - idx.org_vocab_start_index
 
         def write(param, loaded_weight, *args):
             if getattr(param, "output_dim", None) is None:
-                return _copy(full, param.data, loaded_weight)
-            _copy(full, param.data[:rows], loaded_weight, " (real vocabulary rows)")
-            param.data[rows:].fill_(0)  # the padding rows, as vLLM leaves them
+                return self._put(full, param.data, loaded_weight)
+            self._put(full, param.data[:rows], loaded_weight, " (real vocabulary rows)")
+            if self._found is None:
+                param.data[rows:].fill_(0)  # the padding rows, as vLLM leaves them
 
         return write
 
-    @staticmethod
-    def _experts(full: str, module: Any) -> Writer:
+    def _experts(self, full: str, module: Any) -> Writer:
         gated = module.moe_config.is_act_and_mul
 
         def write(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
@@ -190,7 +229,7 @@ class Writers:
             if shard_id in ("w1", "w3") and gated:
                 half = dst.shape[0] // 2
                 dst = dst.narrow(0, 0 if shard_id == "w1" else half, half)
-            _copy(full, dst, loaded_weight, f" [expert {expert_id} {shard_id}]")
+            self._put(full, dst, loaded_weight, f" [expert {expert_id} {shard_id}]")
             return True if return_success else None
 
         return write
@@ -215,6 +254,31 @@ class Writers:
                 del param.weight_loader
             else:
                 param.weight_loader = old
+
+    def destinations(self, shards: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Where the model's ``load_weights`` puts each shard, without writing.
+
+        ``shards``: checkpoint name -> a stand-in of the shard's shape and
+        dtype (a meta tensor). Returns name -> the destinations its writers
+        chose (parameters or views of them); a name whose stand-in the model
+        transformed before a writer saw it has none. A shard that does not
+        fit its destination raises :class:`ShardMismatch` here, before any
+        read. Must run inside ``with self``."""
+        by_id = {id(t): n for n, t in shards.items()}
+        self._found = []
+        try:
+            self.model.load_weights(iter(list(shards.items())))
+            found = self._found
+        finally:
+            self._found = None
+        out: dict[str, list[torch.Tensor]] = {}
+        for src, dst in found:
+            name = by_id.get(id(src))
+            if name is None and src._base is not None and _whole_view(src, src._base):
+                name = by_id.get(id(src._base))  # e.g. FusedMoE's unsqueeze(0).unbind()
+            if name is not None:
+                out.setdefault(name, []).append(dst)
+        return out
 
     def missing(self) -> list[str]:
         """Parameters no writer has filled."""

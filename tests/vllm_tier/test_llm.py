@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from models import FAMILIES
-from tier import REPORT
+from tier import IN_PLACE, REPORT
 
 # One generate.py run a TP size starts ten engines (several minutes on two
 # shared cores); the first test to need it pays for it.
@@ -43,6 +43,11 @@ def test_each_rank_reads_its_shard(runs, tp):
         else:
             assert shard <= read < 0.75 * file_bytes, (rank, read, shard, file_bytes)
             assert shard < 0.6 * file_bytes, (rank, shard, file_bytes)
+    # On the CPU every shard of these families lands straight in its
+    # parameter (or a contiguous section of it): nothing is copied.
+    places = [tuple(map(int, m.groups())) for m in IN_PLACE.finditer(log)]
+    assert len(places) == len(reports)
+    assert all(in_place == shard and copied == 0 for shard, in_place, copied in places), places
     if tp == 2:
         # Engines run one after another: each pair of lines is one load.
         for i in range(0, len(reports), 2):

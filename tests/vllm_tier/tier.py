@@ -15,6 +15,12 @@ EXTRA = {"threads": 2, "prefetch": False}
 REPORT = re.compile(
     r"gpuload: rank (\d+)/(\d+) read (\d+) of (\d+) file bytes \([^)]*\) for a shard of (\d+) "
 )
+# The same line's tail: the shard bytes read straight into the parameters,
+# and those the writers copied.
+IN_PLACE = re.compile(
+    r"gpuload: rank \d+/\d+ .*? for a shard of (\d+) bytes .*?; (\d+) bytes read in place, "
+    r"(\d+) copied\)"
+)
 
 
 def env(tp: int) -> dict[str, str]:
