@@ -14,7 +14,9 @@ A server must prove its support: only a 206 whose ``multipart/byteranges``
 parts carry exactly the ranges asked, in order, each followed by the
 boundary, is taken. A 200, a single-range 206 or parts coalesced or ordered
 differently raise :class:`Refused`, and the reader reads that server's
-covering ranges from then on. If-Match, the ETag and size checks, the
+covering ranges from then on (:data:`SUPPORT`: one multi-range GET at a
+time goes to a server until one has been answered as asked, so a refusing
+server is sent one, whatever the threads). If-Match, the ETag and size checks, the
 retries and short-body detection are the client's (:mod:`.client`): a body
 cut anywhere retries the parts not yet complete, never keeps a part whose
 end was not seen. S3 has no multi-range GET: the reader never sends one to
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,6 +50,47 @@ _PART_RANGE = re.compile(rb"^content-range:[ \t]*bytes (\d+)-(\d+)/(\d+|\*)[ \t]
 
 class Refused(Exception):
     """The server did not answer a multi-range GET as asked: read covering."""
+
+
+class Support:
+    """What each server (scheme and host) did with multi-range GETs, for
+    the process: unknown, answered as asked, or refused. While unknown, one
+    thread asks (:meth:`acquire` returns None to it) and the others wait
+    for its answer."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, bool] = {}
+        self._asking: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def known(self, host: str) -> bool | None:
+        with self._lock:
+            return self._known.get(host)
+
+    def acquire(self, host: str, wait: float = 60.0) -> bool | None:
+        """The verdict for ``host``, or None: the caller asks, then :meth:`settle`."""
+        while True:
+            with self._lock:
+                if host in self._known:
+                    return self._known[host]
+                asking = self._asking.get(host)
+                if asking is None:
+                    self._asking[host] = threading.Event()
+                    return None
+            if not asking.wait(wait):
+                return False  # the asker is stuck: read covering meanwhile
+
+    def settle(self, host: str, verdict: bool | None) -> None:
+        """Record the answer (None: no verdict, a failure: the next one asks)."""
+        with self._lock:
+            if verdict is not None:
+                self._known[host] = verdict
+            asking = self._asking.pop(host, None)
+        if asking is not None:
+            asking.set()
+
+
+SUPPORT = Support()
 
 
 def wanted(op: ReadOp) -> list[tuple[int, int]]:

@@ -68,9 +68,8 @@ class RemoteReader:
         self._lock = threading.Lock()
         self._closed = False
         # Multi-range GETs: never to S3; a server that refused one is
-        # remembered (by host) and gets covering ranges from then on.
+        # remembered (multirange.SUPPORT) and gets covering ranges from then on.
         self.multirange = not hasattr(source, "bucket")
-        self.refused: set[str] = set()
         self.multi_ops = 0  # staged ops read by multi-range GETs
 
     @property
@@ -109,8 +108,7 @@ class RemoteReader:
         header probe holds left out), or None: read its covering range."""
         if not self.multirange or not op.staged:
             return None
-        target = self._files[op.file][0]
-        if target.parts.netloc in self.refused:
+        if multirange.SUPPORT.known(self._host(op.file)) is False:
             return None
         ranges = multirange.sparse_ranges(op)
         if ranges is None:
@@ -119,14 +117,23 @@ class RemoteReader:
         ranges = [(max(s, seed), e) for s, e in ranges if e > seed]
         return ranges or None
 
+    def _host(self, file: str) -> str:
+        p = self._files[file][0].parts
+        return f"{p.scheme}://{p.netloc}"
+
     def read_staged(self, op: ReadOp, block: memoryview) -> None:
         """Fill ``block`` (``op.length`` bytes, for file bytes from
         ``op.offset``) at least where ``op``'s pieces lie: by multi-range
         GETs of those rows where that saves enough, else the whole range."""
         ranges = self._sparse(op)
-        if ranges is None:
+        host = self._host(op.file)
+        verdict = multirange.SUPPORT.acquire(host) if ranges is not None else False
+        if verdict is False:
             return self.readinto(op.file, op.offset, [block])
+        asking = verdict is None  # this thread learns whether the server can
         if self._closed:
+            if asking:
+                multirange.SUPPORT.settle(host, None)
             raise ReadError(f"{op.file}: the reader is closed")
         target, size, etag = self._files[op.file]
         seed = self.source.seeds.get(op.file, b"")
@@ -148,13 +155,18 @@ class RemoteReader:
                 multirange.read(
                     self.client, target, op.offset, block, batch, etag=etag, size=size, pending=cur
                 )
+                if asking:
+                    multirange.SUPPORT.settle(host, True)
+                    asking = False
         except multirange.Refused:
-            self.refused.add(target.parts.netloc)
+            multirange.SUPPORT.settle(host, False)
             if nxt is not None:
                 self.client.discard(nxt)
             # nothing of the refused answer is trusted: the whole range again
             return self.readinto(op.file, op.offset, [block])
         except BaseException:
+            if asking:
+                multirange.SUPPORT.settle(host, None)
             if nxt is not None:
                 self.client.discard(nxt)
             raise
@@ -163,12 +175,15 @@ class RemoteReader:
 
     def advise_op(self, op: ReadOp) -> None:
         """Read-ahead of a plan op: its first multi-range GET where
-        :meth:`read_staged` will read it so, else :meth:`advise`."""
+        :meth:`read_staged` will read it so (once the server has answered
+        one as asked), else :meth:`advise`."""
         ranges = self._sparse(op)
         if ranges is None:
             return self.advise(op.file, op.offset, op.length)
         if not self.prefetch or self._closed:
             return
+        if not multirange.SUPPORT.known(self._host(op.file)):
+            return  # not yet known: neither a covering GET nor a multi-range one
         key = (op.file, op.offset, op.length)
         with self._lock:
             if key in self._read or key in self._pending:
