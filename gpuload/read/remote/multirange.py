@@ -124,19 +124,24 @@ def sparse_ranges(op: ReadOp) -> list[tuple[int, int]] | None:
 
 
 def batches(ranges: Sequence[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-    """``ranges`` cut into requests under the range, header and body caps."""
+    """``ranges`` (sorted) cut into requests under the range, header and body caps."""
+    if not ranges:
+        return []
+    # every "a-b," is at most this long: the last range's end has the most digits
+    width = 2 * len(str(ranges[-1][1])) + 2
+    step = max(1, min(MAX_RANGES, MAX_HEADER // width))
     out: list[list[tuple[int, int]]] = []
-    cur: list[tuple[int, int]] = []
-    chars = body = 0
-    for s, e in ranges:
-        n = len(f"{s}-{e - 1},")
-        if cur and (len(cur) >= MAX_RANGES or chars + n > MAX_HEADER or body + e - s > MAX_BODY):
-            out.append(cur)
-            cur, chars, body = [], 0, 0
-        cur.append((s, e))
-        chars, body = chars + n, body + e - s
-    if cur:
+    i = 0
+    while i < len(ranges):
+        cur = list(ranges[i : i + step])
+        body = 0
+        for k, (s, e) in enumerate(cur):  # the body cap, for long ranges
+            body += e - s
+            if body > MAX_BODY and k:
+                cur = cur[:k]
+                break
         out.append(cur)
+        i += len(cur)
     return out
 
 
@@ -270,15 +275,18 @@ def _parse(t, raw: bytearray, end: int, boundary: bytes, left, base, block, size
             if end >= j + 4096:
                 raise Refused("a part header without its end")
             return k  # cut in the part's headers
-        m = _PART_RANGE.search(raw, j, head_end + 2)
-        if m is None or int(m.group(1)) != s or int(m.group(2)) != e - 1:
-            got = m.group(0).decode("latin-1").strip() if m else "no Content-Range"
-            raise Refused(f"part {k} is {got!r}, asked for bytes {s}-{e - 1}")
-        if m.group(3) not in (b"*", str(size).encode()):
-            raise ReadError(
-                f"{t.url}: the object is now {m.group(3).decode()} bytes, not {size}: "
-                "it was replaced"
-            )
+        # the header as nginx and most servers write it, else any spelling
+        line = b"\r\nContent-Range: bytes %d-%d/%d\r\n" % (s, e - 1, size)
+        if raw.find(line, j - 2, head_end + 2) < 0:
+            m = _PART_RANGE.search(raw, j, head_end + 2)
+            if m is None or int(m.group(1)) != s or int(m.group(2)) != e - 1:
+                got = m.group(0).decode("latin-1").strip() if m else "no Content-Range"
+                raise Refused(f"part {k} is {got!r}, asked for bytes {s}-{e - 1}")
+            if m.group(3) not in (b"*", str(size).encode()):
+                raise ReadError(
+                    f"{t.url}: the object is now {m.group(3).decode()} bytes, not {size}: "
+                    "it was replaced"
+                )
         d0 = head_end + 4
         d1 = d0 + e - s
         if end < d1 + len(nxt):

@@ -71,6 +71,7 @@ class RemoteReader:
         # remembered (multirange.SUPPORT) and gets covering ranges from then on.
         self.multirange = not hasattr(source, "bucket")
         self.multi_ops = 0  # staged ops read by multi-range GETs
+        self._ranges: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
 
     @property
     def bytes_received(self) -> int:
@@ -110,6 +111,10 @@ class RemoteReader:
             return None
         if multirange.SUPPORT.known(self._host(op.file)) is False:
             return None
+        key = (op.file, op.offset, op.length)
+        with self._lock:
+            if key in self._ranges:  # computed by advise_op
+                return self._ranges.pop(key)
         ranges = multirange.sparse_ranges(op)
         if ranges is None:
             return None
@@ -180,11 +185,14 @@ class RemoteReader:
         ranges = self._sparse(op)
         if ranges is None:
             return self.advise(op.file, op.offset, op.length)
+        key = (op.file, op.offset, op.length)
+        with self._lock:
+            if key not in self._read:
+                self._ranges[key] = ranges  # for read_staged: computed once
         if not self.prefetch or self._closed:
             return
         if not multirange.SUPPORT.known(self._host(op.file)):
             return  # not yet known: neither a covering GET nor a multi-range one
-        key = (op.file, op.offset, op.length)
         with self._lock:
             if key in self._read or key in self._pending:
                 return
