@@ -28,11 +28,22 @@ the same nginx as a path-style S3 endpoint: one process, and
 runai loader streams on every rank); ``--only-runai`` runs just gpuload
 world 1 and those.
 
+gpuload over ``s3://`` too (world 8, rank alone and all ranks): nginx
+answers the one ListObjectsV2 a load sends with a listing written here, and
+serves ``/s3b/model/FILE`` from the same files (it ignores the signature).
+S3 has no multi-range GET, so these loads read column shards as covering
+ranges: the S3 lines show what that costs beside the http:// ones.
+
+``--repeats N`` runs the whole measurement N times per rate (Run:ai
+interleaved with gpuload's world 1 in each), records the load average
+before and after each, and a ``summary`` of medians and spreads.
+
 Then a sweep of world 1 over reader threads (one GET in flight each) and
 read sizes (``GPULOAD_THREADS``, ``GPULOAD_CHUNK_BYTES``): how many requests
 of what size fill the link.
 
-    python bench/remote.py [--size-gib 2] [--rates 1gbit,10gbit] [--delay-ms 0.5] [--out DIR]
+    python bench/remote.py [--size-gib 2] [--rates 1gbit,10gbit] [--delay-ms 0.5]
+        [--repeats 3] [--runai-python PY] [--out DIR]
 """
 
 from __future__ import annotations
@@ -133,6 +144,37 @@ print(json.dumps({"s": t2 - t0, "download_s": t1 - t0, "load_s": t2 - t1, "tenso
 
 
 ENV = {**os.environ, "GPULOAD_PROGRESS": "0"}
+BUCKET = "s3b"  # /s3b/model/FILE is the checkpoint's FILE (a link to the scratch folder)
+
+LISTING = """<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+<Name>{bucket}</Name><Prefix>model/</Prefix><IsTruncated>false</IsTruncated>
+{contents}</ListBucketResult>
+"""
+
+
+def s3_env(endpoint: str) -> dict:
+    """gpuload's S3 settings for nginx as a path-style endpoint (dummy keys)."""
+    return {
+        **ENV,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",
+    }
+
+
+def listing(model: Path, names: list[str]) -> str:
+    contents = "".join(
+        f"<Contents><Key>model/{n}</Key><Size>{(model / n).stat().st_size}</Size></Contents>\n"
+        for n in names
+    )
+    return LISTING.format(bucket=BUCKET, contents=contents)
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 RUNAI = """
@@ -223,36 +265,75 @@ def sweep(url: str, threads: list[int], chunks: list[str]) -> list[dict]:
     return out
 
 
-def measure(url: str, names: list[str], scratch: Path) -> dict:
-    res: dict = {}
-    b0 = tx_bytes()
-    res["world1"] = run(LOAD, url, "0", "1")
-    res["world1"]["link_bytes"] = tx_bytes() - b0
-    b0 = tx_bytes()
-    res["world8_rank0_alone"] = run(LOAD, url, "0", "8")
-    res["world8_rank0_alone"]["link_bytes"] = tx_bytes() - b0
+def world8(url: str, env: dict | None = None) -> dict:
+    """8 processes at once, one rank each, sharing the link."""
     b0 = tx_bytes()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", LOAD, url, str(r), "8"], stdout=subprocess.PIPE, env=ENV
+            [sys.executable, "-c", LOAD, url, str(r), "8"], stdout=subprocess.PIPE, env=env or ENV
         )
         for r in range(8)
     ]
     ranks = [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
-    res["world8_all"] = {
+    return {
         "link_bytes": tx_bytes() - b0,
         "rank_s": [round(r["s"], 3) for r in ranks],
         "max_s": max(r["s"] for r in ranks),
         "bytes_read": sum(r["bytes_read"] for r in ranks),
         "bytes_header": sum(r["bytes_header"] for r in ranks),
     }
+
+
+def measured(code: str, *args: str, env: dict | None = None, python: str | None = None) -> dict:
+    b0 = tx_bytes()
+    r = run(code, *args, env=env, python=python)
+    r["link_bytes"] = tx_bytes() - b0
+    return r
+
+
+def measure(url: str, s3: str, names: list[str], scratch: Path) -> dict:
+    res: dict = {"loadavg_before": loadavg()}
+    res["world1"] = measured(LOAD, url, "0", "1")
+    res["world8_rank0_alone"] = measured(LOAD, url, "0", "8")
+    res["world8_all"] = world8(url)
+    env = s3_env(s3)
+    res["s3_world8_rank0_alone"] = measured(LOAD, f"s3://{BUCKET}/model/", "0", "8", env=env)
+    res["s3_world8_all"] = world8(f"s3://{BUCKET}/model/", env)
     dl = scratch / "dl"
     dl.mkdir(exist_ok=True)
-    b0 = tx_bytes()
-    res["download_then_load"] = run(DOWNLOAD, url, ",".join(names), str(dl))
-    res["download_then_load"]["link_bytes"] = tx_bytes() - b0
+    res["download_then_load"] = measured(DOWNLOAD, url, ",".join(names), str(dl))
     shutil.rmtree(dl)
+    res["loadavg_after"] = loadavg()
     return res
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def summary(reps: list[dict], size: int) -> dict:
+    """Medians and (min, max) over the repeats of the issue's ratios."""
+    ratios: dict[str, list[float]] = {}
+
+    def add(k: str, v: float) -> None:
+        ratios.setdefault(k, []).append(round(v, 4))
+
+    for r in reps:
+        w1 = r["world1"]["s"]
+        add("world1_s", w1)
+        add("world8_alone_over_world1", r["world8_rank0_alone"]["s"] / w1)
+        add("world8_all_slowest_over_world1", r["world8_all"]["max_s"] / w1)
+        add("http_world8_link_bytes_over_checkpoint", r["world8_all"]["link_bytes"] / size)
+        add("s3_world8_link_bytes_over_checkpoint", r["s3_world8_all"]["link_bytes"] / size)
+        add("s3_world8_alone_over_world1", r["s3_world8_rank0_alone"]["s"] / w1)
+        add("download_then_load_over_world1", r["download_then_load"]["s"] / w1)
+        if "runai_world1" in r:
+            add("runai_world1_over_world1", r["runai_world1"]["s"] / w1)
+    return {
+        k: {"median": _median(v), "min": min(v), "max": max(v), "all": v} for k, v in ratios.items()
+    }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -266,16 +347,16 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(rates)
     for i, rate in enumerate(rates):
-        r = results["runs"][rate]
+        reps = results["runs"][rate]
         vals = [
-            r["world1"]["s"],
-            r["world8_rank0_alone"]["s"],
-            r["world8_all"]["max_s"],
-            r["download_then_load"]["s"],
+            _median([r["world1"]["s"] for r in reps]),
+            _median([r["world8_rank0_alone"]["s"] for r in reps]),
+            _median([r["world8_all"]["max_s"] for r in reps]),
+            _median([r["download_then_load"]["s"] for r in reps]),
         ]
         ax.bar([x + i * width for x in range(4)], vals, width, label=rate)
     ax.set_xticks([x + width * (len(rates) - 1) / 2 for x in range(4)], labels)
-    ax.set_ylabel("seconds to tensors (host memory)")
+    ax.set_ylabel("seconds to tensors (host memory), median of repeats")
     shaping = next(iter(results["shaping"].values())).rsplit(": ", 1)[0]
     ax.set_title(f"{results['size_gib']} GiB checkpoint, link shaped by {shaping}", fontsize=9)
     ax.legend()
@@ -294,6 +375,7 @@ def main() -> None:
     ap.add_argument("--runai-python", help="a python with runai-model-streamer[-s3]: compare")
     ap.add_argument("--runai-ranks", type=int, default=8, help="Run:ai processes at once")
     ap.add_argument("--only-runai", action="store_true", help="gpuload world 1 and Run:ai only")
+    ap.add_argument("--repeats", type=int, default=1, help="measurements per rate")
     args = ap.parse_args()
     from gpuload import synth
 
@@ -318,6 +400,13 @@ def main() -> None:
     try:
         link_up(args.rates.split(",")[0], args.delay_ms)
         conf = CONF.format(tmp=tmp, port=8080, root=scratch)
+        # ListObjectsV2 of s3://s3b/model/ (GET /s3b/?list-type=2...): the listing
+        s3loc = (
+            "location = /%s/ { default_type application/xml; root %s; try_files /list.xml =404; }"
+        )
+        conf = conf.replace("location / { }", "location / { } " + s3loc % (BUCKET, tmp))
+        (tmp / "list.xml").write_text(listing(model, names))
+        (scratch / BUCKET).symlink_to(scratch)
         (tmp / "nginx.conf").write_text(conf.replace("127.0.0.1:8080", f"{NET}.2:8080"))
         exe = shutil.which("nginx") or "/usr/sbin/nginx"
         nginx = subprocess.Popen(
@@ -325,28 +414,30 @@ def main() -> None:
         )
         time.sleep(0.5)
         url = f"http://{NET}.2:8080/model/"
+        s3 = f"http://{NET}.2:8080"
+        results["summary"], results["sweep"] = {}, {}
         for rate in args.rates.split(","):
             results.setdefault("shaping", {})[rate] = shape(rate, args.delay_ms)
-            if args.only_runai:
-                b0 = tx_bytes()
-                w1 = run(LOAD, url, "0", "1")
-                w1["link_bytes"] = tx_bytes() - b0
-                results["runs"][rate] = {"world1": w1}
-            else:
-                results["runs"][rate] = measure(url, names, scratch)
-            if args.runai_python:
-                results["runs"][rate].update(
-                    measure_runai(
-                        args.runai_python, f"http://{NET}.2:8080", names, args.runai_ranks
-                    )
-                )
+            reps = []
+            for k in range(args.repeats):
+                if args.only_runai:
+                    r = {"loadavg_before": loadavg(), "world1": measured(LOAD, url, "0", "1")}
+                else:
+                    r = measure(url, s3, names, scratch)
+                if args.runai_python:
+                    r.update(measure_runai(args.runai_python, s3, names, args.runai_ranks))
+                reps.append(r)
+                print(json.dumps({rate: {"repeat": k, **r}}), flush=True)
+            results["runs"][rate] = reps
+            if not args.only_runai:
+                results["summary"][rate] = summary(reps, size)
+                print(json.dumps({rate: results["summary"][rate]}, indent=1), flush=True)
             if args.sweep_threads and not args.only_runai:
-                results["runs"][rate]["sweep"] = sweep(
+                results["sweep"][rate] = sweep(
                     url,
                     [int(x) for x in args.sweep_threads.split(",")],
                     args.sweep_chunks.split(","),
                 )
-            print(json.dumps({rate: results["runs"][rate]}, indent=1), flush=True)
     finally:
         if nginx is not None:
             nginx.terminate()

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 CONF = """daemon off; master_process off; worker_processes 1; pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn; events {{ worker_connections 256; }}
+error_log {tmp}/error.log warn; events {{ worker_connections 8192; }}
 http {{ access_log off; sendfile on; client_body_temp_path {tmp}/b; proxy_temp_path {tmp}/p;
 fastcgi_temp_path {tmp}/f; uwsgi_temp_path {tmp}/u; scgi_temp_path {tmp}/s;
 server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }} }}

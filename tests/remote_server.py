@@ -1,9 +1,13 @@
 """A range-capable HTTP/1.1 file server on 127.0.0.1 for the remote tests,
 with faults injected on request: 500s, 503 SlowDown, a connection dropped
 mid-body, a short body, Range ignored, 404s, 403 for a wrong token, and a
-file replaced while a load runs. It counts what it sends, so the tests can
-check the bytes a load fetched at the server, and its open connections, so
-they can check that none is left behind.
+file replaced while a load runs. Multi-range GETs (``bytes=a-b,c-d``) are
+answered as ``multipart/byteranges`` as nginx does, or (``Faults.multirange``)
+refused with one coalesced range or the whole object, or answered with a
+wrong part or a part cut short (the faults above cut multipart bodies too).
+It counts what it sends, so the tests can check the bytes a load fetched at
+the server, and its open connections, so they can check that none is left
+behind.
 
 It serves ``GET /PATH`` from ``root`` (path-style S3 URLs look the same:
 ``/bucket/key``) with ``ETag``/``If-Match`` as nginx does them.
@@ -22,6 +26,8 @@ import urllib.parse
 from pathlib import Path
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_MULTI = re.compile(r"^bytes=\d+-\d+(,\d+-\d+)+$")
+BOUNDARY = "00000000000000000017"
 
 
 @dataclasses.dataclass
@@ -35,6 +41,12 @@ class Faults:
     on_request: object = None  # callable(n) run before the n-th .safetensors GET
     delay_s: float = 0.0  # every .safetensors GET waits this long before its answer
     redirect_to: str = ""  # answer every GET with a 302 to this base URL + the path
+    # multi-range GETs: "multipart" (as nginx) | "single" (one 206 range from the
+    # first asked to the last) | "whole" (200, the object) | "wrong_part" (a
+    # part shifted by a byte, Content-Range to match) | "short_part" (a part one
+    # byte short, then the boundary)
+    multirange: str = "multipart"
+    multi_seen: int = 0  # multi-range GETs received
 
 
 class RangeServer:
@@ -166,6 +178,8 @@ class RangeServer:
         if want and want != etag and not f.ignore_if_match:
             return self._reply(h, 412, b"<Error><Code>PreconditionFailed</Code></Error>")
         data = file.read_bytes()
+        if _MULTI.match(h.headers.get("Range", "")) and fault != "ignore_range":
+            return self._multi(h, data, etag, fault)
         m = _RANGE.match(h.headers.get("Range", ""))
         if m is None or fault == "ignore_range":
             return self._send(h, 200, data, {"ETag": etag}, fault)
@@ -175,6 +189,32 @@ class RangeServer:
             return self._reply(h, 416, b"", {"Content-Range": f"bytes */{len(data)}"})
         cr = f"bytes {start}-{end}/{len(data)}"
         self._send(h, 206, data[start : end + 1], {"ETag": etag, "Content-Range": cr}, fault)
+
+    def _multi(self, h, data: bytes, etag: str, fault: str) -> None:
+        f = self.faults
+        with self.lock:
+            f.multi_seen += 1
+        spans = [tuple(map(int, r.split("-"))) for r in h.headers["Range"][6:].split(",")]
+        if f.multirange == "whole":
+            return self._send(h, 200, data, {"ETag": etag}, fault)
+        if f.multirange == "single":
+            a, b = spans[0][0], spans[-1][1]
+            cr = f"bytes {a}-{b}/{len(data)}"
+            return self._send(h, 206, data[a : b + 1], {"ETag": etag, "Content-Range": cr}, fault)
+        body = bytearray()
+        for k, (a, b) in enumerate(spans):
+            if f.multirange == "wrong_part" and k == len(spans) // 2:
+                a, b = a + 1, b + 1
+            chunk = data[a : b + 1]
+            if f.multirange == "short_part" and k == len(spans) // 2:
+                chunk = chunk[:-1]
+            body += (
+                f"\r\n--{BOUNDARY}\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Range: bytes {a}-{b}/{len(data)}\r\n\r\n"
+            ).encode() + chunk
+        body += f"\r\n--{BOUNDARY}--\r\n".encode()
+        ct = f"multipart/byteranges; boundary={BOUNDARY}"
+        self._send(h, 206, bytes(body), {"ETag": etag, "Content-Type": ct}, fault)
 
     def _send(self, h, status: int, body: bytes, headers: dict, fault: str) -> None:
         h.send_response(status)

@@ -323,6 +323,8 @@ def test_hf_redirect_to_a_cdn_drops_the_token(moe):
 
 def test_torch_load_into_takes_a_url(moe):
     torch = pytest.importorskip("torch")
+    import gpuload.torch  # a subpackage: not an attribute until imported
+
     ref = gpuload.load_sharded(moe, 0, 1, device="cpu")
     name = next(n for n in ref if n.endswith("q_proj.weight"))
     m = torch.nn.Module()

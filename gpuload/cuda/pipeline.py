@@ -82,12 +82,19 @@ class DevicePipeline(Slots):
         free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         for s in self.slots:
             free.put(s)
+        # A reader may fill a staged op's staging only where its pieces lie
+        # (remote multi-range GETs); the gathers read nothing else.
+        read_staged = getattr(reader, "read_staged", None)
+        advise_op = getattr(reader, "advise_op", None)
 
         def work(i: int) -> tuple[int, float, float, float, float, int, float]:
             op = ops[i]
             ahead = i + self.threads  # hint the range a thread takes next
             if ahead < len(ops):
-                reader.advise(ops[ahead].file, ops[ahead].offset, ops[ahead].length)
+                if advise_op is not None:
+                    advise_op(ops[ahead])
+                else:
+                    reader.advise(ops[ahead].file, ops[ahead].offset, ops[ahead].length)
             t0 = time.perf_counter()
             slot = free.get()
             try:
@@ -97,7 +104,11 @@ class DevicePipeline(Slots):
                     pad, nread = reader.read_device(op.file, op.offset, op.length, slot.scratch)
                 else:
                     pad, nread = 0, op.length
-                    reader.readinto(op.file, op.offset, [memoryview(slot.host)[: op.length]])
+                    host = memoryview(slot.host)[: op.length]
+                    if op.staged and read_staged is not None:  # remote: maybe the rows only
+                        read_staged(op, host)
+                    else:
+                        reader.readinto(op.file, op.offset, [host])
                 t2 = time.perf_counter()
                 pcie, pack_s = self._enqueue(op, slot, outputs, pad, device_reads, gathers)
             finally:

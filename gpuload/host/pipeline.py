@@ -268,6 +268,10 @@ class HostPipeline:
         mirrored = {t.name for t in plan.tensors if t.strategy in ("whole", "contiguous")}
 
         mapped = self.mapped and hasattr(reader, "copy_mapped")
+        # A reader may fill a staged op's block only where its pieces lie
+        # (remote multi-range GETs): the gather reads nothing else.
+        read_staged = getattr(reader, "read_staged", None)
+        advise_op = getattr(reader, "advise_op", None)
 
         def work(i: int) -> tuple[int, float, float, float, int]:
             op = ops[i]
@@ -275,7 +279,10 @@ class HostPipeline:
             # ... unless it goes O_DIRECT: a WILLNEED hint would read it
             # into the page cache too, and the disk would serve it twice.
             if ahead < len(ops) and not (direct and _mirrors(ops[ahead], mirrored)):
-                reader.advise(ops[ahead].file, ops[ahead].offset, ops[ahead].length)
+                if advise_op is not None:  # a reader that reads staged ops its own way
+                    advise_op(ops[ahead])
+                else:
+                    reader.advise(ops[ahead].file, ops[ahead].offset, ops[ahead].length)
             if direct and _mirrors(op, mirrored):
                 targets = [_direct_target(p, outputs[p.tensor]) for p in op.pieces]
                 t0 = time.perf_counter()
@@ -320,7 +327,10 @@ class HostPipeline:
                 # slot's start: see page_place.
                 at = page_place(op.offset)
                 block = slot[at : at + op.length]
-                reader.readinto(op.file, op.offset, [memoryview(block)])
+                if read_staged is not None:  # remote: maybe only the pieces' rows
+                    read_staged(op, memoryview(block))
+                else:
+                    reader.readinto(op.file, op.offset, [memoryview(block)])
                 t2 = time.perf_counter()
                 for tensor, table in piece_tables(op).items():
                     gather_host(block, outputs[tensor], table)
