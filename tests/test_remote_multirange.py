@@ -9,14 +9,12 @@ count, and close to the rows the plan needs."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from remote_server import Faults, RangeServer, replace_file
-from test_remote_nginx import CONF, NGINX, _port
+from test_remote_nginx import CONF, _port, require_nginx, start_nginx
 
 import gpuload
 from gpuload import synth
@@ -107,22 +105,14 @@ def test_s3_sources_never_get_multirange():
 
 @pytest.fixture(scope="module")
 def nginx(models, tmp_path_factory):
-    if NGINX is None:
-        pytest.skip("nginx is not installed")  # test_remote_nginx fails for it under TEST_NGINX
+    require_nginx()
     tmp = tmp_path_factory.mktemp("nginx-mr")
     port = _port()
     conf = CONF.format(tmp=tmp, port=port, root=models)
-    (tmp / "nginx.conf").write_text(
-        conf.replace("$body_bytes_sent", "$body_bytes_sent $http_range")
+    proc, url = start_nginx(
+        tmp, conf.replace("$body_bytes_sent", "$body_bytes_sent $http_range"), port
     )
-    proc = subprocess.Popen([NGINX, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)])
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", tmp / "access.log"
+    yield url, tmp / "access.log"
     proc.terminate()
     proc.wait(10)
 

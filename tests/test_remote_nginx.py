@@ -58,12 +58,35 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory):
+def require_nginx() -> None:
+    """Skip without nginx, but fail under TEST_NGINX=1 (make test installs it)."""
     if NGINX is None:
         if os.environ.get("TEST_NGINX") == "1":
             pytest.fail("nginx is not installed (make test installs Debian's nginx-light)")
         pytest.skip("nginx is not installed")
+
+
+def start_nginx(tmp: Path, conf: str, port: int) -> tuple[subprocess.Popen, str]:
+    """Start nginx with ``conf`` (CONF formatted for ``port``) in ``tmp`` and
+    wait until it accepts connections; returns the process and its URL."""
+    (tmp / "nginx.conf").write_text(conf)
+    err = tmp / "stderr.log"
+    with open(err, "wb") as f:
+        proc = subprocess.Popen([NGINX, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)], stderr=f)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"nginx exited: {err.read_text()}")
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory):
+    require_nginx()
     root = tmp_path_factory.mktemp("www")
     tmp = tmp_path_factory.mktemp("nginx")
     (root / "matrix").mkdir()
@@ -75,20 +98,7 @@ def nginx(tmp_path_factory):
     )
     synth.write_model(root / "moe", "tiny-qwen-moe", num_files=3)
     port = _port()
-    conf = tmp / "nginx.conf"
-    conf.write_text(CONF.format(tmp=tmp, port=port, root=root))
-    err = tmp / "stderr.log"
-    with open(err, "wb") as f:
-        proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp)], stderr=f)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"nginx exited: {err.read_text()}")
-            time.sleep(0.05)
+    proc, url = start_nginx(tmp, CONF.format(tmp=tmp, port=port, root=root), port)
     yield url, root, tmp / "access.log"
     proc.terminate()
     proc.wait(10)
