@@ -210,7 +210,7 @@ def direct(plan: Any, places: dict[str, list[Any]]) -> dict[str, Any]:
     tensor of the checkpoint's dtype and the shard's byte size, overlapping
     no other such destination; everything else is copied by the writers
     (a cast, a scalar, a shard vLLM transforms first)."""
-    import torch
+    from gpuload.integrations.torch.dtensor import _bytes_of, _fillable
 
     chosen = []
     for t in plan.tensors:
@@ -218,19 +218,13 @@ def direct(plan: Any, places: dict[str, list[Any]]) -> dict[str, Any]:
         if len(dsts) != 1:
             continue
         dst = dsts[0]
-        if (
-            dst.device.type == "cpu"
-            and dst.is_contiguous()
-            and dst.dtype == getattr(torch, t.info.dtype.torch or "", None)
-            and dst.numel() > 0
-            and dst.numel() * dst.element_size() == t.out_nbytes
-        ):
+        if _fillable(dst, t.info) and dst.numel() * dst.element_size() == t.out_nbytes:
             chosen.append((dst.data_ptr(), t.out_nbytes, t.name, dst))
     chosen.sort()
     into, end = {}, -1
     for i, (start, nbytes, name, dst) in enumerate(chosen):
         nxt = chosen[i + 1][0] if i + 1 < len(chosen) else None
         if start >= end and (nxt is None or nxt >= start + nbytes):
-            into[name] = dst.detach().reshape(-1).view(torch.uint8).numpy()
+            into[name] = _bytes_of(dst)
         end = max(end, start + nbytes)
     return into
