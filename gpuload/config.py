@@ -188,6 +188,10 @@ class Config:
     # the 4 MiB default is clamped to a smaller chunk_bytes, a chosen floor
     # above the cap is refused.
     min_chunk_set: bool = dataclasses.field(default=False, repr=False, compare=False)
+    # Whether threads was set (a keyword or GPULOAD_THREADS): a default
+    # threads is capped to the usable cores for a warm CPU load, whose reads
+    # are copies that each keep a core busy; a chosen one stands.
+    threads_set: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Validate at construction (keywords arrive here unparsed), so a bad
@@ -227,6 +231,8 @@ class Config:
         kept = {k: v for k, v in overrides.items() if v is not None}
         if "min_chunk_bytes" in kept:
             kept["min_chunk_set"] = True
+        if "threads" in kept:
+            kept["threads_set"] = True
         return dataclasses.replace(self, **kept) if kept else self
 
 
@@ -269,6 +275,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Config:
         except ValueError as e:
             raise ValueError(f"{key}={raw!r}: {e}") from None
     values["min_chunk_set"] = "min_chunk_bytes" in values
+    values["threads_set"] = "threads" in values
     return Config(**values)
 
 

@@ -43,7 +43,7 @@ SOURCE = ("storage_options",)
 
 #: The keyword twins of the ``GPULOAD_*`` flags: the fields of
 #: :class:`gpuload.Config`. Per loader (``Loader(...)``, ``load_sharded``).
-SETTINGS = tuple(f.name for f in dataclasses.fields(Config) if f.repr)  # not min_chunk_set
+SETTINGS = tuple(f.name for f in dataclasses.fields(Config) if f.repr)  # not the *_set marks
 
 #: The loader's own keywords besides the settings.
 LOADER = ("device", "framework", "reader_factory", "runtime")

@@ -42,9 +42,12 @@ class LoadReport:
     mapped_ops: int = 0
     direct_ops: int = 0  # cold reads done with O_DIRECT into the results
     # CPU: the load was mostly cold and a thread faulted the results in ahead
-    # of the reads (gpuload.host.pipeline.ResultPrefaulter; off with prefetch=False)
+    # of the reads (gpuload.host.cold.ResultPrefaulter; off with prefetch=False)
     results_prefaulted: bool = False
     cold_reads: bool = False  # most reads missed the page cache: the cold settings ran
+    # CPU: reader threads the load ran (cold_threads when cold; when warm, a
+    # default threads is capped to the usable cores)
+    threads: int = 0
     seconds: float = 0.0  # wall time of the whole load
     header_s: float = 0.0  # parsing headers, index.json, config.json
     plan_s: float = 0.0  # sharding and planning

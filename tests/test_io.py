@@ -158,3 +158,108 @@ def test_cold_loads_read_whole_tensors_with_o_direct_byte_exact(tmp_path, rng, a
     )
     assert rep.direct_ops == 0
     assert not [k for k in want if np.ascontiguousarray(got[k]).tobytes() != want[k]]
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 64])
+def test_a_warm_load_runs_at_most_one_reader_per_core_unless_threads_is_chosen(
+    tmp_path, monkeypatch, cpus
+):
+    # A warm load's reads are page-cache copies that each keep a core busy:
+    # with the default threads it runs min(threads, usable cores) readers; a
+    # threads the caller chose (keyword or GPULOAD_THREADS) stands.
+    import threading
+    import time
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import gpuload
+    from gpuload.read.posix import PosixReader
+
+    monkeypatch.setattr("gpuload.host.pipeline.usable_cpus", lambda: cpus)
+    rng = np.random.default_rng(1)
+    tensors = {f"t{i}": rng.random(1 << 18, np.float32) for i in range(16)}  # 16 x 1 MiB
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    path.read_bytes()  # warm
+
+    class Counting(PosixReader):
+        active = most = 0
+        lock = threading.Lock()
+
+        def readinto(self, file, offset, buffers):
+            with Counting.lock:
+                Counting.active += 1
+                Counting.most = max(Counting.most, Counting.active)
+            try:
+                time.sleep(0.02)  # long enough that concurrent reads overlap
+                super().readinto(file, offset, buffers)
+            finally:
+                with Counting.lock:
+                    Counting.active -= 1
+
+    def load(**settings):
+        Counting.most = 0
+        with gpuload.Loader(
+            device="cpu", reader_factory=Counting, chunk_bytes="1MiB", progress=False, **settings
+        ) as ld:
+            got, rep = ld.load(path, 0, 1, return_report=True)
+        assert not rep.cold_reads
+        assert all(got[k].tobytes() == v.tobytes() for k, v in tensors.items())
+        return rep.threads, Counting.most
+
+    default = gpuload.config.get().threads
+    assert load() == (min(default, cpus),) * 2
+    assert load(threads=6) == (6, 6)
+    monkeypatch.setenv("GPULOAD_THREADS", "5")
+    monkeypatch.setattr(gpuload.config, "_current", None)
+    assert load() == (5, 5)
+
+
+def test_read_ahead_hints_go_out_on_a_cold_load_only_and_never_with_prefetch_off(tmp_path):
+    # On cached pages a WILLNEED hint walks the page cache for nothing, so a
+    # load mincore finds warm sends none; a cold one hints the read a thread
+    # takes next; GPULOAD_PREFETCH=0 (prefetch=False) sends none, cold or not.
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import gpuload
+    from gpuload.memory.mapping import evict
+    from gpuload.read.posix import PosixReader
+
+    rng = np.random.default_rng(2)
+    tensors = {f"t{i}": rng.random(1 << 18, np.float32) for i in range(12)}  # 12 x 1 MiB
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+
+    class Hinted(PosixReader):
+        hints = 0
+
+        def advise(self, file, offset, length):
+            if self.prefetch:
+                Hinted.hints += 1
+            super().advise(file, offset, length)
+
+    def load(cold: bool, **settings) -> int:
+        Hinted.hints = 0
+        with gpuload.Loader(
+            device="cpu",
+            reader_factory=Hinted,
+            chunk_bytes="1MiB",
+            cold_direct=False,
+            cold_chunk_bytes="1MiB",
+            threads=2,
+            cold_threads=2,
+            progress=False,
+            **settings,
+        ) as ld:
+            if cold and evict([str(path)]) > 0.02:
+                pytest.skip("the page cache keeps this file (tmpfs?): no cold load possible")
+            got, rep = ld.load(path, 0, 1, return_report=True)
+        assert rep.cold_reads == cold
+        assert all(got[k].tobytes() == v.tobytes() for k, v in tensors.items())
+        return Hinted.hints
+
+    assert load(cold=True) > 0
+    assert load(cold=False) == 0
+    assert load(cold=True, prefetch=False) == 0

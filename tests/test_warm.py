@@ -285,7 +285,7 @@ def test_a_cold_load_prefaults_its_results_and_stays_exact(model):
 
 
 def test_the_prefaulter_keeps_content_and_stops_before_the_load_returns():
-    from gpuload.host.pipeline import ResultPrefaulter
+    from gpuload.host.cold import ResultPrefaulter
     from gpuload.plan.ops import Piece, Plan, ReadOp
 
     data = np.random.default_rng(0).integers(0, 256, 3 * HUGE_PAGE, dtype=np.uint8)

@@ -172,19 +172,31 @@ def fio_timing(files: Sequence[str], threads: int, runs: int, warmup: int, *, co
     return Timing("fio", total, times, note, {"before": befores})
 
 
-def fio_read(files: Sequence[str], threads: int, *, invalidate: bool) -> tuple[int, float]:
+def fio_read(
+    files: Sequence[str],
+    threads: int,
+    *,
+    invalidate: bool,
+    iodepth: int = 1,
+    bs: int = 4 << 20,
+) -> tuple[int, float]:
     """One fio run: every file read sequentially, split over ``threads`` jobs
-    running together, 4 MiB buffered ``pread``s. ``invalidate=True`` makes fio
-    drop the files' cached pages first (a cold read). Returns ``(bytes,
-    seconds)``: the bytes all jobs read and the longest job's runtime."""
+    running together, ``bs``-byte reads. ``iodepth=1``: buffered ``pread``s
+    (psync); deeper: ``O_DIRECT`` reads through io_uring with ``iodepth`` in
+    flight per job, the queue the Run:ai streamer keeps. ``invalidate=True``
+    makes fio drop the files' cached pages first (a cold read). Returns
+    ``(bytes, seconds)``: the bytes all jobs read and the longest job's runtime."""
     sizes = [(f, os.path.getsize(f)) for f in files]
     total = sum(s for _, s in sizes)
-    per = max(4 << 20, -(-total // max(1, threads)))
+    per = max(bs, -(-total // max(1, threads)))
+    per = -(-per // 4096) * 4096  # O_DIRECT offsets must be whole blocks
+    deep = iodepth > 1
     lines = [
         "[global]",
         "rw=read",
-        "ioengine=psync",
-        "direct=0",
+        f"ioengine={'io_uring' if deep else 'psync'}",
+        f"direct={int(deep)}",
+        f"iodepth={iodepth}",
         f"invalidate={int(invalidate)}",
         "group_reporting=1",
     ]
@@ -194,7 +206,11 @@ def fio_read(files: Sequence[str], threads: int, *, invalidate: bool) -> tuple[i
             # fio's filename syntax treats ':' as a separator: escape it.
             lines += [f"[r{k}]", f"filename={f.replace(':', chr(92) + ':')}"]
             n = min(per, size - off)
-            lines += [f"offset={off}", f"size={n}", f"bs={min(4 << 20, n)}"]  # fio: bs <= size
+            if deep:  # O_DIRECT: whole blocks (the tail of a file is read buffered by loaders)
+                n = n // 4096 * 4096
+                if not n:
+                    continue
+            lines += [f"offset={off}", f"size={n}", f"bs={min(bs, n)}"]  # fio: bs <= size
             k += 1
     with tempfile.NamedTemporaryFile("w", suffix=".fio", delete=False) as jf:
         jf.write("\n".join(lines) + "\n")

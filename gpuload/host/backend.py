@@ -11,22 +11,24 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import numpy as np
 
 from gpuload.config import Config
 from gpuload.errors import BackendUnavailable, GpuloadError, PlanError
+from gpuload.host.cold import mostly_cold
 from gpuload.host.outputs import convert
 from gpuload.host.pipeline import HostPipeline
 from gpuload.memory.mapping import (
     HUGE_PAGE,
     PAGE,
     HostBuffer,
+    Mapping,
     mem_available,
     page_place,
     placed_empty,
-    residency,
 )
 from gpuload.plan.ops import Plan, TensorPlan
 from gpuload.read.posix import PosixReader
@@ -74,6 +76,7 @@ class HostBackend:
             mapped=cfg.mapped_gather,
             cold=(max(cfg.threads, cfg.cold_threads), cfg.cold_chunk_bytes),
             direct=cfg.cold_direct and cfg.hugepages,  # O_DIRECT lands only in HostBuffers
+            threads_set=cfg.threads_set,
         )
         self._reader_factory = reader_factory or PosixReader
         self._hugepages = cfg.hugepages
@@ -265,12 +268,17 @@ def _plan_cold(plan: Plan, samples: int = 16) -> bool:
     (``mincore``), decided before the results are allocated."""
     if not plan.ops:
         return False
-    picked = plan.ops[:: max(1, len(plan.ops) // samples)][:samples]
-    missing = 0
-    for op in picked:
-        try:
-            resident, total = residency(op.file, op.offset, op.length)
-        except (OSError, GpuloadError):
-            return False
-        missing += resident < total
-    return 2 * missing > len(picked)
+    maps: dict[str, Mapping] = {}  # one mapping per file, not one per sampled read
+
+    def cached(file: str, offset: int, length: int) -> bool:
+        m = maps.get(file) or maps.setdefault(file, Mapping(file))
+        end = min(m.size, offset + length)
+        start = offset - offset % PAGE
+        return end <= start or m.mincore(start, end) == -(-(end - start) // PAGE)
+
+    try:
+        return mostly_cold(plan, SimpleNamespace(cached=cached), samples)
+    except (OSError, GpuloadError):
+        return False
+    finally:
+        maps.clear()  # unmapped now, also when a Ctrl-C lands here

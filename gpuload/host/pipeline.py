@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 from gpuload.errors import PlanError
+from gpuload.host.cold import ResultPrefaulter, mostly_cold, usable_cpus
 from gpuload.kernels.host import NCOLS, gather_host
-from gpuload.memory.libc import libc
 from gpuload.memory.mapping import PAGE, HostBuffer, page_place, placed_empty
 from gpuload.plan.ops import Plan, ReadOp
 from gpuload.plan.split import split_op
@@ -120,11 +119,6 @@ def scatter_iov(op: ReadOp, outputs: dict[str, np.ndarray], discard: np.ndarray)
     return iov[iov[:, 1] > 0]
 
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14: fault pages in writable, errors returned, content kept
-POPULATE_STEP = 8 << 20  # one madvise call; the stop flag is checked between them
-POPULATE_MIN = 64 << 10  # smaller results are not worth a call
-
-
 def _mirrors(op: ReadOp, mirrored: set[str]) -> bool:
     """Whether a direct op's every piece is a run of a tensor whose result mirrors the file."""
     return not op.staged and all(p.tensor in mirrored for p in op.pieces)
@@ -146,54 +140,6 @@ def _direct_target(p, out: np.ndarray) -> tuple[int, int, int, int] | None:
     return p.row_bytes, dst, dst - hb.addr, hb.addr + hb.size - (dst + p.row_bytes)
 
 
-def mostly_cold(plan: Plan, reader, samples: int = 16) -> bool:
-    """Whether most of a sample of the plan's reads miss the page cache."""
-    cached = getattr(reader, "cached", None)
-    if cached is None or not plan.ops:
-        return False
-    picked = plan.ops[:: max(1, len(plan.ops) // samples)][:samples]
-    return 2 * sum(not cached(op.file, op.offset, op.length) for op in picked) > len(picked)
-
-
-class ResultPrefaulter:
-    """Faults the results' pages in, in the order the reads fill them, on a
-    thread of its own while a cold load's reads wait on storage.
-
-    A fresh result costs a page fault and a zeroing per page when the read's
-    copy first touches it; on a cold load that cost sits between the storage
-    and the copy. ``MADV_POPULATE_WRITE`` takes it ahead of time and never
-    changes a page's content, so it may run beside the reads that fill the
-    same pages. Measured on the 2-core VM, 2 GiB cold (bench/cold_sweep.py):
-    see docs/performance.md. Warm loads are CPU-bound and lose by it
-    (about 8% there), so it runs only when :func:`mostly_cold` says so.
-    """
-
-    def __init__(self, plan: Plan, outputs: dict[str, np.ndarray]) -> None:
-        self._stop = threading.Event()
-        order = dict.fromkeys(p.tensor for op in plan.ops for p in op.pieces)
-        self._bufs = [outputs[t] for t in order if outputs[t].nbytes >= POPULATE_MIN]
-        self._thread = threading.Thread(target=self._run, name="gpuload-prefault", daemon=True)
-
-    def _run(self) -> None:
-        for b in self._bufs:
-            start, end = b.ctypes.data, b.ctypes.data + b.nbytes
-            for at in range(start - start % PAGE, end, POPULATE_STEP):
-                if self._stop.is_set():
-                    return
-                if libc().madvise(at, min(POPULATE_STEP, end - at), MADV_POPULATE_WRITE):
-                    return  # an older kernel (EINVAL) or no memory: the reads fault as usual
-
-    def __enter__(self) -> ResultPrefaulter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        # Stopped and joined before the load returns: no madvise on a result
-        # after its buffers are the caller's (or freed, when the load failed).
-        self._stop.set()
-        self._thread.join()
-
-
 class HostPipeline:
     """Runs plans on the CPU; staging slots are created once and reused."""
 
@@ -206,8 +152,12 @@ class HostPipeline:
         mapped: bool = False,
         cold: tuple[int, int] | None = None,
         direct: bool = False,
+        threads_set: bool = True,
     ) -> None:
         self.threads = threads
+        # False: ``threads`` is the default, and a warm load uses at most
+        # one reader per usable core (see _run).
+        self.threads_set = threads_set
         # (threads, largest direct read) for a load whose reads mostly miss
         # the page cache; None: the same as warm.
         self.cold = cold
@@ -257,13 +207,25 @@ class HostPipeline:
         # queue, more and smaller direct reads in flight at once.
         missing = mostly_cold(plan, reader)
         cold = self.cold is not None and missing
-        threads = self.cold[0] if cold else self.threads
+        # A warm load's reads are copies out of the page cache: each keeps a
+        # core busy, so readers past the cores only take turns on them (a
+        # warm world-8 load on the 2-core VM: 8 threads 3.5 GiB/s, 2 threads
+        # 4.4, bench/warm_interleaved.py). A cold load's readers wait on the
+        # disk and want a deep queue. ``threads`` chosen by the caller stands.
+        threads = (
+            self.cold[0]
+            if cold
+            else self.threads
+            if self.threads_set
+            else min(self.threads, usable_cpus())
+        )
         if cold:
             limit = self.cold[1]
             ops = tuple(
                 part for op in ops for part in (split_op(op, limit) if not op.staged else (op,))
             )
         report.cold_reads = cold
+        report.threads = threads
         direct = cold and self.direct and hasattr(reader, "read_direct")
         mirrored = {t.name for t in plan.tensors if t.strategy in ("whole", "contiguous")}
 
@@ -273,12 +235,19 @@ class HostPipeline:
         read_staged = getattr(reader, "read_staged", None)
         advise_op = getattr(reader, "advise_op", None)
 
+        # Read-ahead hints only where a read may miss the page cache. On
+        # cached pages a WILLNEED hint walks the page cache for nothing: a
+        # warm 1 GiB world-1 load ran 63 ms without them against 67 with
+        # them (2-core VM, alternated). A reader that cannot tell what is
+        # cached (remote: its hint sends the next GET) always gets them.
+        hints = missing or not hasattr(reader, "cached")
+
         def work(i: int) -> tuple[int, float, float, float, int]:
             op = ops[i]
             ahead = i + threads  # hint the range a thread will take next
             # ... unless it goes O_DIRECT: a WILLNEED hint would read it
             # into the page cache too, and the disk would serve it twice.
-            if ahead < len(ops) and not (direct and _mirrors(ops[ahead], mirrored)):
+            if hints and ahead < len(ops) and not (direct and _mirrors(ops[ahead], mirrored)):
                 if advise_op is not None:  # a reader that reads staged ops its own way
                     advise_op(ops[ahead])
                 else:
