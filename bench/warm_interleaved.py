@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             device="cpu", progress=False, hugepages=0, threads=2
         ),
     }
+    variants = {}  # --variant "a=1,b=2": one more Loader, at world 1 and at world W
     for v in args.variant:
-        key, _, value = v.partition("=")
-        loaders[f"gpuload world=1 ({v})"] = gpuload.Loader(
-            device="cpu", progress=False, **{key: value}
-        )
+        settings = dict(kv.partition("=")[::2] for kv in v.split(","))
+        variants[v] = gpuload.Loader(device="cpu", progress=False, **settings)
+        loaders[f"gpuload world=1 ({v})"] = variants[v]
     default = loaders["gpuload world=1 (defaults)"]
     ref = {}
     for f in files:
@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "safetensors load_file": (data, lambda: [load_file(f) for f in files]),
         f"gpuload world={w} rank 0": (shard_bytes, lambda: default.load(ckpt, 0, w)),
+        **{
+            f"gpuload world={w} rank 0 ({v})": (shard_bytes, lambda ld=ld: ld.load(ckpt, 0, w))
+            for v, ld in variants.items()
+        },
         f"safetensors get_slice world={w} rank 0": (
             shard_bytes,
             lambda: get_slice_shard(files, selections),
