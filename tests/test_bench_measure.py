@@ -125,7 +125,7 @@ def test_gpuload_variants_run_only_when_named_and_in_turn(tmp_path, capsys):
     names = {r["contender"] for r in group["rows"]}
     assert {
         "gpuload (posix)",
-        "gpuload (posix, scatter=True)",
+        "gpuload (posix, scatter=False)",
         "gpuload (posix, mapped_gather=False)",
         "gpuload (posix, hugepages=False)",
     } <= names

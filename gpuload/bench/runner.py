@@ -101,6 +101,7 @@ class Bench:
 
     def open_contenders(self) -> list[Contender]:
         ctx = Ctx(self.device, self.threads, settings=dict(self.preset.settings))
+        ctx.threads_set = bool(self.args.threads) or self.planner.config.threads_set
         if self.device == "cpu" and self.dtype not in ("F16", "F32", "F64"):
             ctx.framework = "pt"  # safetensors.numpy cannot hold bf16 / fp8
         rx = re.compile(self.args.contenders) if self.args.contenders else None

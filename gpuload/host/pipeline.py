@@ -7,14 +7,14 @@ cache is not read at all with ``mapped`` on (``GPULOAD_MAPPED_GATHER``, the
 default): its owned rows are copied out of the cached pages into their
 results (:meth:`gpuload.read.posix.PosixReader.copy_mapped`) when its rows are at
 least ``MAPPED_MIN_SPAN`` apart, so such a column shard at world 8 copies an
-eighth of the bytes it covers. Otherwise a staged op
-reads into one of a bounded set of staging slots and is gathered from there
-by ``gather_host`` (the numpy twin of the CUDA kernel), then the slot is
-returned. With ``scatter`` on
-(``GPULOAD_SCATTER=1``) a staged op is read like a direct one instead: one
+eighth of the bytes it covers. Otherwise, with ``scatter`` on (the
+default, ``GPULOAD_SCATTER``), a staged op is read like a direct one: one
 ``preadv`` per 1024 rows puts every owned row straight into its result and
 every gap into a small reused discard buffer (``scatter_iov``), so the
-owned bytes are copied once and no gather pass follows. Staging never
+owned bytes are copied once and no gather pass follows. With it off (or a
+reader without ``readinto_iov``) a staged op reads into one of a bounded
+set of staging slots and is gathered from there by ``gather_host`` (the
+numpy twin of the CUDA kernel), then the slot is returned. Staging never
 escapes: results are the caller's own buffers, allocated once per tensor.
 
 On the first error every queued op is cancelled, running ones finish, and
