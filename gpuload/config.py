@@ -167,8 +167,9 @@ class Config:
     # CPU loads: read a covering block with one preadv that puts each owned
     # row straight into its result and the gaps into a small discard buffer,
     # instead of staging + gather. On a quiet 2-core VM with one reader per
-    # core it was 1.10-1.17x faster at worlds 2, 4 and 8 (medians of per-pair
-    # ratios, three alternated runs: bench/warm_ab.py --variant scatter=0).
+    # core it was 1.05-1.19x faster at worlds 2, 4 and 8 (medians of per-pair
+    # ratios, three alternated runs: bench/warm_ab.py --variant scatter=0,
+    # bench/results/2026-12-06-cpu-warm).
     scatter: bool = True
     # CPU loads: a covering read whose pages are all in the page cache is
     # not read; only its owned bytes are copied out of the cache with
