@@ -9,11 +9,17 @@ variant is faster. This is how a default was chosen (GPULOAD_SCATTER):
 a ratio from alternated runs, not a figure from one run.
 
     python bench/warm_ab.py --variant scatter=0 [--worlds 2 4 8] [--rounds 16]
+
+``--constant MODULE.NAME=INT`` makes the variant run with a module constant
+changed (restored for the defaults' runs), for choices that have no setting:
+``--constant gpuload.host.backend.POOL_MIN=2097152`` is the host pool as it
+was before results under 2 MiB were pooled.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
@@ -26,7 +32,8 @@ from gpuload.bench.residency import ensure_warm, summary
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", required=True, metavar="SETTING=VALUE[,SETTING=VALUE]")
+    ap.add_argument("--variant", default="", metavar="SETTING=VALUE[,SETTING=VALUE]")
+    ap.add_argument("--constant", action="append", default=[], metavar="MODULE.NAME=INT")
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--skip", type=int, default=2)
@@ -38,7 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ckpt = gpuload.open_checkpoint(model)
     files = [f.path for f in ckpt.files]
-    settings = dict(kv.partition("=")[::2] for kv in args.variant.split(","))
+    settings = dict(kv.partition("=")[::2] for kv in args.variant.split(",") if kv)
+    constants = []  # (module, name, the variant's value, the default value)
+    for c in args.constant:
+        target, _, value = c.partition("=")
+        mod_name, _, name = target.rpartition(".")
+        mod = importlib.import_module(mod_name)
+        constants.append((mod, name, int(value), getattr(mod, name)))
+    if not settings and not constants:
+        ap.error("give --variant, --constant or both")
+
+    def variant(on: bool) -> None:
+        for mod, name, value, default in constants:
+            setattr(mod, name, value if on else default)
+
     a = gpuload.Loader(device="cpu", progress=False)
     b = gpuload.Loader(device="cpu", progress=False, **settings)
     print(f"command: `python bench/warm_ab.py {' '.join(argv or sys.argv[1:])}`")
@@ -51,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for name, ld in (("a", a), ("b", b)) if r % 2 else (("b", b), ("a", a)):
                 warm.append(ensure_warm(files))
+                variant(name == "b")
                 t0 = time.perf_counter()
                 out = ld.load(ckpt, 0, w)
                 times[name].append(time.perf_counter() - t0)
@@ -62,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             f"median {statistics.median(pairs):.2f}, range {pairs[0]:.2f}-{pairs[-1]:.2f} "
             f"({len(pairs)} pairs) |"
         )
-    print(f"\nvariant: {args.variant}; page cache before the runs: {summary(warm)}")
+    variant(False)
+    what = ", ".join([args.variant] * bool(args.variant) + args.constant)
+    print(f"\nvariant: {what}; page cache before the runs: {summary(warm)}")
     print(f"loadavg after: {os.getloadavg()}")
     return 0
 

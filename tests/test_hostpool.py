@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 
 import gpuload
 from gpuload.memory import pool as hostpool
-from gpuload.memory.mapping import HUGE_PAGE
+from gpuload.memory.mapping import HUGE_PAGE, HostBuffer
 
 
 @pytest.fixture
@@ -70,3 +70,42 @@ def test_the_pool_is_bounded_and_hugepages_0_bypasses_it(ckpt, monkeypatch):
     reused = hostpool.stats["reused"]
     gpuload.load_sharded(path, 0, 1, device="cpu", hugepages=0)
     assert hostpool.stats["reused"] == reused  # np.empty results: the pool is not used
+
+
+def _mapped(a: np.ndarray) -> bool:
+    """Whether a result's memory is one of gpuload's own mappings."""
+    while a is not None and not isinstance(a, HostBuffer):
+        a = a.base
+    return a is not None
+
+
+def test_results_under_a_huge_page_are_pooled_too(tmp_path):
+    # A result of 64 KiB to 2 MiB used to come from np.empty: fresh pages,
+    # a fault and a zeroing each, on every load. Now it is a pooled mapping
+    # of 4 KiB pages that the next load of the same size class reuses.
+    rng = np.random.default_rng(4)
+    tensors = {
+        "q.weight": rng.random((256, 1024), np.float32),  # 1 MiB
+        "k.weight": rng.random((64, 1024), np.float32),  # 256 KiB
+        "n.weight": rng.random(1000, np.float32),  # under 64 KiB: np.empty
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    gpuload.release_host_pool()
+    try:
+        got = gpuload.load_sharded(path, 0, 1, device="cpu")
+        first = {k: v.ctypes.data for k, v in got.items()}
+        assert [k for k, v in got.items() if not _mapped(v)] == ["n.weight"]
+        del got
+        gc.collect()
+        reused = hostpool.stats["reused"]
+        got = gpuload.load_sharded(path, 0, 1, device="cpu")
+        assert hostpool.stats["reused"] - reused == 2
+        assert {got[k].ctypes.data for k in ("q.weight", "k.weight")} == {
+            first["q.weight"],
+            first["k.weight"],
+        }
+        for k, v in tensors.items():  # every byte rewritten
+            assert got[k].tobytes() == v.tobytes(), k
+    finally:
+        gpuload.release_host_pool()

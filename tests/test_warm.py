@@ -188,10 +188,16 @@ def test_large_results_sit_at_their_sources_page_offset(src):
 
 @pytest.mark.parametrize("hugepages", [True, False])
 @pytest.mark.parametrize("nbytes", [64 << 10, HUGE_PAGE - 1, HUGE_PAGE * 2])
-def test_smaller_results_and_the_flag_off_are_placed_numpy(nbytes, hugepages):
+def test_results_of_64_kib_and_more_are_mapped_and_the_flag_off_places_numpy(nbytes, hugepages):
+    # From 64 KiB on a result is gpuload's own mapping (pooled for the next
+    # load); huge pages only from 2 MiB. GPULOAD_HUGEPAGES=0: np.empty.
     a = host_result(nbytes, "t", 4000, hugepages=hugepages)
-    if hugepages and nbytes >= HUGE_PAGE:
+    if hugepages:
         assert isinstance(a.base, HostBuffer)
+        assert a.base.huge is False or nbytes >= HUGE_PAGE
+        assert a.base.size % (HUGE_PAGE if nbytes >= HUGE_PAGE else 64 << 10) == 0
+        a[:] = 7  # writable, all of it
+        assert int(a.sum()) == 7 * a.size
     else:
         assert isinstance(a.base, np.ndarray) and a.base.base is None  # np.empty's own
         assert a.size == nbytes and a.flags.c_contiguous and a.flags.writeable

@@ -115,7 +115,7 @@ class HostBackend:
         # A cold load that reads with O_DIRECT wants each result at its
         # source's exact place in a page, so whole blocks can land in it.
         exact = self._direct and _plan_cold(plan)
-        big = sum(1 for t in plan.tensors if t.name not in into and t.out_nbytes >= HUGE_PAGE)
+        big = sum(1 for t in plan.tensors if t.name not in into and t.out_nbytes >= POOL_MIN)
         # Mapped results only within half of the mappings this process has
         # left (other code in it needs some): the rest come from np.empty.
         cap = HostBuffer.live + mappings_left() // 2 if big else 0
@@ -175,27 +175,35 @@ def host_result(
 
     So a result of at least a huge page is mapped by gpuload
     (:class:`gpuload.memory.mapping.HostBuffer`, ``MADV_HUGEPAGE``) at that page
-    offset. The array keeps the mapping alive and it is unmapped when the
-    last view dies. Smaller results come from ``np.empty``, placed the same
-    way from 64 KiB on (one page more is allocated; below that the copy is
-    too short to matter), and so do all once gpuload holds
-    :func:`max_result_mappings` of its own mappings (a process has a limit
-    on mappings, and a CPU load of a model with tens of thousands of
-    experts must not reach it).
+    offset. The array keeps the mapping alive, and when the last view dies
+    the mapping goes to the pool (:mod:`gpuload.memory.pool`), faulted in,
+    for the next load. A result from ``POOL_MIN`` (64 KiB) up to a huge page
+    gets a pooled mapping of 4 KiB pages the same way: fresh memory for it
+    would cost a fault and a zeroing per page on every load (a warm world-8
+    load on the 2-core VM read its 12 MiB of such results at 1.5 GB/s a
+    thread, its larger ones at 8.4). Smaller results come from ``np.empty``,
+    and so do all once gpuload holds :func:`max_result_mappings` of its own
+    mappings (a process has a limit on mappings, and a CPU load of a model
+    with tens of thousands of experts must not reach it).
 
     ``pooled``: the mapping comes from, and goes back to, the process's pool
     of faulted-in result mappings (:mod:`gpuload.memory.pool`) when one fits.
-    ``exact``: a huge-page result starts at exactly its source's offset in a
+    ``exact``: a mapped result starts at exactly its source's offset in a
     page (not rounded down to 64 bytes), so a cold load's ``O_DIRECT`` reads
     of whole 4 KiB blocks can land in it (``PosixReader.read_direct``).
     """
     at = page_place(src_offset)
-    if exact and hugepages and nbytes >= HUGE_PAGE:
+    mapped = hugepages and nbytes >= POOL_MIN
+    if exact and mapped:
         at = src_offset % PAGE
-    if hugepages and nbytes >= HUGE_PAGE and HostBuffer.live < max_result_mappings():
+    if mapped and HostBuffer.live < max_result_mappings():
         try:
             buf = HostBuffer(
-                nbytes, f"the result {name!r}", huge=True, page_offset=at, pooled=pooled
+                nbytes,
+                f"the result {name!r}",
+                huge=nbytes >= HUGE_PAGE,
+                page_offset=at,
+                pooled=pooled,
             )
             return np.asarray(buf)
         except MemoryError:
@@ -210,6 +218,7 @@ def host_result(
 
 
 PLACE_MIN = 64 << 10  # smaller results are not placed (see host_result)
+POOL_MIN = 64 << 10  # smaller results are not mapped nor pooled (see host_result)
 
 
 def mappings_left() -> int:

@@ -32,6 +32,7 @@ from gpuload.memory.libc import _os_error, libc
 
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and most arm64 kernels
+POOL_STEP = 64 << 10  # size classes of pooled mappings smaller than a huge page
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)  # 14 in <asm-generic/mman-common.h>
 
 Ranges = Sequence[tuple[int, int]]  # (start, end) byte offsets in the mapping
@@ -201,8 +202,10 @@ class HostBuffer:
             raise ValueError(f"page_offset {page_offset} is not within a page")
         self.path, self.nbytes = what, nbytes
         size = max(PAGE, -(-(page_offset + nbytes) // PAGE) * PAGE)
-        if pooled:  # whole huge pages: a size class the pool can hand on
-            size = -(-size // HUGE_PAGE) * HUGE_PAGE
+        if pooled:  # a size class the pool can hand on: whole huge pages, or
+            # 64 KiB steps below one (a few tensor shapes share a class)
+            step = HUGE_PAGE if huge else POOL_STEP
+            size = -(-size // step) * step
         kept = hostpool.take(size, libc().munmap) if pooled else None
         if kept is not None:
             addr, self.huge = kept  # faulted in by the load it served before

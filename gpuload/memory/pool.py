@@ -13,7 +13,9 @@ back here, already faulted in (whole huge pages where the kernel gave them),
 and the next result of the same size class takes it. The next load then
 writes memory with no page fault at all. Size classes are whole 2 MiB
 pages, so a Llama-shaped checkpoint's few tensor sizes reuse each other's
-mappings.
+mappings. Results from 64 KiB up to 2 MiB are mappings of 4 KiB pages kept
+the same way, in 64 KiB size classes: fresh pages for them cost a fault and a
+zeroing each on every load (a world-8 rank has many such shards).
 
 Bounded: at most :func:`cap` bytes (a quarter of RAM) are kept; a mapping
 returned past it is unmapped. :func:`release` (``gpuload.release_host_pool()``)
