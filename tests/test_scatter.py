@@ -117,6 +117,34 @@ def test_scatter_iov_delivers_every_piece_and_nothing_else(tmp_path, discard):
         np.testing.assert_array_equal(got[t], want[t])  # bytes between b's sections kept
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_one_piece_iov_equals_the_general_build(monkeypatch, seed):
+    # A one-piece op (the common covering read) takes a short path; it must
+    # give exactly the general build's table, with gaps of every size: none,
+    # shorter than the discard buffer, and longer (where it hands over).
+    from gpuload.host import pipeline
+
+    rng = np.random.default_rng(seed)
+    discard = np.zeros(int(rng.integers(1, 64)), np.uint8)
+    for _ in range(50):
+        rows, row_bytes = int(rng.integers(1, 40)), int(rng.integers(1, 50))
+        stride = row_bytes + int(rng.integers(0, 70))
+        lead, trail = int(rng.integers(0, 70)), int(rng.integers(0, 70))
+        dst, dst_stride = int(rng.integers(0, 30)), row_bytes + int(rng.integers(0, 5))
+        piece = Piece("a", 1000 + lead, rows, row_bytes, stride, dst, dst_stride)
+        op = ReadOp("f", 1000, lead + (rows - 1) * stride + row_bytes + trail, (piece,), True)
+        out = {"a": np.zeros(piece.dst_end + int(rng.integers(0, 9)), np.uint8)}
+        fast = scatter_iov(op, out, discard)
+        monkeypatch.setattr(pipeline, "SCATTER_ONE_PIECE", False)
+        general = scatter_iov(op, out, discard)
+        monkeypatch.setattr(pipeline, "SCATTER_ONE_PIECE", True)
+        np.testing.assert_array_equal(fast, general)
+        assert int(fast[:, 1].sum()) == op.length
+    small = {"a": np.zeros(piece.dst_end - 1, np.uint8)}
+    with pytest.raises(gpuload.PlanError, match="does not fit"):
+        scatter_iov(op, small, discard)
+
+
 def test_scatter_iov_refuses_a_piece_past_its_result(tmp_path):
     op = ReadOp("f", 0, 100, (Piece("a", 0, 2, 10, 50, 0, 10),), staged=True)
     with pytest.raises(gpuload.PlanError, match="does not fit"):

@@ -97,6 +97,10 @@ def scatter_iov(op: ReadOp, outputs: dict[str, np.ndarray], discard: np.ndarray)
     :meth:`gpuload.read.posix.PosixReader.readinto_iov`. Every destination is checked
     against its buffer first: a raw address is never written out of bounds.
     """
+    if SCATTER_ONE_PIECE and len(op.pieces) == 1:
+        iov = _one_piece_iov(op, op.pieces[0], outputs[op.pieces[0].tensor], discard)
+        if iov is not None:
+            return iov
     src, dst, n = row_segments(op, outputs)
     gaps = np.empty(len(src) + 1, np.int64)
     gaps[0] = src[0] - op.offset
@@ -116,6 +120,36 @@ def scatter_iov(op: ReadOp, outputs: dict[str, np.ndarray], discard: np.ndarray)
     at_row = upto[:-1] + np.arange(len(src))
     iov[at_row, 0] = dst
     iov[at_row, 1] = n
+    return iov[iov[:, 1] > 0]
+
+
+# A covering op is nearly always one piece (one tensor's rows at a fixed
+# stride): its iovec table is built in a few array operations, without the
+# sort and the per-gap chunking the general case needs. The general build
+# took 2 ms of a 27 ms warm world-8 load (18 ops; numpy, holding the GIL).
+SCATTER_ONE_PIECE = True
+
+
+def _one_piece_iov(op: ReadOp, p, out: np.ndarray, discard: np.ndarray) -> np.ndarray | None:
+    """``scatter_iov`` for an op of one piece whose gaps each fit ``discard``;
+    None where they do not (the general build then runs)."""
+    if p.dst_end > out.nbytes or not out.flags.c_contiguous or out.dtype != np.uint8:
+        raise PlanError(f"piece of {p.tensor!r} does not fit its {out.nbytes}-byte result")
+    lead = p.src - op.offset
+    mid = p.src_stride - p.row_bytes if p.rows > 1 else 0
+    trail = op.offset + op.length - p.src_end
+    if min(lead, mid, trail) < 0:
+        raise PlanError(f"pieces of a read of {op.file} overlap")
+    if max(lead, mid, trail) > discard.size:
+        return None
+    r = np.arange(p.rows, dtype=np.uint64)
+    iov = np.empty((2 * p.rows + 1, 2), np.uint64)
+    iov[0] = (discard.ctypes.data, lead)
+    iov[1::2, 0] = out.ctypes.data + p.dst + r * p.dst_stride
+    iov[1::2, 1] = p.row_bytes
+    iov[2::2, 0] = discard.ctypes.data
+    iov[2::2, 1] = mid
+    iov[-1, 1] = trail
     return iov[iov[:, 1] > 0]
 
 
