@@ -70,23 +70,11 @@ def test_failed_load_raises_leaves_no_threads_and_returns_nothing(tmp_path, monk
     assert not [t for t in threading.enumerate() if t.name.startswith("gpuload")]
 
 
-def test_a_cold_load_reads_with_a_deeper_queue_and_a_warm_one_does_not(tmp_path):
-    # mincore decides per load: most reads missing the page cache means
-    # cold_threads readers and direct reads of at most cold_chunk_bytes.
-    import threading
+def counting_reader(delay: float) -> type:
+    """A fresh PosixReader subclass that records each read's size and the
+    most reads in flight at once; each read sleeps ``delay`` seconds first,
+    long enough that concurrent reads overlap."""
     import time
-
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    import gpuload
-    from gpuload.memory.mapping import evict
-    from gpuload.read.posix import PosixReader
-
-    rng = np.random.default_rng(0)
-    tensors = {f"t{i}": rng.random((1 << 20) // 4 * 6, np.float32) for i in range(4)}  # 24 MiB
-    path = tmp_path / "m.safetensors"
-    save_file(tensors, str(path))
 
     class Counting(PosixReader):
         sizes: list[int] = []
@@ -99,12 +87,28 @@ def test_a_cold_load_reads_with_a_deeper_queue_and_a_warm_one_does_not(tmp_path)
                 Counting.most = max(Counting.most, Counting.active)
                 Counting.sizes.append(sum(len(b) for b in buffers))
             try:
-                time.sleep(0.01)  # long enough that concurrent reads overlap
+                time.sleep(delay)
                 super().readinto(file, offset, buffers)
             finally:
                 with Counting.lock:
                     Counting.active -= 1
 
+    return Counting
+
+
+def test_a_cold_load_reads_with_a_deeper_queue_and_a_warm_one_does_not(tmp_path):
+    # mincore decides per load: most reads missing the page cache means
+    # cold_threads readers and direct reads of at most cold_chunk_bytes.
+    from safetensors.numpy import save_file
+
+    from gpuload.memory.mapping import evict
+
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.random((1 << 20) // 4 * 6, np.float32) for i in range(4)}  # 24 MiB
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+
+    Counting = counting_reader(delay=0.01)
     settings = dict(threads=2, cold_threads=6, cold_chunk_bytes="1MiB", chunk_bytes="16MiB")
     settings["cold_direct"] = False  # the buffered reads are what this counts
     with gpuload.Loader(device="cpu", reader_factory=Counting, **settings) as ld:
@@ -167,14 +171,7 @@ def test_a_warm_load_runs_at_most_one_reader_per_core_unless_threads_is_chosen(
     # A warm load's reads are page-cache copies that each keep a core busy:
     # with the default threads it runs min(threads, usable cores) readers; a
     # threads the caller chose (keyword or GPULOAD_THREADS) stands.
-    import threading
-    import time
-
-    import numpy as np
     from safetensors.numpy import save_file
-
-    import gpuload
-    from gpuload.read.posix import PosixReader
 
     monkeypatch.setattr("gpuload.host.pipeline.usable_cpus", lambda: cpus)
     rng = np.random.default_rng(1)
@@ -183,20 +180,7 @@ def test_a_warm_load_runs_at_most_one_reader_per_core_unless_threads_is_chosen(
     save_file(tensors, str(path))
     path.read_bytes()  # warm
 
-    class Counting(PosixReader):
-        active = most = 0
-        lock = threading.Lock()
-
-        def readinto(self, file, offset, buffers):
-            with Counting.lock:
-                Counting.active += 1
-                Counting.most = max(Counting.most, Counting.active)
-            try:
-                time.sleep(0.02)  # long enough that concurrent reads overlap
-                super().readinto(file, offset, buffers)
-            finally:
-                with Counting.lock:
-                    Counting.active -= 1
+    Counting = counting_reader(delay=0.02)
 
     def load(**settings):
         Counting.most = 0
@@ -220,12 +204,9 @@ def test_read_ahead_hints_go_out_on_a_cold_load_only_and_never_with_prefetch_off
     # On cached pages a WILLNEED hint walks the page cache for nothing, so a
     # load mincore finds warm sends none; a cold one hints the read a thread
     # takes next; GPULOAD_PREFETCH=0 (prefetch=False) sends none, cold or not.
-    import numpy as np
     from safetensors.numpy import save_file
 
-    import gpuload
     from gpuload.memory.mapping import evict
-    from gpuload.read.posix import PosixReader
 
     rng = np.random.default_rng(2)
     tensors = {f"t{i}": rng.random(1 << 18, np.float32) for i in range(12)}  # 12 x 1 MiB

@@ -36,31 +36,27 @@ class CountingReader(PosixReader):
         super().readinto_iov(file, offset, iov)
 
 
+@pytest.mark.parametrize("scatter", [True, False], ids=["scattered", "staged"])
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
-def test_staged_and_gathered_loads_match_the_oracle(tmp_path, rng, aligned, world):
-    # GPULOAD_SCATTER=0: covering reads go through staging and gather_host.
+def test_scattered_and_staged_loads_match_the_oracle(tmp_path, rng, aligned, world, scatter):
+    # GPULOAD_SCATTER=1 (the default): covering rows land straight in their
+    # results; 0: covering reads go through staging and gather_host.
     path = write_matrix(tmp_path, rng, aligned=aligned)
     CountingReader.scattered = 0
-    with gpuload.Loader(device="cpu", scatter=False, reader_factory=CountingReader, **SMALL) as ld:
+    with gpuload.Loader(
+        device="cpu", scatter=scatter, reader_factory=CountingReader, **SMALL
+    ) as ld:
         for rank in range(world):
             got, report = ld.load(path, rank, world, rules=RULES, return_report=True)
             assert not (bad := same(got, expected_shards(path, rank, world))), (rank, bad[:5])
-        assert (ld._backend._pipeline._slot_size > 0) == (world > 1)  # staging was made
-    assert CountingReader.scattered == 0 and (report.gather_s > 0) == (world > 1)
-
-
-@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
-@pytest.mark.parametrize("world", [1, 2, 4, 8])
-def test_scattered_loads_match_the_oracle(tmp_path, rng, aligned, world):
-    path = write_matrix(tmp_path, rng, aligned=aligned)
-    CountingReader.scattered = 0
-    with gpuload.Loader(device="cpu", scatter=True, reader_factory=CountingReader, **SMALL) as ld:
-        for rank in range(world):
-            got, report = ld.load(path, rank, world, rules=RULES, return_report=True)
-            assert not (bad := same(got, expected_shards(path, rank, world))), (rank, bad[:5])
-        assert ld._backend._pipeline._slot_size == 0  # no staging was made
-    assert (CountingReader.scattered > 0) == (world > 1) == (report.staged_ops > 0)
+        staging = ld._backend._pipeline._slot_size
+    if scatter:
+        assert staging == 0  # no staging was made
+        assert (CountingReader.scattered > 0) == (world > 1) == (report.staged_ops > 0)
+    else:
+        assert (staging > 0) == (world > 1)  # staging was made
+        assert CountingReader.scattered == 0 and (report.gather_s > 0) == (world > 1)
 
 
 def test_a_reader_without_raw_scatter_stages_and_gathers(tmp_path, rng):

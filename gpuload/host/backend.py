@@ -281,9 +281,7 @@ def _plan_cold(plan: Plan, samples: int = 16) -> bool:
 
     def cached(file: str, offset: int, length: int) -> bool:
         m = maps.get(file) or maps.setdefault(file, Mapping(file))
-        end = min(m.size, offset + length)
-        start = offset - offset % PAGE
-        return end <= start or m.mincore(start, end) == -(-(end - start) // PAGE)
+        return m.all_resident(offset, min(m.size, offset + length))
 
     try:
         return mostly_cold(plan, SimpleNamespace(cached=cached), samples)

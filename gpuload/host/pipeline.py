@@ -63,6 +63,13 @@ def piece_tables(op: ReadOp) -> dict[str, np.ndarray]:
     return {t: np.array(rows, np.int64).reshape(-1, NCOLS) for t, rows in by_tensor.items()}
 
 
+def _check_fits(p, out: np.ndarray) -> None:
+    """Refuse a piece whose rows would land outside its result: raw addresses
+    are written from here on, never out of bounds."""
+    if p.dst_end > out.nbytes or not out.flags.c_contiguous or out.dtype != np.uint8:
+        raise PlanError(f"piece of {p.tensor!r} does not fit its {out.nbytes}-byte result")
+
+
 def row_segments(
     op: ReadOp, outputs: dict[str, np.ndarray], *, merge: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,8 +80,7 @@ def row_segments(
     srcs, dsts, lens = [], [], []
     for p in op.pieces:
         out = outputs[p.tensor]
-        if p.dst_end > out.nbytes or not out.flags.c_contiguous or out.dtype != np.uint8:
-            raise PlanError(f"piece of {p.tensor!r} does not fit its {out.nbytes}-byte result")
+        _check_fits(p, out)
         r = np.arange(p.rows, dtype=np.int64)
         srcs.append(p.src + r * p.src_stride)
         dsts.append(out.ctypes.data + p.dst + r * p.dst_stride)
@@ -133,8 +139,7 @@ SCATTER_ONE_PIECE = True
 def _one_piece_iov(op: ReadOp, p, out: np.ndarray, discard: np.ndarray) -> np.ndarray | None:
     """``scatter_iov`` for an op of one piece whose gaps each fit ``discard``;
     None where they do not (the general build then runs)."""
-    if p.dst_end > out.nbytes or not out.flags.c_contiguous or out.dtype != np.uint8:
-        raise PlanError(f"piece of {p.tensor!r} does not fit its {out.nbytes}-byte result")
+    _check_fits(p, out)
     lead = p.src - op.offset
     mid = p.src_stride - p.row_bytes if p.rows > 1 else 0
     trail = op.offset + op.length - p.src_end

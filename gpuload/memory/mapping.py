@@ -165,6 +165,11 @@ class Mapping:
             raise _os_error(f"mincore on {self.path}")
         return int(np.count_nonzero(np.frombuffer(vec, np.uint8, n) & 1))  # bit 0: resident
 
+    def all_resident(self, offset: int, end: int) -> bool:
+        """Whether every page of the byte range [offset, end) is in the page cache."""
+        start = offset - offset % PAGE
+        return self.mincore(start, end) == -(-(end - start) // PAGE)
+
 
 class HostBuffer:
     """Anonymous, writable memory gpuload maps and owns: the home of a

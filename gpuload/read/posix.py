@@ -31,7 +31,7 @@ import numpy as np
 
 from gpuload.errors import ReadError
 from gpuload.format.header import FileHeader
-from gpuload.memory.mapping import PAGE, Mapping
+from gpuload.memory.mapping import Mapping
 from gpuload.read.vectored import IOV_MAX, _advance, _preadv_raw, _read_some, _vm_readv_raw
 
 
@@ -171,9 +171,8 @@ class PosixReader:
         m = self._mapping(file)
         if m is None or length <= 0 or offset + length > m.size:
             return False
-        start = offset - offset % PAGE
         try:
-            return m.mincore(start, offset + length) == -(-(offset + length - start) // PAGE)
+            return m.all_resident(offset, offset + length)
         except OSError:
             return False
 
