@@ -3,21 +3,23 @@
 For each model shape, world and column-sharded tensor family, rank 0 loads
 only those tensors with ``mapped_gather`` on and off, in turn (A B, B A,
 ...), each run from fresh memory (``malloc_trim``) with the page cache
-checked warm (``mincore``). This is what sets ``MAPPED_MIN_SPAN`` in
-gpuload/pipeline.py: the row length from which copying the owned segments
-out of the page cache (process_vm_readv, about a microsecond per row) beats
-reading whole rows and gathering.
+checked warm (``mincore``). This is what sets ``MAPPED_MIN_GAP`` in
+gpuload/host/pipeline.py: the bytes a covering read skips per row (the row
+less its owned segment) from which copying the owned segments out of the
+page cache (process_vm_readv, about a microsecond per row) beats reading
+whole rows.
 
-Note: the pipeline only maps ops whose rows are at least ``MAPPED_MIN_SPAN``
-apart, so rows shorter than that take the covering read either way; pass
-``--min-span 0`` to time the mapped path on every row length.
+Note: the pipeline only maps ops that skip at least ``MAPPED_MIN_GAP`` bytes
+a row, so the others take the covering read either way; pass
+``--min-gap 0`` to time the mapped path everywhere.
 
-    python bench/mapped_gather.py [--runs 9] [--min-span BYTES]
+    python bench/mapped_gather.py [--runs 9] [--min-gap BYTES] [--worlds 8 4 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import gpuload
 from gpuload import synth
@@ -39,12 +41,17 @@ SHAPES = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=9)
-    ap.add_argument("--min-span", type=int, default=None, help="override MAPPED_MIN_SPAN")
+    ap.add_argument("--min-gap", type=int, default=None, help="override MAPPED_MIN_GAP")
+    ap.add_argument("--worlds", type=int, nargs="+", default=[8, 4, 2])
     args = ap.parse_args()
-    if args.min_span is not None:
-        pipeline.MAPPED_MIN_SPAN = args.min_span
-    print("| model | world | tensors | row bytes | mapped s (min-max) | covering s (min-max) |")
-    print("|---|---:|---|---:|---|---|")
+    if args.min_gap is not None:
+        pipeline.MAPPED_MIN_GAP = args.min_gap
+    print(f"command: `python bench/mapped_gather.py {' '.join(sys.argv[1:])}`\n")
+    print(
+        "| model | world | tensors | row bytes | gap a row | mapped s (min-max) "
+        "| covering s (min-max) | covering / mapped |"
+    )
+    print("|---|---:|---|---:|---:|---|---|---:|")
     for label, (preset, size) in SHAPES.items():
         ckpt = gpuload.open_checkpoint(synth.cached_model(preset, size, dtype="F16"))
         files = [f.path for f in ckpt.files]
@@ -54,7 +61,7 @@ def main() -> None:
             return ensure_warm(files)
 
         loaders = [gpuload.Loader(device="cpu", progress=False, mapped_gather=m) for m in (1, 0)]
-        for world in (8, 2):
+        for world in args.worlds:
             for family in ("o_proj", "down_proj"):
                 entries = [
                     Entry(
@@ -69,9 +76,10 @@ def main() -> None:
                 info = ckpt.tensors[next(n for n in ckpt.tensors if family in n)]
                 row = info.shape[1] * info.dtype.bits // 8
                 print(
-                    f"| {label} | {world} | {family} | {row} "
+                    f"| {label} | {world} | {family} | {row} | {row - row // world} "
                     f"| {mapped.median:.4f} ({mapped.spread}) "
-                    f"| {covering.median:.4f} ({covering.spread}) |"
+                    f"| {covering.median:.4f} ({covering.spread}) "
+                    f"| {covering.median / mapped.median:.2f} |"
                 )
 
 

@@ -30,14 +30,16 @@ from gpuload.memory.mapping import HUGE_PAGE, PAGE, HostBuffer, evict
 from gpuload.read import posix as gio
 from gpuload.read.posix import PosixReader
 
-# Long rows (32 KiB: beyond the mapped path's minimum span) and
+# Long rows (32 KiB: at world 2 they skip more than the mapped path's
+# minimum gap), 8 KiB rows (past it at world 8, short of it at world 2) and
 # results of 2 MiB and more, besides the whole dtype x shape matrix.
 EXTRA = {
     "long.col": ("F32", (64, 8192)),
     "big.col": ("F32", (128, 8192)),
     "big.row": ("F32", (1024, 1024)),
+    "mid.col": ("F32", (96, 2048)),
 }
-DIMS = {"long.col": 1, "big.col": 1, "big.row": 0}
+DIMS = {"long.col": 1, "big.col": 1, "big.row": 0, "mid.col": 1}
 RULES_X = {**RULES, r"\.col$": 1, r"\.row$": 0}
 
 
@@ -87,8 +89,19 @@ def test_mapped_ops_read_only_their_owned_bytes(model):
     assert "mapped" in mapped.table()
 
 
+@pytest.mark.parametrize(("world", "mapped"), [(8, True), (2, False)])
+def test_the_bytes_a_row_skips_decide_the_mapped_copy(model, world, mapped):
+    # 8 KiB rows: world 8 skips 7 KiB a row (mapped), world 2 skips 4 KiB (read).
+    with gpuload.Loader(device="cpu") as ld:
+        got, rep = ld.load(
+            model, 0, world, rules=RULES_X, include=r"^mid\.col$", return_report=True
+        )
+    assert rep.staged_ops > 0 and (rep.mapped_ops > 0) == mapped
+    assert not same(got, {"mid.col": expected_shards(model, 0, world, DIMS)["mid.col"]})
+
+
 def test_short_rows_keep_the_covering_read(model):
-    # 24 x 96 matrices: rows far shorter than MAPPED_MIN_SPAN.
+    # 24 x 96 matrices: rows skip far fewer bytes than MAPPED_MIN_GAP.
     with gpuload.Loader(device="cpu") as ld:
         _, rep = ld.load(model, 0, 4, rules=RULES_X, include=r"^F32\.col$", return_report=True)
     assert rep.staged_ops > 0 and rep.mapped_ops == 0

@@ -5,9 +5,9 @@ range straight into the destination buffers with one ``preadv`` (gaps land
 in a discard buffer). A staged (covering) op whose pages are all in the page
 cache is not read at all with ``mapped`` on (``GPULOAD_MAPPED_GATHER``, the
 default): its owned rows are copied out of the cached pages into their
-results (:meth:`gpuload.read.posix.PosixReader.copy_mapped`) when its rows are at
-least ``MAPPED_MIN_SPAN`` apart, so such a column shard at world 8 copies an
-eighth of the bytes it covers. Otherwise, with ``scatter`` on (the
+results (:meth:`gpuload.read.posix.PosixReader.copy_mapped`) when it skips
+at least ``MAPPED_MIN_GAP`` bytes a row, so such a column shard at world 8
+copies an eighth of the bytes it covers. Otherwise, with ``scatter`` on (the
 default, ``GPULOAD_SCATTER``), a staged op is read like a direct one: one
 ``preadv`` per 1024 rows puts every owned row straight into its result and
 every gap into a small reused discard buffer (``scatter_iov``), so the
@@ -42,15 +42,23 @@ from gpuload.report import LoadReport
 _ZERO = np.zeros(0, np.uint8)
 DISCARD = 256 << 10  # scatter's gap buffer: gaps longer than this reuse it in parts
 # A cached covering op is copied row by row out of the page cache only when
-# its rows are at least this far apart in the file (on average over the op's
-# rows: the op's length over its row count): process_vm_readv costs
-# about a microsecond or more per row on top of the copy, while re-reading a
-# short row whole is cheap. On the 2-core VM (bench/mapped_gather.py
-# --min-span 0: bench/results/2026-11-29-cpu/warm/mapped-gather-min-span-0.md) the
-# mapped copy won only for 28 KiB rows at world 8 (down_proj of a 4096-wide
-# model: 17.0 against 21.8 ms; a tie at world 2), and lost for 4 and 11 KiB
-# rows (down_proj 2048x5632 at world 8: 23.7 against 15.8 ms).
-MAPPED_MIN_SPAN = 16 << 10
+# it skips at least this many bytes a row on average (the op's bytes less its
+# owned ones, over its row count): process_vm_readv costs about a microsecond
+# per row on top of the copy, and a covering read copies the skipped bytes
+# instead. What decides is the bytes skipped, not the row length: on the
+# 2-core VM (bench/mapped_gather.py --min-span 0, alternated, 9 runs; results
+# in bench/results/2026-12-06-cpu-mapped/) the mapped copy ran 1.17-1.76x
+# faster where rows skip 6-25 KiB (down_proj of a 2048-wide model at worlds
+# 4 and 8, o_proj and down_proj of a 4096-wide one at 4 and 8, down_proj
+# 4096-wide at world 2), tied at 3-5.5 KiB (0.99-1.04x) and lost at 2 KiB
+# (0.93x).
+MAPPED_MIN_GAP = 6 << 10
+
+
+def skipped_per_row(op: ReadOp) -> float:
+    """The bytes a covering op reads past its owned rows, per row."""
+    rows = sum(p.rows for p in op.pieces)
+    return (op.length - sum(p.rows * p.row_bytes for p in op.pieces)) / max(1, rows)
 
 
 def piece_tables(op: ReadOp) -> dict[str, np.ndarray]:
@@ -314,7 +322,7 @@ class HostPipeline:
             if (
                 mapped
                 and reader.vm_ok  # process_vm_readv not refused so far
-                and op.length >= MAPPED_MIN_SPAN * sum(p.rows for p in op.pieces)
+                and skipped_per_row(op) >= MAPPED_MIN_GAP
                 and reader.cached(op.file, op.offset, op.length)
             ):
                 # Cached pages: copy the owned rows out of them, nothing else.
