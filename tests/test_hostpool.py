@@ -109,3 +109,26 @@ def test_results_under_a_huge_page_are_pooled_too(tmp_path):
             assert got[k].tobytes() == v.tobytes(), k
     finally:
         gpuload.release_host_pool()
+
+
+def test_set_aside_times_a_first_load_and_gives_the_pool_back(ckpt):
+    # bench/warm_interleaved.py times a first load (an empty pool) in a
+    # process whose other loads keep theirs: the kept mappings must survive.
+    path, tensors = ckpt
+    first = gpuload.load_sharded(path, 0, 1, device="cpu")
+    kept = {v.ctypes.data & ~(HUGE_PAGE - 1) for v in first.values() if v.nbytes >= HUGE_PAGE}
+    del first
+    gc.collect()
+    held = hostpool.held()
+    reused = hostpool.stats["reused"]
+    with hostpool.set_aside():
+        assert hostpool.held() == 0
+        got = gpuload.load_sharded(path, 0, 1, device="cpu")
+        assert hostpool.stats["reused"] == reused  # fresh mappings, as a first load
+        assert all(got[k].tobytes() == v.tobytes() for k, v in tensors.items())
+        del got
+        gc.collect()
+    assert hostpool.held() == held  # what the block gave back was unmapped
+    got = gpuload.load_sharded(path, 0, 1, device="cpu")
+    assert hostpool.stats["reused"] - reused == 2
+    assert {v.ctypes.data & ~(HUGE_PAGE - 1) for v in got.values() if v.nbytes >= HUGE_PAGE} == kept

@@ -30,9 +30,11 @@ lock (a deque append is atomic) and settled by the next taker.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import threading
+from collections.abc import Iterator
 
 _lock = threading.Lock()
 _returned: collections.deque[tuple[int, int, bool]] = collections.deque()
@@ -111,4 +113,29 @@ def release(unmap=None) -> int:
     return freed
 
 
-__all__ = ["cap", "give", "held", "release", "stats", "take"]
+@contextlib.contextmanager
+def set_aside() -> Iterator[None]:
+    """Loads inside the block find the pool empty, as the first load of a
+    process does; what the pool kept before comes back after it, and what
+    the block's results gave back is unmapped. For benchmarks that time a
+    first load in a process that holds a pool for other loads (its results
+    must be dropped inside the block to be unmapped)."""
+    global _bytes
+    from gpuload.memory.libc import libc
+
+    with _lock:
+        _settle(libc().munmap)
+        saved, saved_bytes = {k: list(v) for k, v in _kept.items()}, _bytes
+        _kept.clear()
+        _bytes = 0
+    try:
+        yield
+    finally:
+        release()
+        with _lock:
+            for size, free in saved.items():
+                _kept.setdefault(size, []).extend(free)
+            _bytes += saved_bytes
+
+
+__all__ = ["cap", "give", "held", "release", "set_aside", "stats", "take"]
