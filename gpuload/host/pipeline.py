@@ -45,13 +45,12 @@ DISCARD = 256 << 10  # scatter's gap buffer: gaps longer than this reuse it in p
 # it skips at least this many bytes a row on average (the op's bytes less its
 # owned ones, over its row count): process_vm_readv costs about a microsecond
 # per row on top of the copy, and a covering read copies the skipped bytes
-# instead. What decides is the bytes skipped, not the row length: on the
-# 2-core VM (bench/mapped_gather.py --min-span 0, alternated, 9 runs; results
-# in bench/results/2026-12-06-cpu-mapped/) the mapped copy ran 1.17-1.76x
-# faster where rows skip 6-25 KiB (down_proj of a 2048-wide model at worlds
-# 4 and 8, o_proj and down_proj of a 4096-wide one at 4 and 8, down_proj
-# 4096-wide at world 2), tied at 3-5.5 KiB (0.99-1.04x) and lost at 2 KiB
-# (0.93x).
+# instead. What decides is the bytes skipped, not the row length. On the
+# 2-core VM (bench/mapped_gather.py --min-gap 0, two alternated runs:
+# bench/results/2026-12-06-cpu-mapped/) the mapped copy ran 0.96-1.56x the
+# covering read's speed where rows skip 6-25 KiB (12 of 14 above 1; 11 KiB
+# rows at world 8: 1.33 and 1.40) and tied where they skip 2-5.5 KiB
+# (0.94-1.05).
 MAPPED_MIN_GAP = 6 << 10
 
 
