@@ -258,13 +258,12 @@ class HostPipeline:
         # warm world-8 load on the 2-core VM: 8 threads 3.5 GiB/s, 2 threads
         # 4.4, bench/warm_interleaved.py). A cold load's readers wait on the
         # disk and want a deep queue. ``threads`` chosen by the caller stands.
-        threads = (
-            self.cold[0]
-            if cold
-            else self.threads
-            if self.threads_set
-            else min(self.threads, usable_cpus())
-        )
+        if cold:
+            threads = self.cold[0]
+        elif self.threads_set:
+            threads = self.threads
+        else:
+            threads = min(self.threads, usable_cpus())
         if cold:
             limit = self.cold[1]
             ops = tuple(

@@ -125,7 +125,7 @@ def set_aside() -> Iterator[None]:
 
     with _lock:
         _settle(libc().munmap)
-        saved, saved_bytes = {k: list(v) for k, v in _kept.items()}, _bytes
+        saved, saved_bytes = dict(_kept), _bytes  # the lists move over as they are
         _kept.clear()
         _bytes = 0
     try:
